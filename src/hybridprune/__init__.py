@@ -1,0 +1,63 @@
+"""hybridprune: filter pruning ranked for 2:4 sparsity, then N:M pruning, for NVIDIA sparse tensor cores.
+
+Example:
+    >>> import hybridprune as hp
+    >>> model = hp.build_model("alexnet", in_channels=1, width=0.125)
+    >>> plan = hp.prune_filters_(model, hp.PruneConfig(metric="hybrid", filter_ratio=0.4, round_to=8), [])
+    >>> masks = hp.nm_prune_(model)
+    >>> all(hp.satisfies_nm(dict(model.named_modules())[n].weight) for n in masks)
+    True
+"""
+
+__version__ = "0.1.0"
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+from .data import Dataset, ImageSet, load_dataset
+from .errors import HybridPruneError
+from .metrics import METRICS, ScoringContext, score_filters
+from .models import MODELS, build_model, model_spec, rebuild
+from .nm import NMPattern, apply_masks_, compute_masks, nm_eligibility, nm_mask, nm_prune_, satisfies_nm
+from .pipeline import prune_filters_, run
+from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
+from .stats import model_stats
+from .train import calibration_batches, evaluate, fit, recalibrate_bn_
+
+__all__ = [
+    "METRICS",
+    "MODELS",
+    "DataConfig",
+    "Dataset",
+    "FilterPlan",
+    "HybridPruneError",
+    "ImageSet",
+    "ModelConfig",
+    "NMPattern",
+    "PruneConfig",
+    "RunConfig",
+    "ScoringContext",
+    "TrainConfig",
+    "__version__",
+    "apply_filter_plan_",
+    "apply_masks_",
+    "build_model",
+    "calibration_batches",
+    "compute_masks",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "load_dataset",
+    "model_stats",
+    "model_spec",
+    "nm_eligibility",
+    "nm_mask",
+    "nm_prune_",
+    "plan_filter_pruning",
+    "prune_filters_",
+    "rebuild",
+    "recalibrate_bn_",
+    "run",
+    "satisfies_nm",
+    "save_checkpoint",
+    "score_filters",
+]

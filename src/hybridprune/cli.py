@@ -1,0 +1,287 @@
+"""The `hybridprune` command: a thin layer over the library; every name resolves through a registry."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import HybridPruneError
+
+DEFAULT_METRICS = "l1,output_l1,hybrid,hybrid_output,random"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _ratio(text: str) -> float:
+    from .prune import validate_ratio
+
+    try:
+        return validate_ratio(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            str(e) if isinstance(e, HybridPruneError) else f"not a number: {text!r}"
+        ) from None
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed for model init, data order, subsets and random scores")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    from .data import DEFAULT_DATA_DIR, dataset_names
+
+    p.add_argument("--dataset", default=default, help=f"one of {', '.join(dataset_names())} (default: {default})")
+    p.add_argument(
+        "--data-dir", default=None, help=f"root of torchvision-layout datasets (default: {DEFAULT_DATA_DIR})"
+    )
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing (needs network)")
+    p.add_argument("--train-size", type=int, default=None, help="use a seeded random subset of this many train images")
+    p.add_argument("--test-size", type=int, default=None, help="use a seeded random subset of this many test images")
+
+
+def _add_train(p: argparse.ArgumentParser, epochs: int) -> None:
+    from .models import MODELS
+
+    p.add_argument("--model", default="alexnet", help=f"one of {', '.join(MODELS.names())}")
+    p.add_argument("--width", type=float, default=0.5, help="width multiplier of the model's default layer widths")
+    p.add_argument("--epochs", type=int, default=epochs, help="epochs to train the dense model")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of dense training (SGD, Nesterov)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+
+
+def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
+    from .prune import DEFAULT_ROUND_TO
+
+    p.add_argument(
+        "--filter-ratio", type=_ratio, default=0.4, help="fraction of filters removed per conv layer, in [0, 1)"
+    )
+    p.add_argument(
+        "--round-to",
+        type=int,
+        default=DEFAULT_ROUND_TO,
+        help="round kept filter counts to this multiple so the next layer stays 2:4 and cuSPARSELt eligible",
+    )
+    p.add_argument("--nm", default="2:4", help="N:M pattern, keep N of every M input-channel weights (default 2:4)")
+    p.add_argument(
+        "--finetune-epochs", type=int, default=3, help="epochs of each fine-tune (after filter and N:M pruning)"
+    )
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate of fine-tuning")
+    p.add_argument("--calib-batches", type=int, default=4, help="unlabeled batches for output_l1 scores")
+    p.add_argument("--bn-recalib-batches", type=int, default=8, help="batches to recalibrate BatchNorm after pruning")
+    p.add_argument("--metric", default=None, help=metric_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hybridprune", description="Hybrid pruning of CNNs: filter pruning ranked for 2:4, then N:M.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="train (or load), prune with every metric, fine-tune, print the comparison table")
+    (
+        _add_common(p),
+        _add_data(p),
+        _add_train(p, epochs=10),
+        _add_prune(p, f"comma-separated metrics (default: {DEFAULT_METRICS})"),
+    )
+    p.add_argument("--checkpoint", default=None, help="start from this dense checkpoint instead of training one")
+    p.add_argument("--out", default=None, help="output folder (default: runs/DATASET-MODEL-wWIDTH-sSEED)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, reusing finished steps")
+    p.add_argument("--overwrite", action="store_true", help="redo a run whose --out folder exists")
+    p.add_argument("--json", default=None, help="also write the result object to this JSON file")
+
+    p = sub.add_parser("train", help="train a dense model and save it as a checkpoint")
+    _add_common(p), _add_data(p), _add_train(p, epochs=10)
+    p.add_argument("--out", default="runs/dense.safetensors", help="checkpoint file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    p = sub.add_parser("prune", help="prune a dense checkpoint with one metric: filter-pruned and filter+N:M models")
+    p.add_argument("checkpoint", help="dense checkpoint (from `hybridprune train`)")
+    _add_common(p), _add_data(p), _add_prune(p, "metric (default: hybrid)")
+    p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, named by metric)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted prune in --out")
+    p.add_argument("--overwrite", action="store_true", help="redo a prune whose --out folder exists")
+    p.add_argument("--json", default=None, help="also write the result object to this JSON file")
+
+    p = sub.add_parser("evaluate", help="accuracy, size and N:M pattern of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file")
+    _add_common(p), _add_data(p)
+    p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
+    return parser
+
+
+_PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_batches")
+
+
+def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> Any:
+    from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+
+    names = tuple(m.strip() for m in (metrics or DEFAULT_METRICS).split(",") if m.strip())
+    return RunConfig(
+        data=DataConfig(dataset, args.data_dir, args.download, args.train_size, args.test_size),
+        model=ModelConfig(getattr(args, "model", "alexnet"), getattr(args, "width", 0.5)),
+        train=TrainConfig(
+            epochs=getattr(args, "epochs", 0), lr=getattr(args, "lr", 0.05), batch_size=getattr(args, "batch_size", 128)
+        ),
+        finetune=TrainConfig(
+            epochs=getattr(args, "finetune_epochs", 0),
+            lr=getattr(args, "finetune_lr", 0.01),
+            warmup=0.0,
+            batch_size=getattr(args, "batch_size", 128),
+        ),
+        prune=PruneConfig(metric=names[0], **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)}),
+        metrics=names,
+        seed=args.seed,
+    )
+
+
+def _print_result(result: dict[str, Any], json_path: str | None) -> None:
+    from .outputs import write_json
+    from .report import layer_table, run_table
+
+    print("\nlayers (filters kept shown for the first metric; every metric keeps the same counts):")
+    print(layer_table(result))
+    print(f"\naccuracy (%) on {result['dataset']['name']} test, {result['dataset']['test']} images:")
+    print(run_table(result))
+    if json_path:
+        write_json(json_path, result)
+        print(f"\nwrote {json_path}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .pipeline import run
+    from .train import resolve_device
+
+    cfg = _run_config(args, args.metric, args.dataset)
+    out = Path(
+        args.out
+        or f"runs/{cfg.data.dataset.replace(':', '_').replace('/', '_')}-{cfg.model.name}"
+        f"-w{cfg.model.width:g}-s{cfg.seed}"
+    )
+    _check_json_target(args.json, args.overwrite)
+    result = run(
+        cfg,
+        out,
+        resolve_device(args.device),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        dense_checkpoint=args.checkpoint,
+    )
+    _print_result(result, args.json)
+    print(f"checkpoints and results.json in {out}")
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    from .pipeline import run
+    from .train import resolve_device
+
+    metric = args.metric or "hybrid"
+    if "," in metric:
+        raise HybridPruneError("prune takes one --metric; use `hybridprune run` to compare several")
+    cfg = _run_config(args, metric, args.dataset)
+    out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-{metric}")
+    _check_json_target(args.json, args.overwrite)
+    result = run(
+        cfg,
+        out,
+        resolve_device(args.device),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        dense_checkpoint=args.checkpoint,
+        include_nm_only=False,
+    )
+    _print_result(result, args.json)
+    print(f"checkpoints and results.json in {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .checkpoint import save_checkpoint
+    from .pipeline import new_model, prepare_data
+    from .train import evaluate, fit, resolve_device
+
+    cfg = _run_config(args, None, args.dataset)
+    if Path(args.out).exists() and not args.overwrite:
+        raise HybridPruneError(f"{args.out} exists; pass --overwrite to replace it")
+    device = resolve_device(args.device)
+    data = prepare_data(cfg)
+    model = fit(
+        new_model(cfg, data), data, cfg.train, device, seed=cfg.seed, desc="train", progress=not args.no_progress
+    )
+    acc = evaluate(model, data.test, device)
+    save_checkpoint(
+        args.out,
+        model,
+        None,
+        {"stage": "dense", "dataset": data.name, "config": cfg.to_dict()},
+        overwrite=args.overwrite,
+    )
+    print(f"test accuracy {acc:.2f}% on {data.name}; wrote {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .checkpoint import load_checkpoint
+    from .config import DataConfig
+    from .nm import NMPattern, satisfies_nm
+    from .outputs import write_json
+    from .pipeline import check_fits, prepare_data_config
+    from .stats import model_stats
+    from .train import evaluate, resolve_device
+
+    model, masks, meta = load_checkpoint(args.checkpoint)
+    data = prepare_data_config(
+        DataConfig(args.dataset, args.data_dir, args.download, args.train_size, args.test_size), args.seed
+    )
+    check_fits(model, data)
+    pattern = NMPattern.parse(meta.get("nm", "2:4"))
+    modules = dict(model.named_modules())
+    holds = all(satisfies_nm(modules[n].weight, pattern) for n in masks)
+    result = {
+        "checkpoint": args.checkpoint,
+        "dataset": data.name,
+        "test_images": len(data.test),
+        "accuracy": evaluate(model, data.test, resolve_device(args.device)),
+        **model_stats(model, set(masks), pattern),
+        "nm_layers": sorted(masks),
+        "nm_pattern_holds": holds,
+    }
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    if args.json:
+        write_json(args.json, result)
+
+
+def _check_json_target(path: str | None, overwrite: bool) -> None:
+    if path and Path(path).exists() and not overwrite:
+        raise HybridPruneError(f"{path} exists; pass --overwrite to replace it")
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hybridprune` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except HybridPruneError as e:
+        print(f"hybridprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\nhybridprune {args.command}: interrupted; finished steps are saved, rerun with --resume", file=sys.stderr
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Frozen dataclasses for every knob, validated at construction, with to_dict/from_dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import HybridPruneError
+from .nm import NMPattern
+from .prune import DEFAULT_ROUND_TO, validate_ratio
+
+
+class _Dict:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):  # noqa: ANN206 - returns cls
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise HybridPruneError(
+                f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Dict):
+    """SGD with Nesterov momentum and a warm-up then linear-decay learning rate.
+
+    Example:
+        >>> TrainConfig(epochs=2).lr
+        0.05
+    """
+
+    epochs: int = 10
+    lr: float = 0.05
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup: float = 0.2
+    label_smoothing: float = 0.1
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1:
+            raise HybridPruneError(f"epochs must be >= 0 and batch size >= 1, got {self.epochs} and {self.batch_size}")
+        if self.lr <= 0 or not (0 <= self.warmup < 1) or not (0 <= self.label_smoothing < 1):
+            raise HybridPruneError("lr must be > 0, warmup and label smoothing in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PruneConfig(_Dict):
+    """How filters are chosen and removed, and the N:M pattern that follows."""
+
+    metric: str = "hybrid"
+    filter_ratio: float = 0.4
+    round_to: int = DEFAULT_ROUND_TO
+    nm: str = "2:4"
+    calib_batches: int = 4
+    calib_batch_size: int = 128
+    bn_recalib_batches: int = 8
+
+    def __post_init__(self) -> None:
+        from .metrics import METRICS
+
+        METRICS.get(self.metric)  # fails with the list of valid names
+        validate_ratio(self.filter_ratio)
+        NMPattern.parse(self.nm)
+        if self.round_to < 1 or self.calib_batches < 1 or self.calib_batch_size < 1 or self.bn_recalib_batches < 0:
+            raise HybridPruneError("round-to, calibration batches and batch size must be positive")
+
+    @property
+    def pattern(self) -> NMPattern:
+        return NMPattern.parse(self.nm)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Dict):
+    """Which dataset, where it lives, and optional seeded subsets (for quick runs on a CPU)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise HybridPruneError(f"{name.replace('_', '-')} must be a positive number of images, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Dict):
+    """A registered model and its width multiplier."""
+
+    name: str = "alexnet"
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        from .models import MODELS
+
+        MODELS.get(self.name)
+        if self.width <= 0:
+            raise HybridPruneError(f"width multiplier must be positive, got {self.width}")
+
+
+@dataclass(frozen=True)
+class RunConfig(_Dict):
+    """Everything `hybridprune run` needs: the dense model, the metrics to compare, fine-tuning."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01, warmup=0.0))
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    metrics: tuple[str, ...] = ("l1", "output_l1", "hybrid", "hybrid_output", "random")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .metrics import METRICS
+
+        if not self.metrics:
+            raise HybridPruneError("give at least one metric")
+        for m in self.metrics:
+            METRICS.get(m)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        parts = {
+            "data": DataConfig,
+            "model": ModelConfig,
+            "train": TrainConfig,
+            "finetune": TrainConfig,
+            "prune": PruneConfig,
+        }
+        unknown = sorted(set(values) - set(parts) - {"metrics", "seed"})
+        if unknown:
+            raise HybridPruneError(f"unknown RunConfig key(s) {', '.join(unknown)}")
+        kwargs = {k: parts[k].from_dict(v) for k, v in values.items() if k in parts}
+        if "metrics" in values:
+            kwargs["metrics"] = tuple(values["metrics"])
+        return cls(**kwargs, seed=values.get("seed", 0))

@@ -1,0 +1,165 @@
+"""N:M masks along the reduction dimension, eligibility checks, and mask application.
+
+Groups of M consecutive weights run along input channels: for a conv weight `[out, in, kh, kw]`
+separately for each `(out, kh, kw)`, for a linear `[out, in]` along `in`. This is the layout of
+NVIDIA's sparse tensor cores once a conv is lowered to a GEMM with its weight as
+`[out, kh, kw, in]`. No kernel code lives here: the hand-off to `sparse.py` is a dense tensor
+with zeros in the pruned places.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import HybridPruneError
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep n of every m consecutive weights.
+
+    Example:
+        >>> NMPattern.parse("2:4")
+        NMPattern(n=2, m=4)
+    """
+
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self) -> None:
+        if not (0 < self.n < self.m):
+            raise HybridPruneError(f"N:M pattern needs 0 < N < M, got {self.n}:{self.m} (e.g. 2:4)")
+
+    @classmethod
+    def parse(cls, text: str) -> NMPattern:
+        try:
+            n, m = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise HybridPruneError(f"N:M pattern must look like 2:4, got {text!r}") from None
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+
+def _as_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """View the weight as rows of m consecutive input-channel weights (conv: in (kh, kw, in) order)."""
+    w = weight.permute(0, 2, 3, 1) if weight.dim() == 4 else weight
+    return w.reshape(-1, m)
+
+
+def _from_groups(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.dim() == 4:
+        out, cin, kh, kw = like.shape
+        return groups.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
+    return groups.reshape(like.shape)
+
+
+def nm_mask(weight: torch.Tensor, pattern: NMPattern = NMPattern()) -> torch.Tensor:
+    """Boolean mask keeping the n largest-magnitude weights of each group of m input channels.
+
+    Ties keep the lower channel index, so masks are deterministic.
+
+    Example:
+        >>> w = torch.tensor([[4.0, -1.0, 3.0, 0.5]])
+        >>> nm_mask(w).tolist()
+        [[True, False, True, False]]
+    """
+    if reduction_size(weight) % pattern.m:
+        raise HybridPruneError(
+            f"weight {tuple(weight.shape)} has {reduction_size(weight)} input channels, not a multiple of M={pattern.m}"
+        )
+    groups = _as_groups(weight.detach().abs(), pattern.m)
+    keep = groups.argsort(dim=1, descending=True, stable=True)[:, : pattern.n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
+    return _from_groups(mask, weight).contiguous()
+
+
+def nm_prune_weight(weight: torch.Tensor, pattern: NMPattern = NMPattern()) -> torch.Tensor:
+    """The weight with its N:M-pruned entries zeroed (a new tensor)."""
+    return weight * nm_mask(weight, pattern)
+
+
+def satisfies_nm(weight: torch.Tensor, pattern: NMPattern = NMPattern()) -> bool:
+    """True when every group of m input-channel weights has at most n nonzeros."""
+    if reduction_size(weight) % pattern.m:
+        return False
+    return bool(((_as_groups(weight.detach(), pattern.m) != 0).sum(dim=1) <= pattern.n).all())
+
+
+def reduction_size(weight: torch.Tensor) -> int:
+    """Length of the dimension the N:M groups run along: input channels (conv) or input features (linear)."""
+    return weight.shape[1]
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Whether a layer takes N:M masks, and why not when it does not."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    eligible: bool
+    reason: str
+
+
+def nm_eligibility(model: nn.Module, pattern: NMPattern = NMPattern()) -> list[Eligibility]:
+    """Every conv and linear layer, with whether it can take N:M masks and why not.
+
+    The first conv stays dense: its 1 or 3 input channels cannot form groups of 4, and it holds
+    few weights. Grouped and depthwise convs are not supported by sparse tensor cores.
+    """
+    report, first_conv = [], True
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        shape = tuple(module.weight.shape)
+        if kind == "conv" and first_conv:
+            first_conv, reason = False, "first conv layer stays dense"
+        elif kind == "conv" and module.groups != 1:
+            reason = f"grouped conv (groups={module.groups})"
+        elif reduction_size(module.weight) % pattern.m:
+            reason = f"{reduction_size(module.weight)} input channels is not a multiple of {pattern.m}"
+        else:
+            reason = ""
+        report.append(Eligibility(name, kind, shape, not reason, reason))
+    return report
+
+
+def compute_masks(model: nn.Module, pattern: NMPattern = NMPattern()) -> dict[str, torch.Tensor]:
+    """N:M masks for every eligible layer, keyed by module name (magnitude-based, from current weights)."""
+    modules = dict(model.named_modules())
+    return {e.name: nm_mask(modules[e.name].weight, pattern) for e in nm_eligibility(model, pattern) if e.eligible}
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero the masked-out weights in place. Call after every optimizer step to hold the pattern.
+
+    Example:
+        >>> lin = nn.Sequential(nn.Conv2d(1, 4, 1), nn.Linear(4, 4))
+        >>> masks = compute_masks(lin)
+        >>> satisfies_nm(apply_masks_(lin, masks)[1].weight)
+        True
+    """
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules or modules[name].weight.shape != mask.shape:
+            raise HybridPruneError(f"mask for {name!r} does not fit the model (layer missing or shape differs)")
+        modules[name].weight.mul_(mask.to(modules[name].weight.device))
+    return model
+
+
+def nm_prune_(model: nn.Module, pattern: NMPattern = NMPattern()) -> dict[str, torch.Tensor]:
+    """Compute N:M masks for every eligible layer and apply them in place; returns the masks."""
+    masks = compute_masks(model, pattern)
+    apply_masks_(model, masks)
+    return masks

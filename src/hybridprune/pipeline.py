@@ -1,0 +1,262 @@
+"""The hybrid pruning job: dense model -> filter pruning -> fine-tune -> N:M pruning -> fine-tune, per metric.
+
+Each finished step is written to the output folder at once (checkpoint plus a JSON record), so
+an interrupted run resumed with the same folder redoes only the step that was in progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DataConfig, PruneConfig, RunConfig
+from .data import Dataset, channel_stats, load_dataset
+from .errors import HybridPruneError
+from .metrics import ScoringContext, score_filters
+from .models import build_model, model_spec
+from .nm import nm_eligibility, nm_prune_, satisfies_nm
+from .outputs import environment, write_json
+from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
+from .stats import model_stats
+from .train import calibration_batches, evaluate, fit, recalibrate_bn_
+
+Log = Callable[[str], None]
+
+
+def prepare_data(cfg: RunConfig) -> Dataset:
+    """Load the configured dataset and take its seeded subsets."""
+    return prepare_data_config(cfg.data, cfg.seed)
+
+
+def prepare_data_config(d: DataConfig, seed: int) -> Dataset:
+    ds = load_dataset(d.dataset, d.data_dir, d.download)
+    return Dataset(ds.name, ds.train.subset(d.train_size, seed), ds.test.subset(d.test_size, seed + 1), ds.hflip)
+
+
+def check_fits(model: nn.Module, data: Dataset) -> None:
+    """A checkpoint's model must take the dataset's images and predict at least its classes."""
+    spec = model_spec(model)
+    want = (data.train.channels, data.train.image_size)
+    if (spec["in_channels"], spec["image_size"]) != want or spec["num_classes"] < data.train.num_classes:
+        raise HybridPruneError(
+            f"model takes {spec['in_channels']}x{spec['image_size']}x{spec['image_size']} images and "
+            f"{spec['num_classes']} classes; {data.name} has {want[0]}x{want[1]}x{want[1]} and {data.train.num_classes}"
+        )
+
+
+def new_model(cfg: RunConfig, data: Dataset) -> nn.Module:
+    """The configured model, shaped for the dataset, normalising with its training statistics."""
+    mean, std = channel_stats(data.train)
+    torch.manual_seed(cfg.seed)
+    return build_model(
+        cfg.model.name,
+        in_channels=data.train.channels,
+        num_classes=data.train.num_classes,
+        image_size=data.train.image_size,
+        width=cfg.model.width,
+        mean=mean,
+        std=std,
+    )
+
+
+def prune_filters_(model: nn.Module, cfg: PruneConfig, calibration: list[torch.Tensor], seed: int = 0) -> FilterPlan:
+    """Score filters with `cfg.metric`, plan the removal, and remove them physically, in place.
+
+    Example:
+        >>> from hybridprune.models import alexnet
+        >>> m = alexnet(width=0.25)
+        >>> plan = prune_filters_(m, PruneConfig(metric="l1", filter_ratio=0.5, round_to=8), [])
+        >>> [layer.kept for layer in plan.layers]
+        [8, 24, 48, 32, 32]
+    """
+    ctx = ScoringContext(model, calibration, cfg.pattern, seed)
+    plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to)
+    apply_filter_plan_(model, plan)
+    return plan
+
+
+@dataclass
+class Job:
+    """One configured run: data, device, output folder, and how to report progress."""
+
+    cfg: RunConfig
+    data: Dataset
+    device: torch.device
+    out: Path
+    log: Log = print
+    progress: bool = True
+    dense_checkpoint: str | None = None
+
+    def stage(self, model: nn.Module, masks: dict[str, torch.Tensor], name: str, desc: str) -> dict[str, Any]:
+        """Evaluate one-shot (raw and BN-recalibrated), fine-tune with masks held, evaluate, save."""
+        p, test = self.cfg.prune, self.data.test
+        raw = evaluate(model, test, self.device)
+        recalibrate_bn_(model, self.data.train, self.device, p.bn_recalib_batches, p.calib_batch_size, self.cfg.seed)
+        oneshot = evaluate(model, test, self.device)
+        fit(
+            model,
+            self.data,
+            self.cfg.finetune,
+            self.device,
+            seed=self.cfg.seed,
+            masks=masks,
+            desc=desc,
+            progress=self.progress,
+        )
+        if masks and not all(satisfies_nm(m.weight, p.pattern) for n, m in model.named_modules() if n in masks):
+            raise RuntimeError("N:M pattern broken during fine-tuning")  # an internal bug, not bad input
+        ckpt = save_checkpoint(self.out / f"{name}.safetensors", model, masks, {"stage": name}, overwrite=True)
+        return {
+            "accuracy_oneshot_raw": raw,
+            "accuracy_oneshot": oneshot,
+            "accuracy": evaluate(model, test, self.device),
+            **model_stats(model, set(masks), p.pattern),
+            "nm_layers": sorted(masks),
+            "checkpoint": str(ckpt),
+        }
+
+    def dense(self) -> tuple[nn.Module, dict[str, Any]]:
+        record = self.out / "dense.json"
+        if record.is_file():
+            self.log("dense model: reusing the finished one in the output folder")
+            model = load_checkpoint(self.out / "dense.safetensors")[0].to(self.device)
+            return model, json.loads(record.read_text())
+        if self.dense_checkpoint:
+            return self._load_dense(record)
+        model = new_model(self.cfg, self.data)
+        fit(
+            model,
+            self.data,
+            self.cfg.train,
+            self.device,
+            seed=self.cfg.seed,
+            desc="train dense",
+            progress=self.progress,
+        )
+        ckpt = save_checkpoint(self.out / "dense.safetensors", model, None, {"stage": "dense"}, overwrite=True)
+        result = {
+            "accuracy": evaluate(model, self.data.test, self.device),
+            **model_stats(model),
+            "checkpoint": str(ckpt),
+        }
+        write_json(record, result)
+        return model, result
+
+    def _load_dense(self, record: Path) -> tuple[nn.Module, dict[str, Any]]:
+        model, masks, _ = load_checkpoint(self.dense_checkpoint)
+        if masks:
+            raise HybridPruneError(
+                f"{self.dense_checkpoint} is already N:M-pruned; pruning starts from a dense checkpoint"
+            )
+        check_fits(model, self.data)
+        model.to(self.device)
+        result = {
+            "accuracy": evaluate(model, self.data.test, self.device),
+            **model_stats(model),
+            "checkpoint": str(self.dense_checkpoint),
+        }
+        write_json(record, result)
+        return model, result
+
+    def nm_only(self, dense: nn.Module) -> dict[str, Any]:
+        """The 2:4-only model: dense width, N:M masks, fine-tuned the same way."""
+        return self._cached("nm", lambda: self.stage(*_nm_copy(dense, self.cfg), "nm", "fine-tune nm-only"))
+
+    def metric(self, dense: nn.Module, metric: str, calibration: list[torch.Tensor]) -> dict[str, Any]:
+        def compute() -> dict[str, Any]:
+            model = copy.deepcopy(dense)
+            prune_cfg = PruneConfig(**{**self.cfg.prune.to_dict(), "metric": metric})
+            plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed)
+            filt = self.stage(model, {}, f"{metric}-filter", f"fine-tune {metric} filter")
+            hybrid = self.stage(*_nm_copy(model, self.cfg), f"{metric}-hybrid", f"fine-tune {metric} hybrid")
+            return {
+                "metric": metric,
+                "plan": plan.to_dict(),
+                "filter": filt,
+                "hybrid": hybrid,
+                "checkpoint": hybrid["checkpoint"],
+            }
+
+        return self._cached(f"metric-{metric}", compute)
+
+    def _cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        record = self.out / f"{name}.json"
+        if record.is_file():
+            self.log(f"{name}: reusing the finished result in the output folder")
+            return json.loads(record.read_text())
+        result = compute()
+        write_json(record, result)
+        return result
+
+
+def _nm_copy(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    nm_model = copy.deepcopy(model)
+    return nm_model, nm_prune_(nm_model, cfg.prune.pattern)
+
+
+def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """A new folder, or one holding this same configuration when resuming; never silently mixed."""
+    config_file = out / "config.json"
+    if out.exists() and any(out.iterdir()):
+        if not (resume or overwrite):
+            raise HybridPruneError(
+                f"output folder {out} exists; pass --resume to continue it or --overwrite to redo it"
+            )
+        if resume and config_file.is_file() and json.loads(config_file.read_text()) != cfg.to_dict():
+            raise HybridPruneError(f"{out} holds a run with another configuration; use another --out or --overwrite")
+        if overwrite:
+            for f in out.glob("*.json"):
+                f.unlink()
+    write_json(config_file, cfg.to_dict())
+
+
+def run(
+    cfg: RunConfig,
+    out: str | Path,
+    device: torch.device,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Log = print,
+    progress: bool = True,
+    dense_checkpoint: str | None = None,
+    include_nm_only: bool = True,
+) -> dict[str, Any]:
+    """The whole job: train (or reuse) the dense model, then prune it with every metric.
+
+    Returns the result object (see docs/results-format.md) and writes it to OUT/results.json.
+    """
+    out = Path(out)
+    data = prepare_data(cfg)
+    prepare_out_dir(out, cfg, resume, overwrite)
+    log(
+        f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "
+        f"{data.train.channels}x{data.train.image_size}x{data.train.image_size}, {data.train.num_classes} classes"
+    )
+    if device.type == "cpu":
+        log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
+    job = Job(cfg, data, device, out, log, progress, dense_checkpoint)
+    dense, dense_result = job.dense()
+    calibration = calibration_batches(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
+    results = [job.metric(dense, m, calibration) for m in cfg.metrics]
+    result = {
+        "config": cfg.to_dict(),
+        "environment": environment(),
+        "device": str(device),
+        "dataset": {"name": data.name, "train": len(data.train), "test": len(data.test)},
+        "layers": [e.__dict__ for e in nm_eligibility(dense, cfg.prune.pattern)],
+        "dense": dense_result,
+        "results": results,
+    }
+    if include_nm_only:
+        result["nm"] = job.nm_only(dense)
+    write_json(out / "results.json", result)
+    return result

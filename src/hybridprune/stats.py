@@ -1,0 +1,56 @@
+"""Model size: parameters, nonzero parameters, MACs, and effective MACs with N:M layers counted at N/M."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import input_shape
+from .nm import NMPattern
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module) -> dict[str, int]:
+    """Multiply-accumulates of each conv and linear layer for one input image."""
+    macs: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            per_output = module.weight[0].numel()  # (in / groups) * kh * kw, or in_features
+            macs[name] = int(output[0].numel() * per_output)
+
+        return record
+
+    hooks = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        model(torch.zeros(1, *input_shape(model), device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return macs
+
+
+def model_stats(model: nn.Module, nm_layers: set[str] | None = None, pattern: NMPattern = NMPattern()) -> dict:
+    """params, nonzero_params, macs and effective_macs (N:M layers at N/M of their MACs) of one model.
+
+    Example:
+        >>> from hybridprune.models import alexnet
+        >>> s = model_stats(alexnet(width=0.125))
+        >>> s["macs"] == s["effective_macs"] and s["params"] >= s["nonzero_params"]
+        True
+    """
+    nm_layers = nm_layers or set()
+    macs = layer_macs(model)
+    effective = sum(v * (pattern.density if name in nm_layers else 1.0) for name, v in macs.items())
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "nonzero_params": int(sum((p != 0).sum() for p in model.parameters())),
+        "macs": sum(macs.values()),
+        "effective_macs": int(round(effective)),
+    }

@@ -1,0 +1,136 @@
+"""Training, fine-tuning with N:M masks held, evaluation, and BatchNorm recalibration."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import Dataset, ImageSet, batches
+from .nm import apply_masks_
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is bad input."""
+    from .errors import HybridPruneError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise HybridPruneError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N, auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HybridPruneError(f"device {name} requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first `warmup` fraction, then linear decay to zero."""
+    warm = int(total * cfg.warmup)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    masks: dict[str, torch.Tensor] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> nn.Module:
+    """Train in place; with `masks`, zeroed weights are re-zeroed after every optimizer step, so the
+    N:M pattern holds exactly throughout.
+
+    Example:
+        >>> from hybridprune.data import load_dataset
+        >>> from hybridprune.models import alexnet
+        >>> ds = load_dataset("digits")
+        >>> m = fit(alexnet(in_channels=1, width=0.125), ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)
+    """
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]  # BatchNorm and biases: no weight decay
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    total, step = cfg.epochs * steps_per_epoch, 0
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        for x, y in batches(
+            data.train,
+            cfg.batch_size,
+            shuffle=True,
+            seed=seed * 1000 + epoch,
+            augment=cfg.augment,
+            hflip=data.hflip,
+            device=device,
+        ):
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, total, cfg)
+            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if masks:
+                apply_masks_(model, masks)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent."""
+    model.to(device).eval()
+    correct = 0
+    for x, y in batches(data, batch_size, device=device):
+        correct += int((model(x).argmax(dim=1) == y).sum())
+    return 100.0 * correct / max(1, len(data))
+
+
+@torch.no_grad()
+def recalibrate_bn_(
+    model: nn.Module, data: ImageSet, device: torch.device, num_batches: int = 8, batch_size: int = 128, seed: int = 0
+) -> nn.Module:
+    """Re-estimate BatchNorm running statistics on a few unlabeled training batches, in place.
+
+    Pruning changes every downstream activation, so the stored statistics describe a network
+    that no longer exists; a cumulative average over fresh batches costs seconds.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or num_batches == 0:
+        return model
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.to(device).train()
+    for i, (x, _) in enumerate(batches(data, batch_size, shuffle=True, seed=seed, device=device)):
+        if i == num_batches:
+            break
+        model(x)
+    for m, momentum in zip(norms, saved, strict=False):
+        m.momentum = momentum
+    return model.eval()
+
+
+def calibration_batches(data: ImageSet, num_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """The first batches of a seeded shuffle of the training images, without augmentation or labels."""
+    out = []
+    for i, (x, _) in enumerate(batches(data, batch_size, shuffle=True, seed=seed)):
+        if i == num_batches:
+            break
+        out.append(x)
+    return out
