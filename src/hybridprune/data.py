@@ -190,9 +190,10 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         with open(path, "rb") as f:
             entry = _ArraysOnlyUnpickler(f, encoding="latin1").load()
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
         data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
+    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError) as e:
         raise HybridPruneError(f"{path} is not a CIFAR-10 batch file ({e})") from None
     return torch.from_numpy(data.copy()), torch.from_numpy(labels)
 

@@ -1,0 +1,156 @@
+import json
+
+import pytest
+import torch
+
+from hybridprune.checkpoint import load_checkpoint
+from hybridprune.cli import main
+from hybridprune.nm import satisfies_nm
+
+TINY = [
+    "--train-size",
+    "160",
+    "--test-size",
+    "80",
+    "--width",
+    "0.125",
+    "--epochs",
+    "1",
+    "--finetune-epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--round-to",
+    "8",
+    "--calib-batches",
+    "1",
+    "--bn-recalib-batches",
+    "2",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["run", *TINY, "--metric", "l1,hybrid", "--out", str(out / "run"), "--json", str(out / "r.json")])
+    assert code == 0
+    return out
+
+
+def test_run_writes_the_documented_json(tiny_run):
+    result = json.loads((tiny_run / "r.json").read_text())
+    assert 0 <= result["dense"]["accuracy"] <= 100
+    assert [r["metric"] for r in result["results"]] == ["l1", "hybrid"]
+    for item in result["results"]:
+        for stage in ("filter", "hybrid"):
+            for key in (
+                "accuracy",
+                "accuracy_oneshot",
+                "accuracy_oneshot_raw",
+                "params",
+                "nonzero_params",
+                "macs",
+                "effective_macs",
+            ):
+                assert key in item[stage]
+        assert item["filter"]["params"] < result["dense"]["params"]
+        assert item["hybrid"]["nonzero_params"] < item["filter"]["nonzero_params"]
+        assert item["hybrid"]["effective_macs"] < item["hybrid"]["macs"]
+        model, masks, _ = load_checkpoint(item["checkpoint"])
+        modules = dict(model.named_modules())
+        assert masks and all(satisfies_nm(modules[n].weight) for n in masks)
+        assert model(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+    assert result["nm"]["params"] == result["dense"]["params"]  # the 2:4-only model keeps the dense width
+    assert result["environment"]["torch"] == torch.__version__
+
+
+def test_run_refuses_an_existing_output_and_resumes_without_redoing_work(tiny_run, capsys):
+    out = tiny_run / "run"
+    assert main(["run", *TINY, "--metric", "l1,hybrid", "--out", str(out)]) == 2
+    assert "exists; pass --resume" in capsys.readouterr().err
+    stamp = (out / "metric-l1.json").stat().st_mtime_ns
+    assert main(["run", *TINY, "--metric", "l1,hybrid", "--out", str(out), "--resume"]) == 0
+    assert (out / "metric-l1.json").stat().st_mtime_ns == stamp
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_prune_and_evaluate_from_a_checkpoint(tiny_run, capsys):
+    dense = tiny_run / "run" / "dense.safetensors"
+    out = tiny_run / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                str(dense),
+                *TINY[:4],
+                "--metric",
+                "random",
+                "--round-to",
+                "8",
+                "--finetune-epochs",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out / "random-hybrid.safetensors"),
+                "--test-size",
+                "80",
+                "--json",
+                str(tiny_run / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    evaluation = json.loads((tiny_run / "eval.json").read_text())
+    assert evaluation["nm_pattern_holds"] and evaluation["nm_layers"]
+
+
+def test_train_writes_a_checkpoint(tmp_path):
+    path = tmp_path / "dense.safetensors"
+    assert main(["train", *TINY[:8], "--batch-size", "32", "--no-progress", "--out", str(path)]) == 0
+    model, masks, meta = load_checkpoint(path)
+    assert not masks and meta["stage"] == "dense"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--filter-ratio", "1.5"], "outside [0, 1)"),
+        (["run", "--nm", "4:4"], "0 < N < M"),
+        (["run", "--metric", "l3"], "unknown metric 'l3'; valid names: l1, l2, output_l1"),
+        (["run", "--model", "vgg99"], "unknown model 'vgg99'; valid names: alexnet"),
+        (["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names: digits"),
+        (["run", "--dataset", "mnist", "--data-dir", "/nonexistent"], "dataset mnist not found: expected"),
+        (["run", "--device", "tpu"], "unknown device"),
+        (["evaluate", "/nonexistent.safetensors"], "checkpoint /nonexistent.safetensors not found"),
+        (["prune", "/nonexistent.safetensors"], "not found"),
+    ],
+)
+def test_bad_input_gives_one_line_and_a_nonzero_exit(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse rejects some values itself
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_corrupted_checkpoint_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert main(["evaluate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not a readable hybridprune checkpoint" in err and len(err.strip().splitlines()) == 1

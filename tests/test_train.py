@@ -1,0 +1,47 @@
+import torch
+
+from hybridprune.config import TrainConfig
+from hybridprune.data import Dataset, ImageSet
+from hybridprune.models import alexnet
+from hybridprune.nm import nm_prune_, satisfies_nm
+from hybridprune.train import evaluate, fit, recalibrate_bn_
+
+
+def _toy_data(n=64):
+    """Two classes a conv net separates at once: dark images and bright images."""
+    y = torch.arange(n) % 2
+    x = (torch.rand(n, 1, 16, 16) * 100 + y.view(-1, 1, 1, 1) * 150).to(torch.uint8)
+    return Dataset("toy", ImageSet(x, y, 2), ImageSet(x, y, 2), hflip=False)
+
+
+def test_fine_tuning_holds_the_nm_pattern_after_every_step():
+    torch.manual_seed(0)
+    model = alexnet(in_channels=1, num_classes=2, image_size=16, width=0.125)
+    masks = nm_prune_(model)
+    before = {n: m.weight.clone() for n, m in model.named_modules() if n in masks}
+    fit(model, _toy_data(), TrainConfig(epochs=2, batch_size=16), torch.device("cpu"), masks=masks, progress=False)
+    modules = dict(model.named_modules())
+    for name in masks:
+        assert satisfies_nm(modules[name].weight)
+        assert not modules[name].weight[~masks[name]].any()  # pruned places stayed exactly zero
+        assert not torch.equal(modules[name].weight, before[name])  # and the kept weights did train
+
+
+def test_training_learns_a_separable_problem():
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = alexnet(in_channels=1, num_classes=2, image_size=16, width=0.125)
+    fit(model, data, TrainConfig(epochs=4, batch_size=16, augment=False), torch.device("cpu"), progress=False)
+    assert evaluate(model, data.test, torch.device("cpu")) == 100.0
+
+
+def test_bn_recalibration_matches_the_statistics_of_the_data():
+    torch.manual_seed(0)
+    data = _toy_data(256)
+    model = alexnet(in_channels=1, num_classes=2, image_size=16, width=0.125).eval()
+    bn = model.features[0].bn
+    recalibrate_bn_(model, data.train, torch.device("cpu"), num_batches=100, batch_size=256)
+    with torch.no_grad():
+        feats = model.features[0].conv(model.normalize(data.train.x.float() / 255))
+    torch.testing.assert_close(bn.running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert bn.momentum == 0.1 and not model.training
