@@ -210,7 +210,8 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) ->
             raise HybridPruneError(
                 f"output folder {out} exists; pass --resume to continue it or --overwrite to redo it"
             )
-        if resume and config_file.is_file() and json.loads(config_file.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        same = json.loads(json.dumps(cfg.to_dict()))  # tuples become lists, as in the stored file
+        if resume and config_file.is_file() and json.loads(config_file.read_text()) != same:
             raise HybridPruneError(f"{out} holds a run with another configuration; use another --out or --overwrite")
         if overwrite:
             for f in out.glob("*.json"):
