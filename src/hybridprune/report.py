@@ -84,3 +84,68 @@ def layer_table(result: dict[str, Any]) -> str:
             ]
         )
     return markdown_table(["layer", "kind", "dense shape", "filters kept", "N:M"], rows)
+
+
+def bench_tables(result: dict[str, Any]) -> str:
+    """Latency/throughput per variant and the speedup ratios of one `hybridprune bench` result."""
+    runs = [
+        [
+            r["variant"],
+            r["mode"],
+            r["dtype"],
+            str(r["batch_size"]),
+            f"{r['latency_ms_median']:.3f}",
+            f"{r['latency_ms_p10']:.3f}",
+            f"{r['latency_ms_p90']:.3f}",
+            f"{r['throughput']:.0f}",
+            _fmt_acc(r.get("accuracy")),
+        ]
+        for r in result["runs"]
+    ]
+    keys = ["filter_over_dense", "nm_over_dense", "hybrid_over_dense", "hybrid_over_filter", "hybrid_over_nm"]
+    ratios = [
+        [s["mode"], s["dtype"], str(s["batch_size"]), *(f"{s[k]:.2f}x" if k in s else "-" for k in keys)]
+        for s in result["speedups"]
+    ]
+    sizes = [
+        [
+            s["variant"],
+            s["dtype"],
+            _fmt_count(s["weight_bytes_dense"]),
+            _fmt_count(s["weight_bytes_compressed"]),
+            _fmt_count(s["weight_bytes_as_run"]),
+        ]
+        for s in result["weight_bytes"]
+    ]
+    return "\n\n".join(
+        [
+            markdown_table(
+                ["variant", "mode", "dtype", "batch", "median ms", "p10 ms", "p90 ms", "images/s", "accuracy"], runs
+            ),
+            markdown_table(
+                ["mode", "dtype", "batch", "filter/dense", "nm/dense", "hybrid/dense", "hybrid/filter", "hybrid/nm"],
+                ratios,
+            ),
+            markdown_table(["variant", "dtype", "weight bytes dense", "N:M compressed", "as run"], sizes),
+        ]
+    )
+
+
+def kernel_table(result: dict[str, Any], batch_size: int | None = None) -> str:
+    """Which kernel each layer of each variant ran, and why (one batch size: the largest by default)."""
+    batch = batch_size or max(layer["batch_size"] for layer in result["layers"])
+    rows = [
+        [
+            layer["variant"],
+            layer["name"],
+            layer["kind"],
+            "x".join(map(str, layer["gemm_shape"])),
+            layer["kernel"],
+            "-" if layer["dense_ms"] is None else f"{layer['dense_ms']:.3f}",
+            "-" if layer["sparse_ms"] is None else f"{layer['sparse_ms']:.3f}",
+            layer["reason"],
+        ]
+        for layer in result["layers"]
+        if layer["batch_size"] == batch
+    ]
+    return markdown_table(["variant", "layer", "kind", "GEMM weight", "kernel", "dense ms", "sparse ms", "why"], rows)

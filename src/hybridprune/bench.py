@@ -1,0 +1,323 @@
+"""Latency and throughput of model variants: dense, filter-pruned, N:M-only and hybrid, in one run.
+
+Variants are timed round-robin (a few calls of each in turn, many rounds), so a noisy machine
+slows them alike and the ratios stay meaningful. CUDA timing uses events after a warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint
+from .errors import HybridPruneError
+from .models import build_model, input_shape, model_spec
+from .nm import NMPattern, nm_prune_
+from .prune import apply_filter_plan_, plan_filter_pruning
+from .sparse import InferenceModel, to_inference_model
+
+VARIANTS = ("dense", "filter", "nm", "hybrid")
+
+
+@dataclass
+class Variant:
+    """One model to time: its name (dense, filter, nm, hybrid), weights, masks and known accuracy."""
+
+    name: str
+    model: nn.Module
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    accuracy: float | None = None
+    source: str = "synthetic"
+
+
+def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 3) -> list[float]:
+    """Milliseconds of each of `repeats` calls after `warmup` untimed ones (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """'1,16,64' -> [1, 16, 64]; anything but positive integers is bad input."""
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(s < 1 for s in sizes):
+        raise HybridPruneError(f"batch sizes must be positive integers separated by commas, got {text!r}")
+    return sizes
+
+
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    from .sparse import HALF_DTYPES
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in HALF_DTYPES]
+    if bad or not names:
+        raise HybridPruneError(f"unknown dtype {', '.join(bad) or text!r}; valid: {', '.join(HALF_DTYPES)}")
+    return [HALF_DTYPES[n] for n in names]
+
+
+# --- building the variants ------------------------------------------------------------------------
+
+
+def variants_from_run(out_dir: str | Path, metric: str | None = None) -> list[Variant]:
+    """The four variants saved by `hybridprune run` in OUT_DIR, with their test accuracies."""
+    out = Path(out_dir)
+    results_file = out / "results.json"
+    if not results_file.is_file():
+        raise HybridPruneError(f"{out} is not a finished `hybridprune run` folder (no results.json)")
+    result = json.loads(results_file.read_text())
+    metrics = [r["metric"] for r in result["results"]]
+    metric = metric or ("hybrid" if "hybrid" in metrics else metrics[0])
+    if metric not in metrics:
+        raise HybridPruneError(f"metric {metric!r} is not in {out}; it has {', '.join(metrics)}")
+    item = next(r for r in result["results"] if r["metric"] == metric)
+    if "nm" not in result:
+        raise HybridPruneError(f"{out} has no 2:4-only model (made by `hybridprune run`, not by `prune`)")
+    paths = {"dense": result["dense"], "filter": item["filter"], "nm": result["nm"], "hybrid": item["hybrid"]}
+    return [
+        _variant_from_file(name, out / Path(stage["checkpoint"]).name, stage.get("accuracy"))
+        for name, stage in paths.items()
+    ]
+
+
+def variants_from_checkpoints(paths: dict[str, str]) -> list[Variant]:
+    """Variants from explicit checkpoint files, keyed by variant name."""
+    return [_variant_from_file(name, Path(path)) for name, path in paths.items() if path]
+
+
+def _variant_from_file(name: str, path: Path, accuracy: float | None = None) -> Variant:
+    model, masks, _ = load_checkpoint(path)
+    if name in ("nm", "hybrid") and not masks:
+        raise HybridPruneError(f"{path} has no N:M masks, so it cannot be the {name} variant")
+    return Variant(name, model, masks, accuracy, str(path))
+
+
+def synthetic_variants(
+    width: float = 1.0,
+    channels: int = 3,
+    image_size: int = 32,
+    num_classes: int = 10,
+    filter_ratio: float = 0.4,
+    round_to: int = 16,
+    pattern: NMPattern = NMPattern(),
+    model: str = "alexnet",
+    seed: int = 0,
+) -> list[Variant]:
+    """Untrained variants of the right shapes: speed does not depend on trained weights.
+
+    Example:
+        >>> [v.name for v in synthetic_variants(width=0.125, round_to=8)]
+        ['dense', 'filter', 'nm', 'hybrid']
+    """
+    torch.manual_seed(seed)
+    dense = build_model(model, in_channels=channels, num_classes=num_classes, image_size=image_size, width=width)
+    filtered = copy.deepcopy(dense)
+    scores = {name: torch.rand(b.conv.out_channels) for name, b in _blocks(filtered)}
+    apply_filter_plan_(filtered, plan_filter_pruning(scores, filter_ratio, round_to))
+    nm, hybrid = copy.deepcopy(dense), copy.deepcopy(filtered)
+    return [
+        Variant("dense", dense),
+        Variant("filter", filtered),
+        Variant("nm", nm, nm_prune_(nm, pattern)),
+        Variant("hybrid", hybrid, nm_prune_(hybrid, pattern)),
+    ]
+
+
+def _blocks(model: nn.Module):
+    from .models import conv_blocks
+
+    return conv_blocks(model)
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def weight_bytes(inference: InferenceModel, variant: Variant, dtype: torch.dtype, pattern: NMPattern) -> dict:
+    """Bytes of conv and linear weights: as run, and with every N:M layer compressed (values + 2-bit indices)."""
+    elem = torch.finfo(dtype).bits // 8
+    dense = compressed = run = 0
+    modules = dict(variant.model.named_modules())
+    sparse = set(inference.sparse_layers)
+    for name, m in modules.items():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        full = m.weight.numel() * elem
+        packed = int(m.weight.numel() * pattern.density * (elem + 0.25)) if name in variant.masks else full
+        dense, compressed, run = dense + full, compressed + packed, run + (packed if name in sparse else full)
+    return {"weight_bytes_dense": dense, "weight_bytes_compressed": compressed, "weight_bytes_as_run": run}
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def call() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return call
+
+
+def _graph_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Capture one forward pass as a CUDA graph; replaying it removes per-kernel launch overhead."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        model(static_x)
+    return graph.replay
+
+
+def _summary(
+    variant: Variant, mode: str, batch: int, dtype: torch.dtype, device: torch.device, times: list[float]
+) -> dict[str, Any]:
+    t = torch.tensor(times)
+    median = float(t.median())
+    return {
+        "variant": variant.name,
+        "mode": mode,
+        "batch_size": batch,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "latency_ms_median": median,
+        "latency_ms_p10": float(t.quantile(0.1)),
+        "latency_ms_p90": float(t.quantile(0.9)),
+        "throughput": batch / median * 1e3,
+        "samples": len(times),
+        "accuracy": variant.accuracy,
+    }
+
+
+def bench(
+    variants: Sequence[Variant],
+    device: torch.device,
+    dtypes: Sequence[torch.dtype],
+    batch_sizes: Sequence[int],
+    *,
+    rounds: int = 10,
+    calls: int = 5,
+    warmup: int = 3,
+    choose: str = "sparse",
+    cuda_graphs: bool = True,
+    pattern: NMPattern = NMPattern(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Time every variant at every batch size and dtype; returns runs, per-layer kernels and weight bytes."""
+    runs: list[dict[str, Any]] = []
+    layers: list[dict[str, Any]] = []
+    sizes: list[dict[str, Any]] = []
+    notices: set[str] = set()
+    bar = tqdm(
+        total=len(dtypes) * len(batch_sizes) * rounds, desc="bench", unit="round", disable=not progress, leave=False
+    )
+    for dtype in dtypes:
+        for batch in batch_sizes:
+            x = torch.rand(batch, *input_shape(variants[0].model), device=device, dtype=dtype)
+            converted = {
+                v.name: to_inference_model(v.model, v.masks, device, dtype, choose=choose, pattern=pattern, example=x)
+                for v in variants
+            }
+            layers += [
+                {"variant": name, "batch_size": batch, "dtype": str(dtype).replace("torch.", ""), **layer.__dict__}
+                for name, c in converted.items()
+                for layer in c.layers
+            ]
+            if batch == batch_sizes[0]:
+                sizes += [
+                    {
+                        "variant": v.name,
+                        "dtype": str(dtype).replace("torch.", ""),
+                        **weight_bytes(converted[v.name], v, dtype, pattern),
+                    }
+                    for v in variants
+                ]
+            runs += _time_round_robin(variants, converted, x, device, dtype, rounds, calls, warmup, cuda_graphs, bar)
+            notices |= {c.notice.strip() for c in converted.values() if c.notice}
+    bar.close()
+    return {
+        "runs": runs,
+        "speedups": speedups(runs),
+        "layers": layers,
+        "weight_bytes": sizes,
+        "notices": sorted(notices),
+    }
+
+
+def _time_round_robin(
+    variants: Sequence[Variant],
+    converted: dict[str, InferenceModel],
+    x: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    rounds: int,
+    calls: int,
+    warmup: int,
+    cuda_graphs: bool,
+    bar: tqdm,
+) -> list[dict[str, Any]]:
+    modes = {("eager", v.name): _forward(converted[v.name].model, x) for v in variants}
+    if cuda_graphs and device.type == "cuda":
+        for v in variants:
+            try:
+                modes[("cuda_graph", v.name)] = _graph_forward(converted[v.name].model, x)
+            except RuntimeError as e:  # a kernel that cannot be captured: report eager only, and say why
+                converted[v.name].notice += f" cuda graph capture failed: {str(e).splitlines()[0]}"
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in modes}
+    for fn in modes.values():
+        time_calls(fn, 0, device, warmup)
+    for _ in range(rounds):
+        for key, fn in modes.items():
+            times[key] += time_calls(fn, calls, device, warmup=0)
+        bar.update(1)
+    by_name = {v.name: v for v in variants}
+    return [_summary(by_name[name], mode, x.shape[0], dtype, device, t) for (mode, name), t in times.items()]
+
+
+def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Throughput ratios at each (mode, dtype, batch): every variant over dense, hybrid over filter and over nm."""
+    table: dict[tuple, dict[str, float]] = {}
+    for r in runs:
+        table.setdefault((r["mode"], r["dtype"], r["batch_size"]), {})[r["variant"]] = r["throughput"]
+    out = []
+    for (mode, dtype, batch), tp in table.items():
+        row: dict[str, Any] = {"mode": mode, "dtype": dtype, "batch_size": batch}
+        for name in ("filter", "nm", "hybrid"):
+            if name in tp and "dense" in tp:
+                row[f"{name}_over_dense"] = tp[name] / tp["dense"]
+        for base in ("filter", "nm"):
+            if "hybrid" in tp and base in tp:
+                row[f"hybrid_over_{base}"] = tp["hybrid"] / tp[base]
+        out.append(row)
+    return out
+
+
+def model_label(variant: Variant) -> str:
+    spec = model_spec(variant.model)
+    return f"{spec['name']} widths {spec.get('widths')}"

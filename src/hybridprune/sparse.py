@@ -1,0 +1,313 @@
+"""Inference conversion: N:M layers to semi-structured sparse kernels (cuSPARSELt/CUTLASS), dense elsewhere.
+
+PyTorch runs 2:4 weights fast only as a sparse GEMM operand (`to_sparse_semi_structured`, CUDA,
+fp16/bf16). No library has a sparse conv, so a conv runs as a GEMM: the channels-last input is
+unfolded into patches `[N*Ho*Wo, kh*kw*in]` and multiplied by the weight permuted to
+`[out, kh, kw, in]` and flattened. That `(kh, kw, in)` order puts each N:M group (consecutive
+input channels at one kernel position, as `nm.py` builds them) into consecutive GEMM columns,
+which is what the sparse tensor core requires. BatchNorm is folded into the weight first: that
+scales each filter by a constant, so zeros stay zeros and the pattern survives.
+
+No mask policy lives here: the input is a model whose N:M layers hold zeros in the pruned places.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import HybridPruneError
+from .models import ConvBlock
+from .nm import NMPattern, satisfies_nm
+
+HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def conv_weight_as_gemm(weight: torch.Tensor) -> torch.Tensor:
+    """`[out, in, kh, kw]` -> `[out, kh * kw * in]`: the GEMM operand whose rows keep N:M groups contiguous."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+
+
+def unfold_channels_last(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[torch.Tensor, int, int]:
+    """Patches `[N * Ho * Wo, kh * kw * C]` of an `[N, C, H, W]` input, in `(kh, kw, C)` order."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    nhwc = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))
+    patches = nhwc.unfold(1, kh, sh).unfold(2, kw, sw)  # [N, Ho, Wo, C, kh, kw]
+    n, ho, wo = patches.shape[:3]
+    return patches.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, -1), ho, wo
+
+
+class GemmConv2d(nn.Module):
+    """A conv computed as unfold + GEMM with a `[out, kh*kw*in]` weight, dense or semi-structured sparse.
+
+    Output is `[N, out, Ho, Wo]` in channels-last memory, so the next GemmConv2d unfolds without a copy
+    of the layout.
+    """
+
+    def __init__(
+        self,
+        weight_2d: torch.Tensor,
+        bias: torch.Tensor | None,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight_2d, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> GemmConv2d:
+        if conv.groups != 1 or conv.dilation != (1, 1) or not isinstance(conv.padding, tuple):
+            raise HybridPruneError(f"GEMM conv needs groups=1, dilation=1 and numeric padding, got {conv}")
+        w = conv.weight if weight is None else weight
+        b = conv.bias if bias is None else bias
+        return cls(
+            conv_weight_as_gemm(w.detach()),
+            None if b is None else b.detach(),
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches, ho, wo = unfold_channels_last(x, self.kernel, self.stride, self.padding)
+        out = F.linear(patches, self.weight, self.bias)
+        return out.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the conv with eval-mode BatchNorm folded in."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return (conv.weight * scale.view(-1, 1, 1, 1)).detach(), bias.detach()
+
+
+def fold_batchnorm_(model: nn.Module) -> nn.Module:
+    """Replace every ConvBlock's conv + BN with one biased conv (eval semantics), in place."""
+    for block in [m for m in model.modules() if isinstance(m, ConvBlock)]:
+        weight, bias = fold_bn(block.conv, block.bn)
+        c = block.conv
+        fused = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=True).to(weight)
+        fused.weight.data.copy_(weight)
+        fused.bias.data.copy_(bias)
+        block.conv, block.bn = fused, nn.Identity()
+    return model
+
+
+# --- hardware and shape eligibility -----------------------------------------------------------
+
+
+def sparse_backend(device: torch.device) -> str | None:
+    """'cusparselt' or 'cutlass' where 2:4 kernels run (CUDA, compute capability >= 8.0), else None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return None
+    return "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+
+
+# Minimum (rows, cols) of the sparse operand, and the multiple both must be, per backend and dtype:
+# from torch.sparse.semi_structured (_DTYPE_SHAPE_CONSTRAINTS).
+SPARSE_MIN_SHAPE = {
+    "cusparselt": {torch.float16: (16, 16), torch.bfloat16: (16, 16), torch.int8: (32, 32)},
+    "cutlass": {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.float32: (32, 32), torch.int8: (16, 128)},
+}
+
+
+def kernel_ineligibility(
+    weight_2d_shape: tuple[int, int], backend: str | None, dtype: torch.dtype, pattern: NMPattern
+) -> str:
+    """Why a GEMM weight of this shape cannot run on the sparse kernel ('' when it can)."""
+    if backend is None:
+        return "no sparse tensor cores on this device"
+    if (pattern.n, pattern.m) != (2, 4):
+        return f"{pattern} is not 2:4, the only pattern sparse tensor cores run"
+    if dtype not in SPARSE_MIN_SHAPE[backend]:
+        return f"{backend} has no {dtype} kernel"
+    rows, cols = weight_2d_shape
+    min_r, min_c = SPARSE_MIN_SHAPE[backend][dtype]
+    if rows % min_r or cols % min_c:
+        return f"weight {rows}x{cols} is not a multiple of {min_r}x{min_c} ({backend}, {dtype})"
+    return ""
+
+
+# --- conversion -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerKernel:
+    """Which kernel one layer runs, why, and (when measured) both candidates' times."""
+
+    name: str
+    kind: str
+    gemm_shape: tuple[int, int]
+    kernel: str
+    reason: str = ""
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class InferenceModel:
+    """The converted model and its per-layer kernel report."""
+
+    model: nn.Module
+    layers: list[LayerKernel] = field(default_factory=list)
+    backend: str | None = None
+    notice: str = ""
+
+    @property
+    def sparse_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.kernel == "sparse"]
+
+
+def to_inference_model(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype = torch.float16,
+    *,
+    choose: str = "sparse",
+    pattern: NMPattern = NMPattern(),
+    example: torch.Tensor | None = None,
+) -> InferenceModel:
+    """Fold BatchNorm and run every eligible N:M layer on the semi-structured sparse kernel.
+
+    `choose`: 'sparse' uses the sparse kernel wherever eligible; 'fastest' times dense and sparse on
+    the layer's real input shape (from `example`) and keeps the faster; 'dense' converts nothing.
+    Without sparse tensor cores (CPU, pre-Ampere GPU) the result is the dense folded model, said once
+    in `notice`.
+
+    Example:
+        >>> from hybridprune.models import alexnet
+        >>> inf = to_inference_model(alexnet(width=0.125), {}, torch.device("cpu"), torch.float32)
+        >>> inf.sparse_layers, inf.notice.startswith("cpu")
+        ([], True)
+    """
+    if choose not in ("sparse", "fastest", "dense"):
+        raise HybridPruneError(f"unknown kernel choice {choose!r}; valid: sparse, fastest, dense")
+    check_dtype(dtype, device)
+    model = fold_batchnorm_(copy.deepcopy(model).eval()).to(device=device, dtype=dtype)
+    backend = sparse_backend(device)
+    shapes = _layer_input_shapes(model, example.to(device, dtype)) if example is not None else {}
+    result = InferenceModel(model, backend=backend)
+    if backend is None:
+        result.notice = (
+            f"{device.type}: no sparse tensor cores (needs CUDA compute capability >= 8.0), so every "
+            "layer runs dense; N:M layers give no speedup here"
+        )
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            result.layers.append(
+                _convert_layer(model, name, module, masks, backend, dtype, pattern, choose, shapes.get(name))
+            )
+    return result
+
+
+def _convert_layer(
+    model: nn.Module,
+    name: str,
+    module: nn.Module,
+    masks: dict[str, torch.Tensor],
+    backend: str | None,
+    dtype: torch.dtype,
+    pattern: NMPattern,
+    choose: str,
+    input_shape: tuple[int, ...] | None,
+) -> LayerKernel:
+    is_conv = isinstance(module, nn.Conv2d)
+    w2d = conv_weight_as_gemm(module.weight) if is_conv else module.weight
+    info = LayerKernel(name, "conv" if is_conv else "linear", tuple(w2d.shape), "dense", input_shape=input_shape)
+    if name not in masks:
+        info.reason = "no N:M mask (first conv, or input channels not a multiple of M)"
+        return info
+    if not satisfies_nm(module.weight, pattern):
+        raise HybridPruneError(f"layer {name} has a mask but its weights break {pattern}: not an N:M checkpoint")
+    info.reason = kernel_ineligibility(tuple(w2d.shape), backend, dtype, pattern)
+    if info.reason or choose == "dense":
+        info.reason = info.reason or "dense chosen"
+        return info
+    sparse = _sparse_module(module, backend)
+    if choose == "fastest" and input_shape is not None:
+        info.dense_ms, info.sparse_ms = _time_layer(module, input_shape), _time_layer(sparse, input_shape)
+        if info.sparse_ms >= info.dense_ms:
+            info.reason = f"dense measured faster ({info.dense_ms:.3f} vs {info.sparse_ms:.3f} ms)"
+            return info
+    _set_module(model, name, sparse)
+    info.kernel = "sparse"
+    return info
+
+
+def _to_sparse(weight: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """Compress a 2:4 weight for the chosen backend (explicit class: no global backend switch)."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cls = SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt" else SparseSemiStructuredTensorCUTLASS
+    return cls.from_dense(weight.contiguous())
+
+
+def _sparse_module(module: nn.Module, backend: str | None) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        gemm = GemmConv2d.from_conv(module)
+        gemm.weight = nn.Parameter(_to_sparse(gemm.weight.data, backend), requires_grad=False)
+        return gemm
+    linear = copy.deepcopy(module)
+    linear.weight = nn.Parameter(_to_sparse(linear.weight.data, backend), requires_grad=False)
+    return linear
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def _layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, tuple(inp[0].shape)))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@torch.no_grad()
+def _time_layer(module: nn.Module, input_shape: tuple[int, ...], repeats: int = 20) -> float:
+    param = next(module.parameters())
+    x = torch.randn(input_shape, device=param.device, dtype=param.dtype)
+    return median_ms(lambda: module(x), repeats=repeats, device=param.device)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 3) -> float:
+    """Median wall time of fn in milliseconds (CUDA events on GPU)."""
+    from .bench import time_calls
+
+    return float(torch.tensor(time_calls(fn, repeats, device, warmup)).median())
+
+
+def check_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Half precision needs a GPU here: CPU half matmuls are emulated and would misreport speed."""
+    if device.type == "cpu" and dtype != torch.float32:
+        raise HybridPruneError(f"dtype {dtype} is not run on the CPU by the benchmark; use float32 there")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise HybridPruneError("this GPU cannot run bfloat16; use float16")
