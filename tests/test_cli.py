@@ -154,3 +154,62 @@ def test_corrupted_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "not a readable hybridprune checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_compares_the_four_variants_of_a_run(tiny_run, capsys):
+    out = tiny_run / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                str(tiny_run / "run"),
+                "--batch-sizes",
+                "1,8",
+                "--rounds",
+                "2",
+                "--calls",
+                "1",
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "no sparse tensor cores" in printed and "hybrid/filter" in printed
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert {r["variant"] for r in runs} == {"dense", "filter", "nm", "hybrid"}
+    assert {r["batch_size"] for r in runs} == {1, 8}
+    for r in runs:
+        assert r["device"] == "cpu" and r["dtype"] == "float32" and r["latency_ms_median"] > 0
+        assert r["throughput"] == pytest.approx(r["batch_size"] / r["latency_ms_median"] * 1e3)
+        assert r["latency_ms_p10"] <= r["latency_ms_median"] <= r["latency_ms_p90"]
+    assert result["variants"]["hybrid"]["accuracy"] is not None
+    sizes = {s["variant"]: s for s in result["weight_bytes"]}
+    assert sizes["hybrid"]["weight_bytes_compressed"] < sizes["filter"]["weight_bytes_dense"]
+    assert sizes["nm"]["weight_bytes_as_run"] == sizes["nm"]["weight_bytes_dense"]  # CPU: no compression
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bench", "--synthetic", "--batch-sizes", "8,-1"], "positive integers"),
+        (["bench", "--synthetic", "--dtypes", "float16", "--device", "cpu"], "not run on the CPU"),
+        (["bench", "--synthetic", "--dtypes", "fp64"], "unknown dtype"),
+        (["bench"], "give exactly one source"),
+    ],
+)
+def test_bench_bad_input_is_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_refuses_a_hybrid_checkpoint_without_masks(tiny_run, capsys):
+    dense = str(tiny_run / "run" / "dense.safetensors")
+    assert main(["bench", "--dense", dense, "--hybrid", dense, "--device", "cpu"]) == 2
+    assert "has no N:M masks" in capsys.readouterr().err

@@ -114,7 +114,110 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file")
     _add_common(p), _add_data(p)
     p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time dense, filter-pruned, 2:4-only and hybrid variants of one model")
+    p.add_argument("run_dir", nargs="?", default=None, help="the --out folder of `hybridprune run` (trained variants)")
+    p.add_argument("--metric", default=None, help="which metric's filter/hybrid models to take from RUN_DIR")
+    for name in ("dense", "filter", "nm", "hybrid"):
+        p.add_argument(f"--{name}", default=None, help=f"checkpoint of the {name} variant (instead of RUN_DIR)")
+    p.add_argument("--synthetic", action="store_true", help="untrained variants of the given shape (speed only)")
+    p.add_argument("--model", default="alexnet", help="model of the synthetic variants")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the synthetic variants")
+    p.add_argument("--image-size", type=int, default=32, help="input height and width of the synthetic variants")
+    p.add_argument("--channels", type=int, default=3, help="input channels of the synthetic variants")
+    p.add_argument("--filter-ratio", type=_ratio, default=0.4, help="filter ratio of the synthetic variants")
+    p.add_argument("--round-to", type=int, default=16, help="round-to of the synthetic variants")
+    p.add_argument("--batch-sizes", default="1,16,64,256,1024", help="comma-separated batch sizes")
+    p.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated: float16, bfloat16, float32 (default: float16 on GPU, float32 on CPU)",
+    )
+    p.add_argument(
+        "--kernels",
+        default="fastest",
+        choices=["sparse", "fastest", "dense"],
+        help="sparse: every eligible layer on the 2:4 kernel; fastest: per layer, the faster of dense and "
+        "sparse measured on its real input shape; dense: no sparse kernels",
+    )
+    p.add_argument("--rounds", type=int, default=10, help="round-robin rounds (each times every variant)")
+    p.add_argument("--calls", type=int, default=5, help="timed calls per variant per round")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="skip CUDA-graph replay timing on GPU")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic variants")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import (
+        bench,
+        parse_batch_sizes,
+        parse_dtypes,
+        synthetic_variants,
+        variants_from_checkpoints,
+        variants_from_run,
+    )
+    from .outputs import environment, write_json
+    from .report import bench_tables, kernel_table
+    from .sparse import check_dtype
+    from .train import resolve_device
+
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    device = resolve_device(args.device)
+    dtypes = parse_dtypes(args.dtypes or ("float16" if device.type == "cuda" else "float32"))
+    _check_json_target(args.json, args.overwrite)
+    if args.rounds < 1 or args.calls < 1:
+        raise HybridPruneError("--rounds and --calls must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    files = {n: getattr(args, n) for n in ("dense", "filter", "nm", "hybrid") if getattr(args, n)}
+    if sum([bool(args.run_dir), bool(files), args.synthetic]) != 1:
+        raise HybridPruneError("give exactly one source: RUN_DIR, --dense/--filter/--nm/--hybrid, or --synthetic")
+    if args.synthetic:
+        variants = synthetic_variants(
+            args.width,
+            args.channels,
+            args.image_size,
+            filter_ratio=args.filter_ratio,
+            round_to=args.round_to,
+            model=args.model,
+            seed=args.seed,
+        )
+    else:
+        variants = variants_from_run(args.run_dir, args.metric) if args.run_dir else variants_from_checkpoints(files)
+    for dtype in dtypes:
+        check_dtype(dtype, device)  # before building anything: a dtype the device cannot run is bad input
+    result = bench(
+        variants,
+        device,
+        dtypes,
+        batch_sizes,
+        rounds=args.rounds,
+        calls=args.calls,
+        choose=args.kernels,
+        cuda_graphs=not args.no_cuda_graphs,
+        progress=not args.no_progress,
+    )
+    result["environment"] = environment()
+    result["command"] = "hybridprune " + " ".join(args.argv)
+    result["variants"] = {v.name: {"source": v.source, "accuracy": v.accuracy} for v in variants}
+    for notice in result["notices"]:
+        print(f"note: {notice}")
+    print(bench_tables(result))
+    print("\nkernels per layer (largest batch):")
+    print(kernel_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"\nwrote {args.json}")
 
 
 _PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_batches")
@@ -264,12 +367,14 @@ def _check_json_target(path: str | None, overwrite: bool) -> None:
         raise HybridPruneError(f"{path} exists; pass --overwrite to replace it")
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hybridprune` command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = list(argv)
     try:
         COMMANDS[args.command](args)
     except HybridPruneError as e:

@@ -151,13 +151,7 @@ class Job:
         return model, result
 
     def _load_dense(self, record: Path) -> tuple[nn.Module, dict[str, Any]]:
-        model, masks, _ = load_checkpoint(self.dense_checkpoint)
-        if masks:
-            raise HybridPruneError(
-                f"{self.dense_checkpoint} is already N:M-pruned; pruning starts from a dense checkpoint"
-            )
-        check_fits(model, self.data)
-        model.to(self.device)
+        model = load_dense_checkpoint(self.dense_checkpoint, self.data).to(self.device)
         result = {
             "accuracy": evaluate(model, self.data.test, self.device),
             **model_stats(model),
@@ -195,6 +189,15 @@ class Job:
         result = compute()
         write_json(record, result)
         return result
+
+
+def load_dense_checkpoint(path: str | Path, data: Dataset) -> nn.Module:
+    """A dense checkpoint that fits the dataset; anything else is bad input."""
+    model, masks, _ = load_checkpoint(path)
+    if masks:
+        raise HybridPruneError(f"{path} is already N:M-pruned; pruning starts from a dense checkpoint")
+    check_fits(model, data)
+    return model
 
 
 def _nm_copy(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -237,6 +240,8 @@ def run(
     """
     out = Path(out)
     data = prepare_data(cfg)
+    if dense_checkpoint:
+        load_dense_checkpoint(dense_checkpoint, data)  # fail before anything is written
     prepare_out_dir(out, cfg, resume, overwrite)
     log(
         f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "
