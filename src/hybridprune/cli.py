@@ -115,7 +115,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p), _add_data(p)
     p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
     _add_bench(sub)
+    _add_experiment(sub)
     return parser
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="run a grid of datasets x models x metrics x ratios x seeds into a store")
+    p.add_argument("config", help="experiment YAML (see experiments/)")
+    p.add_argument("--store", default=None, help="SQLite result store (default: runs/NAME.sqlite)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes, or Ray tasks)")
+    p.add_argument(
+        "--backend",
+        default="process",
+        choices=["process", "ray"],
+        help="process: a local process pool; ray: Ray tasks (RAY_ADDRESS for a cluster)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--list", action="store_true", help="list the grid's runs and whether each is done, then stop")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("report", help="tables and plots from an experiment store (never re-runs anything)")
+    p.add_argument("--store", required=True, help="SQLite result store written by `hybridprune experiment`")
+    p.add_argument("--out", required=True, help="folder for report.md, CSV tables and PNG plots")
+    p.add_argument("--bench", action="append", default=[], help="bench JSON with accuracies, for a Pareto plot")
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from .experiment import Store, load_grid, pending_summary, run_grid
+    from .train import resolve_device
+
+    grid = load_grid(args.config)
+    device = resolve_device(args.device)
+    store = Store(args.store or f"runs/{grid.name}.sqlite")
+    if args.list:
+        print("\n".join(pending_summary(grid, store)))
+        return
+    counts = run_grid(
+        grid, store, workers=args.workers, device=device.type, backend=args.backend, progress=not args.no_progress
+    )
+    print(
+        f"{counts['done']} runs finished now, {counts['skipped']} earlier, {counts['failed']} failed; "
+        f"store: {store.path}"
+    )
+    if counts["failed"]:
+        raise HybridPruneError(f"{counts['failed']} runs failed (see above); rerun the command to retry them")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .experiment import Store
+    from .report import write_grid_report
+
+    rows = Store(args.store, create=False).rows()
+    if not rows:
+        raise HybridPruneError(f"{args.store} holds no finished runs yet")
+    for path in write_grid_report(rows, args.out, args.bench):
+        print(f"wrote {path}")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -367,7 +421,15 @@ def _check_json_target(path: str | None, overwrite: bool) -> None:
         raise HybridPruneError(f"{path} exists; pass --overwrite to replace it")
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "prune": cmd_prune, "evaluate": cmd_evaluate, "bench": cmd_bench}
+COMMANDS = {
+    "run": cmd_run,
+    "train": cmd_train,
+    "prune": cmd_prune,
+    "evaluate": cmd_evaluate,
+    "bench": cmd_bench,
+    "experiment": cmd_experiment,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,7 @@ class RunConfig(_Dict):
     prune: PruneConfig = field(default_factory=PruneConfig)
     metrics: tuple[str, ...] = ("l1", "output_l1", "hybrid", "hybrid_output", "random")
     seed: int = 0
+    filter_finetune: bool = True  # fine-tune between filter pruning and N:M pruning (the paper does)
 
     def __post_init__(self) -> None:
         from .metrics import METRICS
@@ -137,10 +138,10 @@ class RunConfig(_Dict):
             "finetune": TrainConfig,
             "prune": PruneConfig,
         }
-        unknown = sorted(set(values) - set(parts) - {"metrics", "seed"})
+        unknown = sorted(set(values) - set(parts) - {"metrics", "seed", "filter_finetune"})
         if unknown:
             raise HybridPruneError(f"unknown RunConfig key(s) {', '.join(unknown)}")
         kwargs = {k: parts[k].from_dict(v) for k, v in values.items() if k in parts}
         if "metrics" in values:
             kwargs["metrics"] = tuple(values["metrics"])
-        return cls(**kwargs, seed=values.get("seed", 0))
+        return cls(**kwargs, seed=values.get("seed", 0), filter_finetune=values.get("filter_finetune", True))

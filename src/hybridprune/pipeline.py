@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,9 @@ class Job:
     progress: bool = True
     dense_checkpoint: str | None = None
 
-    def stage(self, model: nn.Module, masks: dict[str, torch.Tensor], name: str, desc: str) -> dict[str, Any]:
+    def stage(
+        self, model: nn.Module, masks: dict[str, torch.Tensor], name: str, desc: str, finetune: bool = True
+    ) -> dict[str, Any]:
         """Evaluate one-shot (raw and BN-recalibrated), fine-tune with masks held, evaluate, save."""
         p, test = self.cfg.prune, self.data.test
         raw = evaluate(model, test, self.device)
@@ -104,7 +106,7 @@ class Job:
         fit(
             model,
             self.data,
-            self.cfg.finetune,
+            self.cfg.finetune if finetune else replace(self.cfg.finetune, epochs=0),
             self.device,
             seed=self.cfg.seed,
             masks=masks,
@@ -169,7 +171,7 @@ class Job:
             model = copy.deepcopy(dense)
             prune_cfg = PruneConfig(**{**self.cfg.prune.to_dict(), "metric": metric})
             plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed)
-            filt = self.stage(model, {}, f"{metric}-filter", f"fine-tune {metric} filter")
+            filt = self.stage(model, {}, f"{metric}-filter", f"fine-tune {metric} filter", self.cfg.filter_finetune)
             hybrid = self.stage(*_nm_copy(model, self.cfg), f"{metric}-hybrid", f"fine-tune {metric} hybrid")
             return {
                 "metric": metric,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -149,3 +150,207 @@ def kernel_table(result: dict[str, Any], batch_size: int | None = None) -> str:
         if layer["batch_size"] == batch
     ]
     return markdown_table(["variant", "layer", "kind", "GEMM weight", "kernel", "dense ms", "sparse ms", "why"], rows)
+
+
+# --- experiment grids (reads the store only) ---------------------------------------------------------
+
+STAGE_COLUMNS = {
+    "filter_oneshot": "filter one-shot",
+    "filter_accuracy": "filter fine-tuned",
+    "hybrid_oneshot": "hybrid one-shot",
+    "hybrid_accuracy": "hybrid fine-tuned",
+}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    import statistics
+
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def group_rows(rows: list[dict[str, Any]], column: str) -> dict[tuple, dict[int, float]]:
+    """(dataset, model, width, metric, ratio) -> {seed: value}."""
+    groups: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        key = (r["dataset"], r["model"], r["width"], r["metric"], r["ratio"])
+        groups.setdefault(key, {})[r["seed"]] = r[column]
+    return groups
+
+
+def accuracy_table(rows: list[dict[str, Any]], column: str) -> tuple[list[str], list[list[str]]]:
+    """Rows per (dataset, model, metric), one column per ratio, cells 'mean +- std (n)'."""
+    groups = group_rows(rows, column)
+    ratios = sorted({k[4] for k in groups})
+    setups = sorted({k[:4] for k in groups}, key=lambda k: (k[0], k[1], k[2], _metric_order(k[3])))
+    body = []
+    for ds, model, width, metric in setups:
+        cells = []
+        for ratio in ratios:
+            values = list(groups.get((ds, model, width, metric, ratio), {}).values())
+            m, s = mean_std(values) if values else (None, None)
+            cells.append("-" if m is None else f"{m:.2f} ± {s:.2f} ({len(values)})")
+        body.append([ds, f"{model} w{width:g}", metric, *cells])
+    return ["dataset", "model", "metric", *[f"ratio {r:g}" for r in ratios]], body
+
+
+def _metric_order(metric: str) -> tuple[int, str]:
+    order = ["l1", "l2", "output_l1", "fpgm", "taylor", "hybrid", "hybrid_output", "random"]
+    return (order.index(metric) if metric in order else len(order), metric)
+
+
+def paired_differences(rows: list[dict[str, Any]], column: str, metric: str, baseline: str) -> list[dict[str, Any]]:
+    """metric minus baseline, paired by seed, per (dataset, model, ratio), with a paired t-test."""
+    from scipy import stats
+
+    groups = group_rows(rows, column)
+    out = []
+    for (ds, model, width, m, ratio), values in sorted(groups.items()):
+        if m != metric or (ds, model, width, baseline, ratio) not in groups:
+            continue
+        base = groups[(ds, model, width, baseline, ratio)]
+        seeds = sorted(set(values) & set(base))
+        if not seeds:
+            continue
+        diffs = [values[s] - base[s] for s in seeds]
+        mean, std = mean_std(diffs)
+        p = (
+            float(stats.ttest_rel([values[s] for s in seeds], [base[s] for s in seeds]).pvalue)
+            if len(seeds) > 1 and std > 0
+            else float("nan")
+        )
+        out.append(
+            {
+                "dataset": ds,
+                "model": model,
+                "width": width,
+                "ratio": ratio,
+                "metric": metric,
+                "baseline": baseline,
+                "column": column,
+                "mean_diff": mean,
+                "std_diff": std,
+                "n": len(seeds),
+                "p_value": p,
+            }
+        )
+    return out
+
+
+def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: list[str] | None = None) -> list[Path]:
+    """Markdown and CSV tables, paired differences, and PNG plots from store rows."""
+    import csv
+    import io
+
+    from .outputs import write_text
+
+    out = Path(out)
+    written, md = [], ["# Experiment report", "", f"{len(rows)} finished runs, read from the store.", ""]
+    for column, title in STAGE_COLUMNS.items():
+        headers, body = accuracy_table(rows, column)
+        md += [f"## Top-1 accuracy (%), {title}: mean ± std (seeds)", "", markdown_table(headers, body), ""]
+        buf = io.StringIO()
+        csv.writer(buf).writerows([headers, *body])
+        written.append(write_text(out / f"accuracy-{column}.csv", buf.getvalue()))
+    diffs = [
+        d
+        for column in ("hybrid_oneshot", "hybrid_accuracy")
+        for metric in ("hybrid", "hybrid_output")
+        for base in ("l1", "output_l1")
+        for d in paired_differences(rows, column, metric, base)
+    ]
+    if diffs:
+        md += [
+            "## Hybrid metrics minus baselines (points), paired by seed, two-sided paired t-test",
+            "",
+            markdown_table(
+                ["dataset", "ratio", "stage", "difference", "mean ± std", "n", "p"],
+                [
+                    [
+                        d["dataset"],
+                        f"{d['ratio']:g}",
+                        STAGE_COLUMNS[d["column"]],
+                        f"{d['metric']} - {d['baseline']}",
+                        f"{d['mean_diff']:+.2f} ± {d['std_diff']:.2f}",
+                        str(d["n"]),
+                        "n/a" if d["p_value"] != d["p_value"] else f"{d['p_value']:.3f}",
+                    ]
+                    for d in diffs
+                ],
+            ),
+            "",
+        ]
+    written += _plots(rows, out, bench_files or [])
+    md += [f"![{p.stem}]({p.name})" for p in written if p.suffix == ".png"]
+    written.append(write_text(out / "report.md", "\n".join(md) + "\n"))
+    return written
+
+
+def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+        for ax, column in zip(axes, ("hybrid_oneshot", "hybrid_accuracy"), strict=True):
+            groups = group_rows([r for r in rows if r["dataset"] == ds], column)
+            for metric in sorted({k[3] for k in groups}, key=_metric_order):
+                points = sorted((k[4], mean_std(list(v.values()))) for k, v in groups.items() if k[3] == metric)
+                ax.errorbar(
+                    [p[0] for p in points],
+                    [p[1][0] for p in points],
+                    yerr=[p[1][1] for p in points],
+                    marker="o",
+                    capsize=3,
+                    label=metric,
+                )
+            ax.set(title=f"{ds}: {STAGE_COLUMNS[column]}", xlabel="filter ratio", ylabel="top-1 accuracy (%)")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        path = out / f"accuracy-vs-ratio-{_slug(ds)}.png"
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    for bench_file in bench_files:
+        written.append(_pareto_plot(Path(bench_file), out, plt))
+    return written
+
+
+def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
+    """Accuracy versus best throughput of the four variants of one `bench` result."""
+    import json
+
+    result = json.loads(bench_file.read_text())
+    best: dict[str, dict[str, Any]] = {}
+    for r in result["runs"]:
+        if r.get("accuracy") is not None and r["throughput"] > best.get(r["variant"], {}).get("throughput", 0):
+            best[r["variant"]] = r
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in best.items():
+        ax.scatter(r["throughput"], r["accuracy"], s=50)
+        ax.annotate(
+            f"{name} (batch {r['batch_size']})",
+            (r["throughput"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+        )
+    ax.set(
+        xlabel="throughput (images/s)",
+        ylabel="top-1 accuracy (%)",
+        title=f"accuracy vs throughput ({next(iter(best.values()))['device'] if best else 'no accuracies'})",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"pareto-{bench_file.stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip("_")

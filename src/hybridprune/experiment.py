@@ -1,0 +1,445 @@
+"""Grid experiments: datasets x models x metrics x filter ratios x seeds, with a resumable SQLite store.
+
+One dense baseline is trained per (dataset, model, seed, training config) and reused by every run that
+needs it. A run's row is written in one transaction when the run finishes, so an interrupted grid
+loses at most the runs in progress; rerunning the command skips finished runs. Checkpoints of
+baselines and of pruned models sit beside the store (STORE.artifacts/), so a resumed grid retrains
+nothing that finished. Workers (processes, or Ray tasks) compute rows; only the driver writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+from .errors import HybridPruneError
+from .metrics import METRICS
+from .prune import validate_ratio
+
+STORE_VERSION = 1
+GRID_KEYS = {
+    "name",
+    "datasets",
+    "models",
+    "metrics",
+    "ratios",
+    "seeds",
+    "train",
+    "finetune",
+    "prune",
+    "filter_finetune",
+    "description",
+}
+DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+# --- the grid ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed experiment config: the axes of the grid and the shared training settings."""
+
+    name: str
+    datasets: tuple[DataConfig, ...]
+    models: tuple[ModelConfig, ...]
+    metrics: tuple[str, ...]
+    ratios: tuple[float, ...]
+    seeds: tuple[int, ...]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01, warmup=0.0))
+    prune: dict[str, Any] = field(default_factory=dict)
+    filter_finetune: bool = True
+
+    def runs(self) -> list[RunConfig]:
+        """Every grid point as a one-metric RunConfig."""
+        return [
+            self._run(d, m, metric, ratio, seed)
+            for d, m, seed, ratio, metric in product(self.datasets, self.models, self.seeds, self.ratios, self.metrics)
+        ]
+
+    def _run(self, data: DataConfig, model: ModelConfig, metric: str, ratio: float, seed: int) -> RunConfig:
+        prune = PruneConfig(**{**self.prune, "metric": metric, "filter_ratio": ratio})
+        return RunConfig(
+            data=data,
+            model=model,
+            train=self.train,
+            finetune=self.finetune,
+            prune=prune,
+            metrics=(metric,),
+            seed=seed,
+            filter_finetune=self.filter_finetune,
+        )
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and validate an experiment YAML; unknown keys and invalid values fail naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise HybridPruneError(f"experiment config {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise HybridPruneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise HybridPruneError(f"{path} must hold a mapping of keys such as datasets, metrics, ratios")
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        raise HybridPruneError(f"{path}: unknown key {', '.join(unknown)}; valid keys: {', '.join(sorted(GRID_KEYS))}")
+    return grid_from_dict(raw, default_name=path.stem)
+
+
+def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Grid:
+    datasets = tuple(
+        DataConfig.from_dict({"dataset": d} if isinstance(d, str) else d) for d in raw.get("datasets", ["digits"])
+    )
+    models = tuple(
+        ModelConfig.from_dict({"name": m} if isinstance(m, str) else m) for m in raw.get("models", ["alexnet"])
+    )
+    metrics = tuple(raw.get("metrics", ["l1", "output_l1", "hybrid", "hybrid_output", "random"]))
+    for m in metrics:
+        METRICS.get(m)
+    ratios = tuple(float(validate_ratio(float(r), "ratio")) for r in raw.get("ratios", DEFAULT_RATIOS))
+    seeds = tuple(int(s) for s in raw.get("seeds", [0]))
+    prune = dict(raw.get("prune", {}))
+    bad = sorted(set(prune) & {"metric", "filter_ratio"})
+    if bad:
+        raise HybridPruneError(f"prune.{bad[0]} is set by the grid axes (metrics, ratios), not under prune")
+    PruneConfig(**prune)  # validates the keys and values now, not in a worker later
+    finetune = {"epochs": 2, "lr": 0.01, "warmup": 0.0, **raw.get("finetune", {})}
+    if not (datasets and models and metrics and ratios and seeds):
+        raise HybridPruneError("datasets, models, metrics, ratios and seeds must each be non-empty")
+    return Grid(
+        raw.get("name", default_name),
+        datasets,
+        models,
+        metrics,
+        ratios,
+        seeds,
+        TrainConfig.from_dict(raw.get("train", {})),
+        TrainConfig.from_dict(finetune),
+        prune,
+        bool(raw.get("filter_finetune", True)),
+    )
+
+
+def config_key(obj: Any) -> str:
+    """A stable 16-hex-digit key of any JSON-able configuration."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_key(cfg: RunConfig) -> str:
+    return config_key(cfg.to_dict())
+
+
+def baseline_key(cfg: RunConfig) -> str:
+    d = cfg.to_dict()
+    return config_key({"data": d["data"], "model": d["model"], "train": d["train"], "seed": d["seed"]})
+
+
+# --- the store ----------------------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY, experiment TEXT NOT NULL, dataset TEXT NOT NULL, model TEXT NOT NULL,
+    width REAL NOT NULL, metric TEXT NOT NULL, ratio REAL NOT NULL, seed INTEGER NOT NULL,
+    dense_accuracy REAL, filter_oneshot_raw REAL, filter_oneshot REAL, filter_accuracy REAL,
+    hybrid_oneshot_raw REAL, hybrid_oneshot REAL, hybrid_accuracy REAL,
+    params INTEGER, nonzero_params INTEGER, macs INTEGER, effective_macs INTEGER,
+    wall_time_s REAL, finished_at TEXT NOT NULL, config TEXT NOT NULL, result TEXT NOT NULL
+);
+"""
+ROW_COLUMNS = (
+    "key",
+    "experiment",
+    "dataset",
+    "model",
+    "width",
+    "metric",
+    "ratio",
+    "seed",
+    "dense_accuracy",
+    "filter_oneshot_raw",
+    "filter_oneshot",
+    "filter_accuracy",
+    "hybrid_oneshot_raw",
+    "hybrid_oneshot",
+    "hybrid_accuracy",
+    "params",
+    "nonzero_params",
+    "macs",
+    "effective_macs",
+    "wall_time_s",
+    "finished_at",
+    "config",
+    "result",
+)
+
+
+class Store:
+    """The SQLite result store: one row per finished run, keyed by its configuration."""
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        self.path = Path(path)
+        if not self.path.exists() and not create:
+            raise HybridPruneError(f"store {self.path} not found")
+        self._check_version()
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript(SCHEMA)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (str(STORE_VERSION),))
+
+    @property
+    def artifacts(self) -> Path:
+        return self.path.with_name(self.path.name + ".artifacts")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=60)
+
+    def _check_version(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            with self._connect() as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise HybridPruneError(f"{self.path} is not a hybridprune store ({e}); it was left untouched") from None
+        if row is None or row[0] != str(STORE_VERSION):
+            found = row[0] if row else "none"
+            raise HybridPruneError(
+                f"{self.path} was written by store version {found}; this hybridprune reads "
+                f"version {STORE_VERSION}; it was left untouched"
+            )
+
+    def finished_keys(self) -> set[str]:
+        with self._connect() as db:
+            return {k for (k,) in db.execute("SELECT key FROM runs")}
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Write one finished run in one transaction (a rerun of the same key replaces nothing)."""
+        values = [row[c] for c in ROW_COLUMNS]
+        with self._connect() as db:
+            db.execute(
+                f"INSERT OR IGNORE INTO runs ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})",
+                values,
+            )
+
+    def rows(self) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY dataset, model, metric, ratio, seed")]
+
+
+# --- executing runs -----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def _cached_data(data: DataConfig, seed: int):
+    from .pipeline import prepare_data_config
+
+    return prepare_data_config(data, seed)
+
+
+def execute_run(
+    cfg_dict: dict[str, Any], experiment: str, artifacts: str, device: str = "cpu", threads: int | None = None
+) -> dict[str, Any]:
+    """Run one grid point end to end and return its store row. Plain-data in and out, so it runs in a
+    worker process or as a Ray task alike."""
+    from .pipeline import Job
+    from .train import calibration_batches
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = RunConfig.from_dict(cfg_dict)
+    start = time.time()
+    data = _cached_data(cfg.data, cfg.seed)
+    dev = torch.device(device)
+    base = Job(cfg, data, dev, Path(artifacts) / f"baseline-{baseline_key(cfg)}", log=lambda _: None, progress=False)
+    base.out.mkdir(parents=True, exist_ok=True)
+    dense, dense_result = base.dense()
+    job = Job(cfg, data, dev, Path(artifacts) / f"run-{run_key(cfg)}", log=lambda _: None, progress=False)
+    job.out.mkdir(parents=True, exist_ok=True)
+    calib = calibration_batches(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
+    result = job.metric(dense, cfg.prune.metric, calib)
+    return _row(cfg, experiment, data.name, dense_result, result, time.time() - start)
+
+
+def _row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: dict, wall: float) -> dict[str, Any]:
+    from .outputs import environment
+
+    f, h = result["filter"], result["hybrid"]
+    return {
+        "key": run_key(cfg),
+        "experiment": experiment,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "width": cfg.model.width,
+        "metric": cfg.prune.metric,
+        "ratio": cfg.prune.filter_ratio,
+        "seed": cfg.seed,
+        "dense_accuracy": dense["accuracy"],
+        "filter_oneshot_raw": f["accuracy_oneshot_raw"],
+        "filter_oneshot": f["accuracy_oneshot"],
+        "filter_accuracy": f["accuracy"],
+        "hybrid_oneshot_raw": h["accuracy_oneshot_raw"],
+        "hybrid_oneshot": h["accuracy_oneshot"],
+        "hybrid_accuracy": h["accuracy"],
+        "params": h["params"],
+        "nonzero_params": h["nonzero_params"],
+        "macs": h["macs"],
+        "effective_macs": h["effective_macs"],
+        "wall_time_s": wall,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": json.dumps(cfg.to_dict()),
+        "result": json.dumps({"dense": dense, **result, "environment": environment(), "dataset_name": dataset}),
+    }
+
+
+Submit = Callable[[dict[str, Any]], Future]
+
+
+def run_grid(
+    grid: Grid,
+    store: Store,
+    *,
+    workers: int = 1,
+    device: str = "cpu",
+    backend: str = "process",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """Run every unfinished grid point; returns counts of finished, skipped and failed runs.
+
+    Baselines are trained first (one per dataset/model/seed), then the pruning runs, each phase in
+    parallel over `workers`. Ctrl-C stops after writing every run that had finished.
+    """
+    pending = [c for c in grid.runs() if run_key(c) not in store.finished_keys()]
+    total = len(grid.runs())
+    log(
+        f"{grid.name}: {total} runs, {total - len(pending)} finished earlier, {len(pending)} to do "
+        f"({workers} worker{'s' * (workers > 1)}, {backend})"
+    )
+    if not pending:
+        return {"done": 0, "skipped": total, "failed": 0}
+    baselines = list({baseline_key(c): c for c in pending}.values())
+    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else None
+    args = (grid.name, str(store.artifacts), device, threads)
+    with _executor(backend, workers) as submit:
+        _drain(submit, [c.to_dict() for c in baselines], args, None, "baselines", progress, workers)
+        done = _drain(submit, [c.to_dict() for c in pending], args, store, "runs", progress, workers)
+    return {"done": done, "skipped": total - len(pending), "failed": len(pending) - done}
+
+
+def _drain(
+    submit: Submit, cfgs: list[dict], args: tuple, store: Store | None, desc: str, progress: bool, limit: int
+) -> int:
+    """Keep up to `limit` runs in flight and write each row as soon as its run finishes; a failed run is
+    reported and left for the next invocation."""
+    todo, in_flight = iter(cfgs), {}
+    bar = tqdm(total=len(cfgs), desc=desc, unit="run", disable=not progress, dynamic_ncols=True)
+    done = 0
+
+    def top_up() -> None:
+        while len(in_flight) < limit and (cfg := next(todo, None)) is not None:
+            in_flight[submit(execute_run, cfg, *args)] = cfg
+
+    try:
+        top_up()
+        while in_flight:
+            finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                in_flight.pop(fut)
+                try:
+                    row = fut.result()
+                except HybridPruneError:
+                    raise
+                except Exception as e:  # one broken run must not lose the others
+                    tqdm.write(f"run failed: {type(e).__name__}: {e}")
+                    continue
+                if store is not None:
+                    store.add(row)
+                done += 1
+                bar.update(1)
+            top_up()
+            bar.set_postfix(running=len(in_flight), left=len(cfgs) - bar.n)
+    finally:
+        for fut in in_flight:
+            fut.cancel()
+        bar.close()
+    return done
+
+
+class _executor:
+    """A context manager yielding `submit(fn, *args) -> Future` for inline, process or Ray execution."""
+
+    def __init__(self, backend: str, workers: int) -> None:
+        if backend not in ("process", "ray"):
+            raise HybridPruneError(f"unknown backend {backend!r}; valid: process, ray")
+        if workers < 1:
+            raise HybridPruneError(f"--workers must be at least 1, got {workers}")
+        self.backend, self.workers = backend, workers
+
+    def __enter__(self) -> Submit:
+        if self.backend == "ray":
+            return _ray_submit(self.workers)
+        if self.workers == 1:
+            return _inline_submit
+        self.pool = ProcessPoolExecutor(self.workers)
+        return self.pool.submit
+
+    def __exit__(self, *exc: object) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+
+
+def _inline_submit(fn: Callable, *args: Any) -> Future:
+    """Run now, in this process; a Ctrl-C (BaseException) propagates at once."""
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+        fut.set_exception(e)
+    return fut
+
+
+def _ray_submit(workers: int) -> Submit:
+    """Each run a Ray task returning its row to the driver; connects to a running cluster or starts a local one."""
+    try:
+        import ray
+    except ImportError:
+        raise HybridPruneError("the ray backend needs Ray: pip install 'hybridprune[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            num_cpus=None if os.environ.get("RAY_ADDRESS") else workers,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    remote = ray.remote(num_cpus=1)(execute_run)
+    return lambda fn, *args: remote.remote(*args).future()
+
+
+def pending_summary(grid: Grid, store: Store) -> Iterable[str]:
+    finished = store.finished_keys()
+    for cfg in grid.runs():
+        yield (
+            f"{'done' if run_key(cfg) in finished else 'todo'} {cfg.data.dataset} {cfg.prune.metric} "
+            f"{cfg.prune.filter_ratio} seed {cfg.seed}"
+        )

@@ -1,0 +1,185 @@
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from hybridprune import experiment
+from hybridprune.errors import HybridPruneError
+from hybridprune.experiment import Store, grid_from_dict, load_grid, run_grid, run_key
+from hybridprune.report import accuracy_table, paired_differences, write_grid_report
+
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+FAST = {
+    "datasets": [{"dataset": "digits", "train_size": 96, "test_size": 48}],
+    "models": [{"name": "alexnet", "width": 0.125}],
+    "metrics": ["l1", "hybrid"],
+    "ratios": [0.25, 0.5],
+    "seeds": [0],
+    "train": {"epochs": 1, "batch_size": 32},
+    "finetune": {"epochs": 1, "batch_size": 32},
+    "prune": {"round_to": 4, "calib_batches": 1, "bn_recalib_batches": 1, "calib_batch_size": 32},
+}
+
+
+def test_interrupted_grid_resumes_with_one_row_per_run(tmp_path, monkeypatch):
+    grid = grid_from_dict(FAST, "fast")
+    store = Store(tmp_path / "s.sqlite")
+    real, calls = experiment.execute_run, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # 1 baseline + 2 runs done, then Ctrl-C during the third run
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "execute_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, store, progress=False, log=lambda _: None)
+    first = {r["key"]: r for r in store.rows()}
+    assert len(first) == 2
+    monkeypatch.setattr(experiment, "execute_run", real)
+    counts = run_grid(grid, store, progress=False, log=lambda _: None)
+    assert counts == {"done": 2, "skipped": 2, "failed": 0}
+    rows = store.rows()
+    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+    assert {r["key"] for r in rows} == {run_key(c) for c in grid.runs()}
+    for key, row in first.items():  # finished runs were neither redone nor changed
+        assert next(r for r in rows if r["key"] == key) == row
+    assert len(list(store.artifacts.glob("baseline-*"))) == 1  # one dense baseline, reused by every run
+    assert run_grid(grid, store, progress=False, log=lambda _: None)["done"] == 0
+
+
+def test_two_worker_processes_fill_the_same_store(tmp_path):
+    grid = grid_from_dict({**FAST, "metrics": ["random"]}, "par")
+    store = Store(tmp_path / "p.sqlite")
+    assert run_grid(grid, store, workers=2, progress=False, log=lambda _: None)["done"] == 2
+    rows = store.rows()
+    assert sorted(r["ratio"] for r in rows) == [0.25, 0.5]
+    assert all(0 <= r["hybrid_accuracy"] <= 100 and r["effective_macs"] < r["macs"] for r in rows)
+
+
+def test_ray_backend_with_a_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    grid = grid_from_dict({**FAST, "metrics": ["l1"], "ratios": [0.5]}, "ray")
+    store = Store(tmp_path / "r.sqlite")
+    assert run_grid(grid, store, workers=1, backend="ray", progress=False, log=lambda _: None)["done"] == 1
+
+
+def _row(metric, ratio, seed, acc, dataset="cifar10"):
+    return {c: None for c in experiment.ROW_COLUMNS} | {
+        "key": f"{dataset}-{metric}-{ratio}-{seed}",
+        "experiment": "fixture",
+        "dataset": dataset,
+        "model": "alexnet",
+        "width": 0.5,
+        "metric": metric,
+        "ratio": ratio,
+        "seed": seed,
+        "hybrid_accuracy": acc,
+        "hybrid_oneshot": acc - 10,
+        "filter_oneshot": acc - 5,
+        "filter_accuracy": acc + 1,
+        "finished_at": "now",
+        "config": "{}",
+        "result": "{}",
+    }
+
+
+@pytest.fixture
+def fixture_store(tmp_path):
+    store = Store(tmp_path / "f.sqlite")
+    for seed, (l1, hybrid, out_l1) in enumerate([(80.0, 81.0, 79.0), (82.0, 84.0, 80.0), (81.0, 84.0, 81.5)]):
+        store.add(_row("l1", 0.4, seed, l1))
+        store.add(_row("hybrid", 0.4, seed, hybrid))
+        store.add(_row("output_l1", 0.4, seed, out_l1))
+    return store
+
+
+def test_report_tables_match_hand_computed_means_and_paired_test(fixture_store):
+    rows = fixture_store.rows()
+    headers, body = accuracy_table(rows, "hybrid_accuracy")
+    assert headers[-1] == "ratio 0.4"
+    cells = {r[2]: r[-1] for r in body}
+    assert cells["l1"] == "81.00 ± 1.00 (3)"  # mean of 80, 82, 81; sample std 1
+    assert cells["hybrid"] == "83.00 ± 1.73 (3)"  # 81, 84, 84
+    (diff,) = paired_differences(rows, "hybrid_accuracy", "hybrid", "l1")
+    d = np.array([1.0, 2.0, 3.0])  # hybrid - l1 per seed
+    t = d.mean() / (d.std(ddof=1) / np.sqrt(3))
+    assert diff["mean_diff"] == pytest.approx(2.0) and diff["std_diff"] == pytest.approx(1.0)
+    assert diff["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), df=2))
+
+
+def test_report_writes_markdown_csv_and_valid_pngs(fixture_store, tmp_path):
+    written = write_grid_report(fixture_store.rows(), tmp_path / "report")
+    names = {p.name for p in written}
+    assert {"report.md", "accuracy-hybrid_accuracy.csv", "accuracy-vs-ratio-cifar10.png"} <= names
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            with Image.open(p) as img:
+                assert img.size[0] > 100 and img.size[1] > 100
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "hybrid - l1" in text and "+2.00 ± 1.00" in text
+
+
+def test_bench_results_give_a_pareto_plot(fixture_store, tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(
+        json.dumps(
+            {
+                "runs": [
+                    {"variant": v, "throughput": t, "accuracy": a, "batch_size": 64, "device": "cpu"}
+                    for v, t, a in [("dense", 100, 85), ("filter", 160, 83), ("nm", 100, 84), ("hybrid", 160, 82)]
+                ]
+            }
+        )
+    )
+    written = write_grid_report(fixture_store.rows(), tmp_path / "r", [str(bench)])
+    assert any(p.name == "pareto-bench.png" and p.stat().st_size > 1000 for p in written)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("datasets: [digits]\nepochs: 3\n", "unknown key epochs"),
+        ("ratios: [0.4, 1.2]\n", "ratio 1.2 is outside"),
+        ("metrics: [l1, l7]\n", "unknown metric 'l7'"),
+        ("train: {epochs: 1, lr_max: 2}\n", "unknown TrainConfig key(s) lr_max"),
+        ("prune: {filter_ratio: 0.3}\n", "set by the grid axes"),
+        ("datasets: [[unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key_or_value(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(HybridPruneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_grid(path)
+
+
+def test_a_store_of_another_version_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT INTO meta VALUES ('version', '0')")
+    before = path.read_bytes()
+    with pytest.raises(HybridPruneError, match="store version 0"):
+        Store(path)
+    assert path.read_bytes() == before
+    not_sqlite = tmp_path / "x.sqlite"
+    not_sqlite.write_text("hello")
+    with pytest.raises(HybridPruneError, match="not a hybridprune store"):
+        Store(not_sqlite)
+    assert not_sqlite.read_text() == "hello"
+
+
+def test_shipped_configs_parse():
+    for name in ("tiny", "paper", "paper-cpu"):
+        assert load_grid(EXPERIMENTS / f"{name}.yaml").runs()
+    paper = load_grid(EXPERIMENTS / "paper.yaml")
+    assert {d.dataset for d in paper.datasets} == {"mnist", "svhn", "cifar10"}
+    assert set(paper.metrics) >= {"l1", "output_l1", "hybrid", "hybrid_output", "random"}
+    assert len(paper.seeds) == 3 and min(paper.ratios) == 0.1 and max(paper.ratios) == 0.7
