@@ -83,3 +83,33 @@ def test_random_is_seeded(tiny_model):
 def test_unknown_metric_lists_the_valid_ones(tiny_model):
     with pytest.raises(HybridPruneError, match="valid names: .*hybrid"):
         score_filters("l3", ScoringContext(tiny_model))
+
+
+def test_torch_pruning_baselines_score_every_filter(tiny_model):
+    x, y = [torch.rand(4, 3, 32, 32)], [torch.tensor([0, 1, 2, 3])]
+    for metric in ("fpgm", "taylor"):
+        scores = score_filters(metric, ScoringContext(tiny_model, x, labels=y))
+        assert [len(s) for s in scores.values()] == [b.conv.out_channels for _, b in conv_blocks(tiny_model)]
+        assert all(torch.isfinite(s).all() and (s >= 0).all() for s in scores.values())
+    assert all(p.grad is None for p in tiny_model.parameters())  # taylor cleaned up its gradients
+
+
+def test_taylor_ranks_a_filter_with_no_effect_on_the_loss_last(tiny_model):
+    name, block = conv_blocks(tiny_model)[2]
+    with torch.no_grad():  # filter 5 is dead: zero weights and BN pushes its output below ReLU, so w * dL/dw is
+        block.conv.weight[5] = 0  # zero in the conv, in its BN and in the next layer's inputs (the whole group)
+        block.bn.bias[5] = -100.0
+    scores = score_filters(
+        "taylor", ScoringContext(tiny_model, [torch.rand(4, 3, 32, 32)], labels=[torch.tensor([0, 1, 2, 3])])
+    )[name]
+    assert scores.argmin() == 5
+
+
+def test_fpgm_ranks_the_filter_far_from_all_others_first(tiny_model):
+    name, block = conv_blocks(tiny_model)[1]
+    with torch.no_grad():
+        w = block.conv.weight
+        w[:] = w[0].clone()  # every filter the same (so replaceable) ...
+        w[3] *= 100  # ... except filter 3, far from the geometric median
+    scores = score_filters("fpgm", ScoringContext(tiny_model))[name]
+    assert scores.argmax() == 3

@@ -263,7 +263,7 @@ def execute_run(
     """Run one grid point end to end and return its store row. Plain-data in and out, so it runs in a
     worker process or as a Ray task alike."""
     from .pipeline import Job
-    from .train import calibration_batches
+    from .train import calibration_data
 
     if threads:
         torch.set_num_threads(threads)
@@ -276,8 +276,8 @@ def execute_run(
     dense, dense_result = base.dense()
     job = Job(cfg, data, dev, Path(artifacts) / f"run-{run_key(cfg)}", log=lambda _: None, progress=False)
     job.out.mkdir(parents=True, exist_ok=True)
-    calib = calibration_batches(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
-    result = job.metric(dense, cfg.prune.metric, calib)
+    images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
+    result = job.metric(dense, cfg.prune.metric, images, labels)
     return _row(cfg, experiment, data.name, dense_result, result, time.time() - start)
 
 

@@ -26,9 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
-from .models import conv_blocks
+from .models import conv_blocks, input_shape
 from .nm import NMPattern, nm_prune_, nm_prune_weight, reduction_size
 from .registry import Registry
 
@@ -46,6 +48,7 @@ class ScoringContext:
     calibration: list[torch.Tensor] = field(default_factory=list)
     pattern: NMPattern = field(default_factory=NMPattern)
     seed: int = 0
+    labels: list[torch.Tensor] = field(default_factory=list)  # only the gradient-based `taylor` needs them
 
 
 Metric = Callable[[ScoringContext], Scores]
@@ -164,6 +167,45 @@ def random(ctx: ScoringContext) -> Scores:
     """A seeded random score per filter: the control every metric must beat."""
     gen = torch.Generator().manual_seed(ctx.seed)
     return {name: torch.rand(block.conv.out_channels, generator=gen) for name, block in conv_blocks(ctx.model)}
+
+
+@METRICS.register("fpgm")
+def fpgm(ctx: ScoringContext) -> Scores:
+    """Filter Pruning via Geometric Median (He et al., CVPR 2019), Torch-Pruning's implementation: filters
+    far from the others are irreplaceable; it scores the whole dependency group (conv, BN, next layer's inputs)."""
+    return _torch_pruning_scores(ctx.model, tp.importance.FPGMImportance())
+
+
+@METRICS.register("taylor")
+def taylor(ctx: ScoringContext) -> Scores:
+    """First-order Taylor importance |w * dL/dw| (Molchanov et al., 2019), Torch-Pruning's implementation,
+    with the loss summed over the labelled calibration batches."""
+    if len(ctx.labels) != len(ctx.calibration) or not ctx.calibration:
+        raise ValueError("taylor needs labelled calibration batches")
+    model = ctx.model
+    was_training = model.training
+    model.eval()  # gradients without touching BatchNorm statistics
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    try:
+        for x, y in zip(ctx.calibration, ctx.labels, strict=True):
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        return _torch_pruning_scores(model, tp.importance.TaylorImportance())
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def _torch_pruning_scores(model: nn.Module, importance: Callable) -> Scores:
+    device = next(model.parameters()).device
+    graph = tp.DependencyGraph().build_dependency(
+        model, example_inputs=torch.zeros(1, *input_shape(model), device=device), verbose=False
+    )
+    scores = {}
+    for name, block in conv_blocks(model):
+        group = graph.get_pruning_group(block.conv, tp.prune_conv_out_channels, list(range(block.conv.out_channels)))
+        scores[name] = importance(group)
+    return scores
 
 
 def metric_names() -> list[str]:

@@ -26,7 +26,7 @@ from .nm import nm_eligibility, nm_prune_, satisfies_nm
 from .outputs import environment, write_json
 from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
 from .stats import model_stats
-from .train import calibration_batches, evaluate, fit, recalibrate_bn_
+from .train import calibration_data, evaluate, fit, recalibrate_bn_
 
 Log = Callable[[str], None]
 
@@ -67,7 +67,13 @@ def new_model(cfg: RunConfig, data: Dataset) -> nn.Module:
     )
 
 
-def prune_filters_(model: nn.Module, cfg: PruneConfig, calibration: list[torch.Tensor], seed: int = 0) -> FilterPlan:
+def prune_filters_(
+    model: nn.Module,
+    cfg: PruneConfig,
+    calibration: list[torch.Tensor],
+    seed: int = 0,
+    labels: list[torch.Tensor] | None = None,
+) -> FilterPlan:
     """Score filters with `cfg.metric`, plan the removal, and remove them physically, in place.
 
     Example:
@@ -77,7 +83,7 @@ def prune_filters_(model: nn.Module, cfg: PruneConfig, calibration: list[torch.T
         >>> [layer.kept for layer in plan.layers]
         [8, 24, 48, 32, 32]
     """
-    ctx = ScoringContext(model, calibration, cfg.pattern, seed)
+    ctx = ScoringContext(model, calibration, cfg.pattern, seed, labels or [])
     plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to)
     apply_filter_plan_(model, plan)
     return plan
@@ -166,11 +172,13 @@ class Job:
         """The 2:4-only model: dense width, N:M masks, fine-tuned the same way."""
         return self._cached("nm", lambda: self.stage(*_nm_copy(dense, self.cfg), "nm", "fine-tune nm-only"))
 
-    def metric(self, dense: nn.Module, metric: str, calibration: list[torch.Tensor]) -> dict[str, Any]:
+    def metric(
+        self, dense: nn.Module, metric: str, calibration: list[torch.Tensor], labels: list[torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         def compute() -> dict[str, Any]:
             model = copy.deepcopy(dense)
             prune_cfg = PruneConfig(**{**self.cfg.prune.to_dict(), "metric": metric})
-            plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed)
+            plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels)
             filt = self.stage(model, {}, f"{metric}-filter", f"fine-tune {metric} filter", self.cfg.filter_finetune)
             hybrid = self.stage(*_nm_copy(model, self.cfg), f"{metric}-hybrid", f"fine-tune {metric} hybrid")
             return {
@@ -253,8 +261,8 @@ def run(
         log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
     job = Job(cfg, data, device, out, log, progress, dense_checkpoint)
     dense, dense_result = job.dense()
-    calibration = calibration_batches(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
-    results = [job.metric(dense, m, calibration) for m in cfg.metrics]
+    images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
+    results = [job.metric(dense, m, images, labels) for m in cfg.metrics]
     result = {
         "config": cfg.to_dict(),
         "environment": environment(),

@@ -128,9 +128,17 @@ def recalibrate_bn_(
 
 def calibration_batches(data: ImageSet, num_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
     """The first batches of a seeded shuffle of the training images, without augmentation or labels."""
-    out = []
-    for i, (x, _) in enumerate(batches(data, batch_size, shuffle=True, seed=seed)):
+    return calibration_data(data, num_batches, batch_size, seed)[0]
+
+
+def calibration_data(
+    data: ImageSet, num_batches: int, batch_size: int, seed: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Images and labels of the calibration batches (labels serve gradient-based metrics only)."""
+    images, labels = [], []
+    for i, (x, y) in enumerate(batches(data, batch_size, shuffle=True, seed=seed)):
         if i == num_batches:
             break
-        out.append(x)
-    return out
+        images.append(x)
+        labels.append(y)
+    return images, labels
