@@ -313,38 +313,29 @@ def _print_result(result: dict[str, Any], json_path: str | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .pipeline import run
-    from .train import resolve_device
-
     cfg = _run_config(args, args.metric, args.dataset)
-    out = Path(
-        args.out
-        or f"runs/{cfg.data.dataset.replace(':', '_').replace('/', '_')}-{cfg.model.name}"
-        f"-w{cfg.model.width:g}-s{cfg.seed}"
-    )
-    _check_json_target(args.json, args.overwrite)
-    result = run(
+    slug = cfg.data.dataset.replace(":", "_").replace("/", "_")
+    _run_and_print(
+        args,
         cfg,
-        out,
-        resolve_device(args.device),
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        dense_checkpoint=args.checkpoint,
+        Path(args.out or f"runs/{slug}-{cfg.model.name}-w{cfg.model.width:g}-s{cfg.seed}"),
+        include_nm_only=True,
     )
-    _print_result(result, args.json)
-    print(f"checkpoints and results.json in {out}")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from .pipeline import run
-    from .train import resolve_device
-
     metric = args.metric or "hybrid"
     if "," in metric:
         raise HybridPruneError("prune takes one --metric; use `hybridprune run` to compare several")
     cfg = _run_config(args, metric, args.dataset)
     out = Path(args.out or Path(args.checkpoint).with_suffix("").as_posix() + f"-{metric}")
+    _run_and_print(args, cfg, out, include_nm_only=False)
+
+
+def _run_and_print(args: argparse.Namespace, cfg: Any, out: Path, include_nm_only: bool) -> None:
+    from .pipeline import run
+    from .train import resolve_device
+
     _check_json_target(args.json, args.overwrite)
     result = run(
         cfg,
@@ -354,7 +345,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         dense_checkpoint=args.checkpoint,
-        include_nm_only=False,
+        include_nm_only=include_nm_only,
     )
     _print_result(result, args.json)
     print(f"checkpoints and results.json in {out}")
