@@ -287,7 +287,7 @@ def _time_round_robin(
         for v in variants:
             try:
                 modes[("cuda_graph", v.name)] = _graph_forward(converted[v.name].model, x)
-            except RuntimeError as e:  # a kernel that cannot be captured: report eager only, and say why
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot be captured: report eager only, and say why
                 converted[v.name].notice += f" cuda graph capture failed: {str(e).splitlines()[0]}"
     times: dict[tuple[str, str], list[float]] = {key: [] for key in modes}
     for fn in modes.values():

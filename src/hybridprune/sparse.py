@@ -83,7 +83,7 @@ class GemmConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches, ho, wo = unfold_channels_last(x, self.kernel, self.stride, self.padding)
         out = F.linear(patches, self.weight, self.bias)
-        return out.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
+        return out.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
