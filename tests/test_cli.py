@@ -213,3 +213,14 @@ def test_bench_refuses_a_hybrid_checkpoint_without_masks(tiny_run, capsys):
     dense = str(tiny_run / "run" / "dense.safetensors")
     assert main(["bench", "--dense", dense, "--hybrid", dense, "--device", "cpu"]) == 2
     assert "has no N:M masks" in capsys.readouterr().err
+
+
+def test_convert_reports_every_layer_and_matches_the_masked_model(tiny_run, capsys):
+    report = tiny_run / "convert.json"
+    ckpt = str(tiny_run / "run" / "hybrid-hybrid.safetensors")
+    assert main(["convert", ckpt, "--device", "cpu", "--batch-size", "4", "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert "no sparse tensor cores" in result["notice"] and result["relative_max_diff"] < 1e-5
+    assert [layer["kernel"] for layer in result["layers"]] == ["dense"] * len(result["layers"])
+    assert main(["convert", str(tiny_run / "run" / "dense.safetensors"), "--device", "cpu"]) == 2
+    assert "has no N:M masks" in capsys.readouterr().err

@@ -115,8 +115,85 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p), _add_data(p)
     p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
     _add_bench(sub)
+    _add_convert(sub)
     _add_experiment(sub)
     return parser
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="build the sparse inference model of an N:M checkpoint and check it")
+    p.add_argument("checkpoint", help="checkpoint with N:M masks (a *-hybrid or nm checkpoint of `run`)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default=None, help="float16 or bfloat16 on GPU (default float16); float32 on CPU")
+    p.add_argument(
+        "--kernels",
+        default="fastest",
+        choices=["sparse", "fastest", "dense"],
+        help="sparse wherever eligible, the faster per layer, or none",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="input batch the per-layer choice is measured on")
+    p.add_argument("--json", default=None, help="also write the per-layer report to this JSON file")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import parse_batch_sizes, parse_dtypes
+    from .checkpoint import load_checkpoint
+    from .models import input_shape
+    from .outputs import write_json
+    from .report import markdown_table
+    from .sparse import to_inference_model
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    (dtype,) = parse_dtypes(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    (batch,) = parse_batch_sizes(str(args.batch_size))
+    model, masks, _ = load_checkpoint(args.checkpoint)
+    if not masks:
+        raise HybridPruneError(f"{args.checkpoint} has no N:M masks; convert takes an N:M-pruned checkpoint")
+    x = torch.rand(batch, *input_shape(model), device=device, dtype=dtype)
+    inference = to_inference_model(model, masks, device, dtype, choose=args.kernels, example=x)
+    reference = to_inference_model(model, masks, device, dtype, choose="dense")
+    with torch.inference_mode():
+        out, ref = inference.model(x).float(), reference.model(x).float()
+    diff = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+    if inference.notice:
+        print(f"note: {inference.notice}")
+    print(
+        markdown_table(
+            ["layer", "kind", "GEMM weight", "kernel", "dense ms", "sparse ms", "why"],
+            [
+                [
+                    k.name,
+                    k.kind,
+                    "x".join(map(str, k.gemm_shape)),
+                    k.kernel,
+                    "-" if k.dense_ms is None else f"{k.dense_ms:.3f}",
+                    "-" if k.sparse_ms is None else f"{k.sparse_ms:.3f}",
+                    k.reason,
+                ]
+                for k in inference.layers
+            ],
+        )
+    )
+    print(
+        f"{len(inference.sparse_layers)} of {len(inference.layers)} layers on sparse kernels; largest logit "
+        f"difference from the dense masked model: {100 * diff:.3f}% of the largest logit"
+    )
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "checkpoint": args.checkpoint,
+                "device": str(device),
+                "dtype": str(dtype),
+                "backend": inference.backend,
+                "relative_max_diff": diff,
+                "layers": [k.__dict__ for k in inference.layers],
+                "notice": inference.notice,
+            },
+        )
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
@@ -418,6 +495,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,
+    "convert": cmd_convert,
     "experiment": cmd_experiment,
     "report": cmd_report,
 }
