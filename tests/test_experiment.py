@@ -124,6 +124,7 @@ def test_report_writes_markdown_csv_and_valid_pngs(fixture_store, tmp_path):
                 assert img.size[0] > 100 and img.size[1] > 100
     text = (tmp_path / "report" / "report.md").read_text()
     assert "hybrid - l1" in text and "+2.00 ± 1.00" in text
+    assert "86.00 ± 1.00 (3)" in text  # dense baselines 85, 86, 87
 
 
 def test_bench_results_give_a_pareto_plot(fixture_store, tmp_path):

@@ -194,6 +194,18 @@ def accuracy_table(rows: list[dict[str, Any]], column: str) -> tuple[list[str], 
     return ["dataset", "model", "metric", *[f"ratio {r:g}" for r in ratios]], body
 
 
+def dense_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (dataset, model): the dense baselines' accuracy over seeds."""
+    per_seed: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        per_seed.setdefault((r["dataset"], r["model"], r["width"]), {})[r["seed"]] = r["dense_accuracy"]
+    body = []
+    for (ds, model, width), seeds in sorted(per_seed.items()):
+        m, sd = mean_std(list(seeds.values()))
+        body.append([ds, f"{model} w{width:g}", f"{m:.2f} ± {sd:.2f} ({len(seeds)})"])
+    return markdown_table(["dataset", "model", "dense accuracy"], body)
+
+
 def _metric_order(metric: str) -> tuple[int, str]:
     order = ["l1", "l2", "output_l1", "fpgm", "taylor", "hybrid", "hybrid_output", "random"]
     return (order.index(metric) if metric in order else len(order), metric)
@@ -246,6 +258,7 @@ def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: 
 
     out = Path(out)
     written, md = [], ["# Experiment report", "", f"{len(rows)} finished runs, read from the store.", ""]
+    md += ["## Dense baselines: top-1 accuracy (%), mean ± std (seeds)", "", dense_table(rows), ""]
     for column, title in STAGE_COLUMNS.items():
         headers, body = accuracy_table(rows, column)
         md += [f"## Top-1 accuracy (%), {title}: mean ± std (seeds)", "", markdown_table(headers, body), ""]
