@@ -10,6 +10,7 @@ nothing that finished. Workers (processes, or Ray tasks) compute rows; only the 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import json
 import os
 import sqlite3
@@ -340,7 +341,9 @@ def run_grid(
         return {"done": 0, "skipped": total, "failed": 0}
     baselines = list({baseline_key(c): c for c in pending}.values())
     threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else None
-    args = (grid.name, str(store.artifacts), device, threads)
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else [device]
+    args = (grid.name, str(store.artifacts), devices, threads)
     with _executor(backend, workers) as submit:
         _drain(submit, [c.to_dict() for c in baselines], args, None, "baselines", progress, workers)
         done = _drain(submit, [c.to_dict() for c in pending], args, store, "runs", progress, workers)
@@ -356,9 +359,15 @@ def _drain(
     bar = tqdm(total=len(cfgs), desc=desc, unit="run", disable=not progress, dynamic_ncols=True)
     done = 0
 
+    experiment_name, artifacts, devices, threads = args
+    submitted = 0
+
     def top_up() -> None:
+        nonlocal submitted
         while len(in_flight) < limit and (cfg := next(todo, None)) is not None:
-            in_flight[submit(execute_run, cfg, *args)] = cfg
+            device = devices[submitted % len(devices)]  # one GPU per run, round-robin over the GPUs
+            in_flight[submit(execute_run, cfg, experiment_name, artifacts, device, threads)] = cfg
+            submitted += 1
 
     try:
         top_up()
@@ -401,7 +410,8 @@ class _executor:
             return _ray_submit(self.workers)
         if self.workers == 1:
             return _inline_submit
-        self.pool = ProcessPoolExecutor(self.workers)
+        # spawn, not fork: a forked child of a process that already ran torch's thread pools can deadlock
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self.pool.submit
 
     def __exit__(self, *exc: object) -> None:
