@@ -10,8 +10,8 @@ nothing that finished. Workers (processes, or Ray tasks) compute rows; only the 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import json
+import multiprocessing
 import os
 import sqlite3
 import time
