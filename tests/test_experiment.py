@@ -63,10 +63,14 @@ def test_two_worker_processes_fill_the_same_store(tmp_path):
 
 
 def test_ray_backend_with_a_local_instance(tmp_path):
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     grid = grid_from_dict({**FAST, "metrics": ["l1"], "ratios": [0.5]}, "ray")
     store = Store(tmp_path / "r.sqlite")
-    assert run_grid(grid, store, workers=1, backend="ray", progress=False, log=lambda _: None)["done"] == 1
+    try:
+        assert run_grid(grid, store, workers=1, backend="ray", progress=False, log=lambda _: None)["done"] == 1
+    finally:
+        ray.shutdown()
+    assert len(store.rows()) == 1
 
 
 def _row(metric, ratio, seed, acc, dataset="cifar10"):
