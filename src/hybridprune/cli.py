@@ -327,6 +327,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         variants = variants_from_run(args.run_dir, args.metric) if args.run_dir else variants_from_checkpoints(files)
     for dtype in dtypes:
         check_dtype(dtype, device)  # before building anything: a dtype the device cannot run is bad input
+    env = environment()
     result = bench(
         variants,
         device,
@@ -338,7 +339,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         cuda_graphs=not args.no_cuda_graphs,
         progress=not args.no_progress,
     )
-    result["environment"] = environment()
+    result["environment"] = env
     result["command"] = "hybridprune " + " ".join(args.argv)
     result["variants"] = {v.name: {"source": v.source, "accuracy": v.accuracy} for v in variants}
     for notice in result["notices"]:

@@ -268,8 +268,10 @@ def execute_run(
 
     if threads:
         torch.set_num_threads(threads)
+    from .outputs import environment
+
     cfg = RunConfig.from_dict(cfg_dict)
-    start = time.time()
+    start, env = time.time(), environment()
     data = _cached_data(cfg.data, cfg.seed)
     dev = torch.device(device)
     base = Job(cfg, data, dev, Path(artifacts) / f"baseline-{baseline_key(cfg)}", log=lambda _: None, progress=False)
@@ -279,12 +281,10 @@ def execute_run(
     job.out.mkdir(parents=True, exist_ok=True)
     images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
     result = job.metric(dense, cfg.prune.metric, images, labels)
-    return _row(cfg, experiment, data.name, dense_result, result, time.time() - start)
+    return _row(cfg, experiment, data.name, dense_result, {**result, "environment": env}, time.time() - start)
 
 
 def _row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: dict, wall: float) -> dict[str, Any]:
-    from .outputs import environment
-
     f, h = result["filter"], result["hybrid"]
     return {
         "key": run_key(cfg),
@@ -309,7 +309,7 @@ def _row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: dic
         "wall_time_s": wall,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": json.dumps(cfg.to_dict()),
-        "result": json.dumps({"dense": dense, **result, "environment": environment(), "dataset_name": dataset}),
+        "result": json.dumps({"dense": dense, **result, "dataset_name": dataset}),
     }
 
 

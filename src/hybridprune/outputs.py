@@ -13,19 +13,19 @@ import torch
 
 
 def git_commit() -> str | None:
-    """The commit of the hybridprune source tree, or None outside a git checkout."""
+    """The commit of the hybridprune source tree ('+dirty' when it has uncommitted changes), or None outside
+    a git checkout."""
+    here = Path(__file__).parent
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip() or None
+        head = _git(["rev-parse", "HEAD"], here)
+        dirty = _git(["status", "--porcelain", "--untracked-files=no", "."], here)
     except (OSError, subprocess.SubprocessError):
         return None
+    return f"{head}+dirty" if head and dirty else head or None
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
 
 
 def environment() -> dict[str, Any]:

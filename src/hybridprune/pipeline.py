@@ -249,6 +249,7 @@ def run(
     Returns the result object (see docs/results-format.md) and writes it to OUT/results.json.
     """
     out = Path(out)
+    env = environment()  # now, not at the end: the checkout may change while a long run goes on
     data = prepare_data(cfg)
     if dense_checkpoint:
         load_dense_checkpoint(dense_checkpoint, data)  # fail before anything is written
@@ -265,7 +266,7 @@ def run(
     results = [job.metric(dense, m, images, labels) for m in cfg.metrics]
     result = {
         "config": cfg.to_dict(),
-        "environment": environment(),
+        "environment": env,
         "device": str(device),
         "dataset": {"name": data.name, "train": len(data.train), "test": len(data.test)},
         "layers": [e.__dict__ for e in nm_eligibility(dense, cfg.prune.pattern)],
