@@ -235,7 +235,11 @@ def bench(
     sizes: list[dict[str, Any]] = []
     notices: set[str] = set()
     bar = tqdm(
-        total=len(dtypes) * len(batch_sizes) * rounds, desc="bench", unit="round", disable=not progress, leave=False
+        total=len(dtypes) * len(batch_sizes) * rounds,
+        desc="bench",
+        unit="round",
+        disable=None if progress else True,
+        leave=False,
     )
     for dtype in dtypes:
         for batch in batch_sizes:

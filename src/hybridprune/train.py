@@ -64,7 +64,8 @@ def fit(
     )
     steps_per_epoch = -(-len(data.train) // cfg.batch_size)
     total, step = cfg.epochs * steps_per_epoch, 0
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (logs stay readable)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for epoch in range(cfg.epochs):
         for x, y in batches(
             data.train,
