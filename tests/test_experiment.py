@@ -183,7 +183,7 @@ def test_a_store_of_another_version_is_refused_and_untouched(tmp_path):
 
 
 def test_shipped_configs_parse():
-    for name in ("tiny", "paper", "paper-cpu"):
+    for name in ("tiny", "paper", "paper-cpu", "paper-cpu-extra"):
         assert load_grid(EXPERIMENTS / f"{name}.yaml").runs()
     paper = load_grid(EXPERIMENTS / "paper.yaml")
     assert {d.dataset for d in paper.datasets} == {"mnist", "svhn", "cifar10"}
