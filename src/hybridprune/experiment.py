@@ -387,7 +387,7 @@ def _drain(
                 done += 1
                 bar.update(1)
             top_up()
-            bar.set_postfix(running=len(in_flight), left=len(cfgs) - bar.n)
+            bar.set_postfix(running=len(in_flight), waiting=len(cfgs) - bar.n - len(in_flight))
     finally:
         for fut in in_flight:
             fut.cancel()
