@@ -158,3 +158,32 @@ def test_channel_stats_match_numpy():
     data = ImageSet(torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8), torch.zeros(10, dtype=torch.long), 1)
     mean, _ = channel_stats(data)
     assert np.allclose(mean, data.x.float().div(255).mean(dim=(0, 2, 3)).numpy(), atol=1e-6)
+
+
+def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class Offline:
+        def __init__(self, root, download, **kwargs):
+            raise OSError("network unreachable")
+
+    monkeypatch.setattr(tvd, "MNIST", Offline)
+    with pytest.raises(HybridPruneError, match="downloading MNIST into .* failed: network unreachable"):
+        load_dataset("mnist", tmp_path, download=True)
+
+
+def test_download_writes_the_torchvision_layout_that_is_then_read(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    class FakeMNIST:  # stands in for the network: writes the files torchvision would
+        def __init__(self, root, download, train):
+            calls.append((root, download, train))
+            if len(calls) == 1:
+                _write_mnist(tmp_path, "MNIST")
+
+    monkeypatch.setattr(tvd, "MNIST", FakeMNIST)
+    ds = load_dataset("mnist", tmp_path, download=True)
+    assert calls == [(str(tmp_path), True, True), (str(tmp_path), True, False)]
+    assert len(ds.train) == 12 and len(ds.test) == 6
