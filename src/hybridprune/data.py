@@ -116,7 +116,7 @@ def _load_idx_dataset(name: str, folder: str, tv_class: str, root: Path, downloa
 
     raw = root / folder / "raw"
     files = [raw / f for pair in MNIST_FILES.values() for f in pair]
-    _ensure_files(name, files, download, lambda: _tv_download(tv_class, root, ("train", "test")))
+    _ensure_files(name, files, download, lambda: _tv_download(tv_class, root, (True, False)))
     splits = {}
     for split_name, (images, labels) in MNIST_FILES.items():
         x = mnist.read_image_file(str(raw / images)).unsqueeze(1).contiguous()
