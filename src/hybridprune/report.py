@@ -344,14 +344,15 @@ def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
         if r.get("accuracy") is not None and r["throughput"] > best.get(r["variant"], {}).get("throughput", 0):
             best[r["variant"]] = r
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in best.items():
+    for i, (name, r) in enumerate(best.items()):
         ax.scatter(r["throughput"], r["accuracy"], s=50)
-        ax.annotate(
+        ax.annotate(  # staggered labels: variants of equal speed or accuracy would overlap
             f"{name} (batch {r['batch_size']})",
             (r["throughput"], r["accuracy"]),
             textcoords="offset points",
-            xytext=(5, 5),
+            xytext=(-95 if i % 2 else 5, 10 - 12 * i),
         )
+    ax.margins(0.2)
     ax.set(
         xlabel="throughput (images/s)",
         ylabel="top-1 accuracy (%)",
