@@ -189,3 +189,49 @@ def test_shipped_configs_parse():
     assert {d.dataset for d in paper.datasets} == {"mnist", "svhn", "cifar10"}
     assert set(paper.metrics) >= {"l1", "output_l1", "hybrid", "hybrid_output", "random"}
     assert len(paper.seeds) == 3 and min(paper.ratios) == 0.1 and max(paper.ratios) == 0.7
+
+
+def test_a_killed_grid_leaves_a_sound_store_and_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump({**FAST, "name": "killed"}))
+    store_path = tmp_path / "k.sqlite"
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybridprune.cli",
+        "experiment",
+        str(config),
+        "--store",
+        str(store_path),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if store_path.exists() and Store(store_path).rows():
+            break
+        time.sleep(0.2)
+    killed_while_running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the worst case
+    proc.wait()
+    with sqlite3.connect(store_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finished = {r["key"]: r for r in Store(store_path).rows()}
+    assert len(finished) >= 1
+    if killed_while_running:
+        assert len(finished) < 4
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    rows = Store(store_path).rows()
+    assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
+    for row in rows:
+        if row["key"] in finished:
+            assert row == finished[row["key"]]
