@@ -224,3 +224,46 @@ def test_convert_reports_every_layer_and_matches_the_masked_model(tiny_run, caps
     assert [layer["kernel"] for layer in result["layers"]] == ["dense"] * len(result["layers"])
     assert main(["convert", str(tiny_run / "run" / "dense.safetensors"), "--device", "cpu"]) == 2
     assert "has no N:M masks" in capsys.readouterr().err
+
+
+def test_experiment_and_report_commands_on_the_shipped_tiny_grid(tmp_path, capsys):
+    from pathlib import Path
+
+    tiny = Path(__file__).parent.parent / "experiments" / "tiny.yaml"
+    store = tmp_path / "tiny.sqlite"
+    assert main(["experiment", str(tiny), "--store", str(store), "--device", "cpu", "--no-progress"]) == 0
+    assert "4 runs finished now, 0 earlier, 0 failed" in capsys.readouterr().out
+    assert main(["experiment", str(tiny), "--store", str(store), "--device", "cpu", "--no-progress"]) == 0
+    assert "0 runs finished now, 4 earlier" in capsys.readouterr().out
+    assert main(["report", "--store", str(store), "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "hybrid - l1" in report and "ratio 0.2" in report and "ratio 0.5" in report
+
+
+@pytest.mark.parametrize(
+    "yaml_text,message",
+    [
+        ("metrics: [l1]\nratio: [0.4]\n", "unknown key ratio"),
+        ("metrics: [l9]\n", "unknown metric 'l9'"),
+        ("ratios: [1.0]\n", "ratio 1.0 is outside [0, 1)"),
+    ],
+)
+def test_experiment_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys, yaml_text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    store = tmp_path / "s.sqlite"
+    assert main(["experiment", str(config), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not store.exists()
+
+
+def test_report_refuses_a_missing_or_foreign_store(tmp_path, capsys):
+    assert main(["report", "--store", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "r")]) == 2
+    assert "not found" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.sqlite"
+    foreign.write_bytes(b"not a database at all" * 10)
+    before = foreign.read_bytes()
+    assert main(["report", "--store", str(foreign), "--out", str(tmp_path / "r")]) == 2
+    assert "not a hybridprune store" in capsys.readouterr().err
+    assert foreign.read_bytes() == before and not (tmp_path / "r").exists()
