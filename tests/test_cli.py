@@ -119,6 +119,7 @@ def test_train_writes_a_checkpoint(tmp_path):
     assert main(["train", *TINY[:8], "--batch-size", "32", "--no-progress", "--out", str(path)]) == 0
     model, masks, meta = load_checkpoint(path)
     assert not masks and meta["stage"] == "dense"
+    assert meta["environment"]["torch"] == torch.__version__ and meta["config"]["train"]["epochs"] == 1
 
 
 @pytest.mark.parametrize(

@@ -431,13 +431,14 @@ def _run_and_print(args: argparse.Namespace, cfg: Any, out: Path, include_nm_onl
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .checkpoint import save_checkpoint
+    from .outputs import environment
     from .pipeline import new_model, prepare_data
     from .train import evaluate, fit, resolve_device
 
     cfg = _run_config(args, None, args.dataset)
     if Path(args.out).exists() and not args.overwrite:
         raise HybridPruneError(f"{args.out} exists; pass --overwrite to replace it")
-    device = resolve_device(args.device)
+    device, env = resolve_device(args.device), environment()
     data = prepare_data(cfg)
     model = fit(
         new_model(cfg, data), data, cfg.train, device, seed=cfg.seed, desc="train", progress=not args.no_progress
@@ -447,7 +448,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.out,
         model,
         None,
-        {"stage": "dense", "dataset": data.name, "config": cfg.to_dict()},
+        {"stage": "dense", "dataset": data.name, "accuracy": acc, "config": cfg.to_dict(), "environment": env},
         overwrite=args.overwrite,
     )
     print(f"test accuracy {acc:.2f}% on {data.name}; wrote {args.out}")
