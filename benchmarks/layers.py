@@ -16,61 +16,54 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hybridprune.bench import time_calls
 from hybridprune.nm import nm_mask
 from hybridprune.outputs import environment, write_json
 from hybridprune.report import markdown_table
-from hybridprune.sparse import GemmConv2d, _sparse_module, sparse_backend
+from hybridprune.sparse import GemmConv2d, _sparse_module, median_ms, sparse_backend
 
 
-def median(fn, device, repeats: int) -> float:
-    return float(torch.tensor(time_calls(fn, repeats, device, warmup=5)).median())
+def time_dense_and_sparse(layer: nn.Module, x: torch.Tensor, row: dict, backend, repeats: int) -> dict:
+    """Time the 2:4-masked layer dense (cuDNN/cuBLAS) and, where the device has them, on sparse kernels."""
+    with torch.no_grad():
+        layer.weight.mul_(nm_mask(layer.weight))
+    with torch.inference_mode():
+        row["dense_ms"] = median_ms(lambda: layer(x), repeats, x.device, warmup=5)
+        if isinstance(layer, nn.Conv2d):
+            gemm = GemmConv2d.from_conv(layer)
+            row["dense_gemm_ms"] = median_ms(lambda: gemm(x), repeats, x.device, warmup=5)
+        if backend:
+            sparse = _sparse_module(layer, backend)
+            row["sparse_ms"] = median_ms(lambda: sparse(x), repeats, x.device, warmup=5)
+    return row
 
 
 def conv_case(channels: int, batch: int, side: int, device, dtype, backend, repeats: int) -> dict:
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=True).to(device, dtype)
-    with torch.no_grad():
-        conv.weight.mul_(nm_mask(conv.weight))
-    x = torch.randn(batch, channels, side, side, device=device, dtype=dtype).to(memory_format=torch.channels_last)
     conv = conv.to(memory_format=torch.channels_last)
-    gemm = GemmConv2d.from_conv(conv)
-    with torch.inference_mode():
-        row = {
-            "layer": "conv3x3",
-            "channels": channels,
-            "batch_size": batch,
-            "spatial": side,
-            "gemm": f"{batch * side * side}x{9 * channels} @ {9 * channels}x{channels}",
-            "dense_ms": median(lambda: conv(x), device, repeats),
-            "dense_gemm_ms": median(lambda: gemm(x), device, repeats),
-        }
-        if backend:
-            sparse = _sparse_module(conv, backend)
-            row["sparse_ms"] = median(lambda: sparse(x), device, repeats)
-    return row
+    x = torch.randn(batch, channels, side, side, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+    row = {
+        "layer": "conv3x3",
+        "channels": channels,
+        "batch_size": batch,
+        "spatial": side,
+        "gemm": f"{batch * side * side}x{9 * channels} @ {9 * channels}x{channels}",
+    }
+    return time_dense_and_sparse(conv, x, row, backend, repeats)
 
 
 def linear_case(features: int, batch: int, device, dtype, backend, repeats: int) -> dict:
     lin = nn.Linear(features, features).to(device, dtype)
-    with torch.no_grad():
-        lin.weight.mul_(nm_mask(lin.weight))
     x = torch.randn(batch, features, device=device, dtype=dtype)
-    with torch.inference_mode():
-        row = {
-            "layer": "linear",
-            "channels": features,
-            "batch_size": batch,
-            "spatial": None,
-            "gemm": f"{batch}x{features} @ {features}x{features}",
-            "dense_ms": median(lambda: F.linear(x, lin.weight, lin.bias), device, repeats),
-        }
-        if backend:
-            sparse = _sparse_module(lin, backend)
-            row["sparse_ms"] = median(lambda: sparse(x), device, repeats)
-    return row
+    row = {
+        "layer": "linear",
+        "channels": features,
+        "batch_size": batch,
+        "spatial": None,
+        "gemm": f"{batch}x{features} @ {features}x{features}",
+    }
+    return time_dense_and_sparse(lin, x, row, backend, repeats)
 
 
 def main() -> int:

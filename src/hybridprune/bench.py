@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint
 from .errors import HybridPruneError
-from .models import build_model, input_shape, model_spec
+from .models import build_model, conv_blocks, input_shape, model_spec
 from .nm import NMPattern, nm_prune_
 from .prune import apply_filter_plan_, plan_filter_pruning
 from .sparse import InferenceModel, to_inference_model
@@ -137,7 +137,7 @@ def synthetic_variants(
     torch.manual_seed(seed)
     dense = build_model(model, in_channels=channels, num_classes=num_classes, image_size=image_size, width=width)
     filtered = copy.deepcopy(dense)
-    scores = {name: torch.rand(b.conv.out_channels) for name, b in _blocks(filtered)}
+    scores = {name: torch.rand(b.conv.out_channels) for name, b in conv_blocks(filtered)}
     apply_filter_plan_(filtered, plan_filter_pruning(scores, filter_ratio, round_to))
     nm, hybrid = copy.deepcopy(dense), copy.deepcopy(filtered)
     return [
@@ -146,12 +146,6 @@ def synthetic_variants(
         Variant("nm", nm, nm_prune_(nm, pattern)),
         Variant("hybrid", hybrid, nm_prune_(hybrid, pattern)),
     ]
-
-
-def _blocks(model: nn.Module):
-    from .models import conv_blocks
-
-    return conv_blocks(model)
 
 
 # --- timing -------------------------------------------------------------------------------------

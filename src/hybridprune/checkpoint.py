@@ -7,7 +7,6 @@ its registered factory from the stored per-layer widths, then the weights are lo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from .errors import HybridPruneError
 from .models import model_spec, rebuild
+from .outputs import atomic_target
 
 FORMAT = "hybridprune-checkpoint"
 VERSION = 1
@@ -47,13 +47,8 @@ def save_checkpoint(
     for name, mask in (masks or {}).items():
         tensors[MASK_PREFIX + name] = mask.detach().cpu().to(torch.bool).contiguous()
     header = {"format": FORMAT, "version": VERSION, "spec": model_spec(model), "meta": meta or {}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata={"hybridprune": json.dumps(header)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -331,8 +331,9 @@ def run_grid(
     Baselines are trained first (one per dataset/model/seed), then the pruning runs, each phase in
     parallel over `workers`. Ctrl-C stops after writing every run that had finished.
     """
-    pending = [c for c in grid.runs() if run_key(c) not in store.finished_keys()]
-    total = len(grid.runs())
+    runs, finished = grid.runs(), store.finished_keys()
+    pending = [c for c in runs if run_key(c) not in finished]
+    total = len(runs)
     log(
         f"{grid.name}: {total} runs, {total - len(pending)} finished earlier, {len(pending)} to do "
         f"({workers} worker{'s' * (workers > 1)}, {backend})"

@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +77,20 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write a text file atomically."""
+    with atomic_target(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+@contextmanager
+def atomic_target(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it when the block succeeds and removed when it fails:
+    readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path

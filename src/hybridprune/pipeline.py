@@ -100,6 +100,7 @@ class Job:
     log: Log = print
     progress: bool = True
     dense_checkpoint: str | None = None
+    dense_model: nn.Module | None = None  # the loaded `dense_checkpoint`
 
     def stage(
         self, model: nn.Module, masks: dict[str, torch.Tensor], name: str, desc: str, finetune: bool = True
@@ -121,7 +122,9 @@ class Job:
         )
         if masks and not all(satisfies_nm(m.weight, p.pattern) for n, m in model.named_modules() if n in masks):
             raise RuntimeError("N:M pattern broken during fine-tuning")  # an internal bug, not bad input
-        ckpt = save_checkpoint(self.out / f"{name}.safetensors", model, masks, {"stage": name}, overwrite=True)
+        ckpt = save_checkpoint(
+            self.out / f"{name}.safetensors", model, masks, {"stage": name, "nm": p.nm}, overwrite=True
+        )
         return {
             "accuracy_oneshot_raw": raw,
             "accuracy_oneshot": oneshot,
@@ -159,7 +162,12 @@ class Job:
         return model, result
 
     def _load_dense(self, record: Path) -> tuple[nn.Module, dict[str, Any]]:
-        model = load_dense_checkpoint(self.dense_checkpoint, self.data).to(self.device)
+        model = (
+            self.dense_model
+            if self.dense_model is not None
+            else load_dense_checkpoint(self.dense_checkpoint, self.data)
+        )
+        model = model.to(self.device)
         result = {
             "accuracy": evaluate(model, self.data.test, self.device),
             **model_stats(model),
@@ -251,8 +259,8 @@ def run(
     out = Path(out)
     env = environment()  # now, not at the end: the checkout may change while a long run goes on
     data = prepare_data(cfg)
-    if dense_checkpoint:
-        load_dense_checkpoint(dense_checkpoint, data)  # fail before anything is written
+    # loaded before anything is written, so a bad checkpoint leaves no output folder behind
+    dense_model = load_dense_checkpoint(dense_checkpoint, data) if dense_checkpoint else None
     prepare_out_dir(out, cfg, resume, overwrite)
     log(
         f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "
@@ -260,7 +268,7 @@ def run(
     )
     if device.type == "cpu":
         log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
-    job = Job(cfg, data, device, out, log, progress, dense_checkpoint)
+    job = Job(cfg, data, device, out, log, progress, dense_checkpoint, dense_model)
     dense, dense_result = job.dense()
     images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
     results = [job.metric(dense, m, images, labels) for m in cfg.metrics]
