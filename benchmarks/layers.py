@@ -21,7 +21,8 @@ from torch import nn
 from hybridprune.nm import nm_mask
 from hybridprune.outputs import environment, write_json
 from hybridprune.report import markdown_table
-from hybridprune.sparse import GemmConv2d, _sparse_module, median_ms, sparse_backend
+from hybridprune.sparse import GemmConv2d, _sparse_module, sparse_backend
+from hybridprune.timing import median_ms
 
 
 def time_dense_and_sparse(layer: nn.Module, x: torch.Tensor, row: dict, backend, repeats: int) -> dict:

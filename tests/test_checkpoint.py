@@ -11,14 +11,15 @@ from hybridprune.nm import nm_prune_
 from hybridprune.pipeline import prune_filters_
 
 
-def test_round_trip_of_a_pruned_model_gives_identical_logits(tiny_model, tmp_path):
-    prune_filters_(tiny_model, PruneConfig(metric="l1", filter_ratio=0.4, round_to=8), [])
-    masks = nm_prune_(tiny_model)
-    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, masks, {"stage": "hybrid"})
-    loaded, loaded_masks, meta = load_checkpoint(path)
-    x = torch.rand(4, 3, 32, 32)
-    assert torch.equal(loaded(x), tiny_model(x))
-    assert loaded.spec() == tiny_model.spec()
+def test_round_trip_of_a_pruned_model_gives_identical_logits(zoo_model, tmp_path):
+    prune_filters_(zoo_model, PruneConfig(metric="l1", filter_ratio=0.4, round_to=4), [])
+    masks = nm_prune_(zoo_model)
+    path = save_checkpoint(tmp_path / "m.safetensors", zoo_model, masks, {"stage": "hybrid"})
+    source = zoo_model.source.name if zoo_model.source.kind == "user" else None
+    loaded, loaded_masks, meta = load_checkpoint(path, source)
+    x = torch.rand(4, *zoo_model.input_shape)
+    assert torch.equal(loaded(x), zoo_model(x))
+    assert loaded.spec() == zoo_model.spec() and loaded.spec()["history"]
     assert set(loaded_masks) == set(masks) and all(torch.equal(loaded_masks[k], masks[k]) for k in masks)
     assert meta == {"stage": "hybrid"}
 
@@ -27,7 +28,8 @@ def test_checkpoints_hold_no_pickle(tiny_model, tmp_path):
     path = save_checkpoint(tmp_path / "m.safetensors", tiny_model)
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-    assert json.loads(header["__metadata__"]["hybridprune"])["spec"]["name"] == "alexnet"
+    spec = json.loads(header["__metadata__"]["hybridprune"])["spec"]
+    assert spec["model"] == {"kind": "builtin", "name": "alexnet", "args": {"width": 0.25}}
     assert b"\x80\x04" not in raw[:16]  # not a pickle stream
 
 
@@ -56,3 +58,64 @@ def test_missing_corrupted_and_foreign_files_fail_clearly(tiny_model, tmp_path):
     torch.save(tiny_model, pickled)
     with pytest.raises(HybridPruneError, match="corrupted or another format"):
         load_checkpoint(pickled)
+
+
+def test_version_1_alexnet_checkpoints_keep_loading():
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data = Path(__file__).parent / "data"
+    model, masks, meta = load_checkpoint(data / "alexnet-v1.safetensors")
+    expected = load_file(str(data / "alexnet-v1-logits.safetensors"))
+    assert torch.equal(model(expected["x"]), expected["logits"])
+    assert meta["stage"] == "hybrid" and "net.features.2.conv" in masks
+    assert model.input_shape == (1, 16, 16)
+
+
+def test_user_code_checkpoints_load_only_when_the_user_names_the_factory(tmp_path):
+    from conftest import make_model
+
+    path = save_checkpoint(tmp_path / "m.safetensors", make_model("zoo:plain_net"))
+    with pytest.raises(HybridPruneError, match="pass --model zoo:plain_net"):
+        load_checkpoint(path)
+    with pytest.raises(HybridPruneError, match="pass --model zoo:plain_net"):
+        load_checkpoint(path, "zoo:residual_net")
+    assert load_checkpoint(path, "zoo:plain_net")[0].source.name == "zoo:plain_net"
+
+
+def _with_spec(path, tmp_path, edit):
+    """A copy of the checkpoint at `path` whose header spec went through `edit`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["hybridprune"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(header["spec"])
+    out = tmp_path / "edited.safetensors"
+    save_file(tensors, str(out), metadata={"hybridprune": json.dumps(header)})
+    return out
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda s: s["model"]["args"].update(width=1e12),
+        lambda s: s["model"]["args"].update(width="wide"),
+        lambda s: s["model"]["args"].update(width=float("nan")),
+        lambda s: s["input"].update(num_classes=10**9),
+        lambda s: s["input"].update(image_size=-3),
+        lambda s: s["input"].update(channels="3"),
+        lambda s: s.pop("model"),
+        lambda s: s.update(model="alexnet"),
+        lambda s: s["model"].update(kind="pickle"),
+        lambda s: s.update(history=[["net.features.0.conv", True, [-1]]]),
+        lambda s: s.update(history=[["net.nope", True, [0]]]),
+        lambda s: s.update(history="all"),
+    ],
+)
+def test_hostile_headers_fail_with_one_line_before_anything_is_built(tiny_model, tmp_path, edit):
+    good = save_checkpoint(tmp_path / "m.safetensors", tiny_model)
+    with pytest.raises(HybridPruneError) as err:
+        load_checkpoint(_with_spec(good, tmp_path, edit))
+    assert "\n" not in str(err.value)

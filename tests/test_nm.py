@@ -50,7 +50,7 @@ def test_satisfies_nm_detects_violations():
 def test_eligibility_keeps_first_conv_and_unaligned_layers_dense_with_a_reason():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4, 2))
     report = {e.name: e for e in nm_eligibility(model)}
-    assert not report["0"].eligible and "first conv" in report["0"].reason
+    assert not report["0"].eligible and "reads the image" in report["0"].reason
     assert report["1"].eligible
     assert not report["2"].eligible and "6 input channels" in report["2"].reason
     assert report["4"].eligible
@@ -61,7 +61,44 @@ def test_nm_prune_applies_masks_in_place(tiny_model):
     masks = nm_prune_(tiny_model)
     modules = dict(tiny_model.named_modules())
     assert masks and all(satisfies_nm(modules[name].weight) for name in masks)
-    assert "features.0.conv" not in masks  # the first conv stays dense
+    assert "net.features.0.conv" not in masks  # the first conv stays dense
+
+
+class _StemRegisteredLast(nn.Module):
+    """The conv that reads the image is registered after another conv: order must come from the forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.stem = nn.Conv2d(4, 8, 3, padding=1)  # 4 input channels: 2:4-shaped, so only the rule keeps it dense
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(self.depthwise(self.stem(x))).mean(dim=(2, 3)))
+
+
+def test_the_conv_that_reads_the_image_is_found_in_forward_order_not_registration_order():
+    from hybridprune.models import build_model
+
+    model = build_model("test_nm:_StemRegisteredLast", in_channels=4, num_classes=3, image_size=8)
+    report = {e.name: e for e in nm_eligibility(model)}
+    assert "reads the image" in report["net.stem"].reason
+    assert report["net.body"].eligible
+    assert "depthwise" in report["net.depthwise"].reason
+    assert set(compute_masks(model)) == {"net.body", "net.head"}
+
+
+def test_every_zoo_model_gets_masks_exactly_where_the_rule_says(zoo_model):
+    masks = nm_prune_(zoo_model)
+    report = nm_eligibility(zoo_model)
+    assert set(masks) == {e.name for e in report if e.eligible}
+    first_conv = next(e for e in report if e.kind == "conv")
+    assert not first_conv.eligible and "reads the image" in first_conv.reason
+    modules = dict(zoo_model.named_modules())
+    for e in report:
+        if e.kind == "conv" and modules[e.name].groups > 1:
+            assert not e.eligible and "conv (groups=" in e.reason
 
 
 def test_apply_masks_rejects_a_mask_of_another_shape():

@@ -1,13 +1,18 @@
+import copy
+
 import pytest
 import torch
+from torch import nn
 
+from conftest import make_model
 from hybridprune.config import PruneConfig
 from hybridprune.errors import HybridPruneError
+from hybridprune.graph import channel_groups, dependency_graph
 from hybridprune.metrics import ScoringContext, score_filters
-from hybridprune.models import conv_blocks
-from hybridprune.nm import nm_eligibility
+from hybridprune.models import build_model
+from hybridprune.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
 from hybridprune.pipeline import prune_filters_
-from hybridprune.prune import FilterPlan, LayerPlan, apply_filter_plan_, kept_count, plan_filter_pruning
+from hybridprune.prune import FilterPlan, GroupPlan, apply_filter_plan_, kept_count, plan_filter_pruning
 
 
 @pytest.mark.parametrize(
@@ -26,45 +31,126 @@ def test_ratios_outside_zero_one_are_refused(ratio):
 
 def test_plan_keeps_the_highest_scores_and_reports_the_real_ratio():
     plan = plan_filter_pruning({"a": torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1, 0.2, 0.3, 4.0])}, 0.4, round_to=4)
-    layer = plan.layers[0]
-    assert layer.keep == (1, 2, 3, 7)
-    assert layer.ratio == 0.5  # 40% asked, 50% after rounding to a multiple of 4
+    group = plan.groups[0]
+    assert group.keep == (1, 2, 3, 7)
+    assert group.ratio == 0.5  # 40% asked, 50% after rounding to a multiple of 4
 
 
-def _zero_filter(block, f):
-    """Make filter f contribute nothing downstream: zero weights, and BN shifts its output below ReLU."""
+def test_a_round_to_that_prunes_nothing_is_refused():
+    with pytest.raises(HybridPruneError, match="removes no channel.*smaller --round-to"):
+        plan_filter_pruning({"a": torch.rand(16), "b": torch.rand(8)}, 0.4, round_to=32)
+
+
+def _kill_channels(model: nn.Module, group, channels: list[int]) -> None:
+    """Make group channels contribute nothing downstream: zero every producing conv's filter and, where a
+    BatchNorm follows, its affine terms and running mean (so the channel is exactly 0 after BN)."""
+    from hybridprune.graph import followers
+
+    bn_of = followers(model).bn
     with torch.no_grad():
-        block.conv.weight[f] = 0
-        block.bn.bias[f] = -1.0
-        block.bn.running_mean[f] = 0.0
+        for p in group.producers:
+            conv = model.get_submodule(p.name)
+            own = [i for i, r in zip(p.idxs, p.root_idxs, strict=True) if r in channels]
+            conv.weight[own] = 0
+            if conv.bias is not None:
+                conv.bias[own] = 0
+            if p.name in bn_of:
+                bn = model.get_submodule(bn_of[p.name])
+                bn.weight[own], bn.bias[own], bn.running_mean[own] = 0.0, 0.0, 0.0
 
 
-@pytest.mark.parametrize("layer", [0, 2, 4])  # 4: the last conv, whose outputs feed the classifier
-def test_removing_filters_that_contribute_nothing_leaves_logits_unchanged(tiny_model, layer):
-    name, block = conv_blocks(tiny_model)[layer]
-    n = block.conv.out_channels
-    dead = list(range(0, n, 2))
-    for f in dead:
-        _zero_filter(block, f)
-    x = torch.rand(3, 3, 32, 32)
-    before = tiny_model(x)
-    keep = tuple(f for f in range(n) if f not in dead)
-    apply_filter_plan_(tiny_model, FilterPlan(0.5, 1, (LayerPlan(name, n, keep),)))
-    assert block.conv.out_channels == len(keep) and block.bn.num_features == len(keep)
-    torch.testing.assert_close(tiny_model(x), before, rtol=1e-5, atol=1e-5)
+def _groups(model):
+    return channel_groups(model, dependency_graph(model))
 
 
-def test_pruning_is_physical_and_shrinks_the_next_layer(tiny_model):
-    params_before = sum(p.numel() for p in tiny_model.parameters())
-    plan = prune_filters_(tiny_model, PruneConfig(metric="l1", filter_ratio=0.4, round_to=8), [])
-    widths = [b.conv.out_channels for _, b in conv_blocks(tiny_model)]
-    assert widths == [lp.kept for lp in plan.layers] == [8, 32, 56, 40, 40]
-    ins = [b.conv.in_channels for _, b in conv_blocks(tiny_model)][1:]
-    assert ins == widths[:-1]
-    assert tiny_model.classifier[1].in_features == widths[-1] * 4 * 4
-    assert sum(p.numel() for p in tiny_model.parameters()) < params_before
-    assert tiny_model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
-    assert tiny_model.spec()["widths"] == widths
+@pytest.mark.parametrize("which", [0, -1])  # the first group, and the last (feeding the head)
+def test_removing_channels_that_contribute_nothing_leaves_logits_unchanged(zoo_model, which):
+    group = _groups(zoo_model)[which]
+    dead = list(range(0, group.size, 2))
+    _kill_channels(zoo_model, group, dead)
+    x = torch.rand(3, *zoo_model.input_shape)
+    before = zoo_model(x)
+    keep = tuple(c for c in range(group.size) if c not in dead)
+    apply_filter_plan_(zoo_model, FilterPlan(0.5, 1, (GroupPlan(group.name, group.size, keep),)))
+    assert zoo_model.get_submodule(group.name).out_channels == len(keep)
+    torch.testing.assert_close(zoo_model(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_removing_live_channels_changes_the_logits(zoo_model):
+    """The guard for the test above: the same removal of channels that do contribute must show."""
+    group = _groups(zoo_model)[0]
+    x = torch.rand(3, *zoo_model.input_shape)
+    before = zoo_model(x)
+    keep = tuple(range(1, group.size, 2))
+    apply_filter_plan_(zoo_model, FilterPlan(0.5, 1, (GroupPlan(group.name, group.size, keep),)))
+    assert not torch.allclose(zoo_model(x), before, atol=1e-3)
+
+
+def _coupled_shapes_match(model: nn.Module) -> None:
+    """Every coupled layer agrees on channel counts: the forward pass runs, and every BatchNorm matches its input."""
+    shapes = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, n=n: shapes.__setitem__(n, inp[0].shape[1]))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.BatchNorm2d, nn.Conv2d))
+    ]
+    model(torch.rand(2, *model.input_shape))
+    for h in hooks:
+        h.remove()
+    for n, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert shapes[n] == m.num_features, n
+        if isinstance(m, nn.Conv2d):
+            assert shapes[n] == m.in_channels, n
+
+
+def test_filter_pruning_then_nm_then_a_step_holds_the_pattern_and_the_shapes(zoo_model):
+    params = sum(p.numel() for p in zoo_model.parameters())
+    plan = prune_filters_(zoo_model, PruneConfig(metric="hybrid", filter_ratio=0.4, round_to=4), [])
+    assert all(zoo_model.get_submodule(g.name).out_channels == g.kept for g in plan.groups)
+    assert any(g.kept < g.original for g in plan.groups)
+    assert sum(p.numel() for p in zoo_model.parameters()) < params  # physical removal
+    _coupled_shapes_match(zoo_model)
+    masks = nm_prune_(zoo_model)
+    assert masks
+    zoo_model.train()
+    opt = torch.optim.SGD(zoo_model.parameters(), lr=0.1)
+    loss = zoo_model(torch.rand(4, *zoo_model.input_shape)).logsumexp(dim=1).mean()
+    loss.backward()
+    opt.step()
+    apply_masks_(zoo_model, masks)
+    modules = dict(zoo_model.named_modules())
+    assert all(satisfies_nm(modules[n].weight) for n in masks)
+
+
+def test_residual_partners_are_pruned_as_one_group():
+    model = make_model("zoo:residual_net")
+    groups = {g.name: g for g in _groups(model)}
+    tied = next(g for g in groups.values() if "net.b2.shortcut.0" in [p.name for p in g.producers])
+    assert {p.name for p in tied.producers} == {"net.b2.shortcut.0", "net.b2.conv2", "net.b3.conv2"}
+    plan = prune_filters_(model, PruneConfig(metric="l1", filter_ratio=0.5, round_to=4), [])
+    kept = next(g.kept for g in plan.groups if g.name == tied.name)
+    for name in ("b2.shortcut.0", "b2.conv2", "b3.conv2", "b3.conv1"):
+        conv = model.get_submodule("net." + name)
+        assert (conv.in_channels if name == "b3.conv1" else conv.out_channels) == kept
+    assert model.net.fc.in_features == kept
+
+
+def test_concatenated_branches_shrink_the_consumer_by_both_removals():
+    model = make_model("zoo:concat_net")
+    plan = prune_filters_(model, PruneConfig(metric="l1", filter_ratio=0.5, round_to=4), [])
+    kept = {g.name: g.kept for g in plan.groups}
+    assert model.net.mix[0].in_channels == kept["net.left.0"] + kept["net.right.0"]
+
+
+def test_the_head_and_ignored_modules_are_never_pruned():
+    model = make_model("resnet20")
+    plan = prune_filters_(model, PruneConfig(metric="l1", filter_ratio=0.5, round_to=4, ignore=("layers.8",)), [])
+    assert model.net.fc.out_features == 10
+    assert model.net.layers[8].conv1.out_channels == 64
+    assert "net.layers.8.conv1" not in {g.name for g in plan.groups}
+    with pytest.raises(HybridPruneError, match="--ignore names no module nope"):
+        prune_filters_(model, PruneConfig(metric="l1", ignore=("nope",)), [])
 
 
 def test_rounding_keeps_every_layer_after_the_first_2_to_4_eligible(tiny_model):
@@ -73,15 +159,47 @@ def test_rounding_keeps_every_layer_after_the_first_2_to_4_eligible(tiny_model):
     assert [e.eligible for e in report] == [False] + [True] * (len(report) - 1)
 
 
-def test_the_plan_follows_the_scores(tiny_model):
-    scores = score_filters("l1", ScoringContext(tiny_model))
-    name = next(iter(scores))
-    plan = plan_filter_pruning(scores, 0.5, round_to=8)
-    kept = set(plan.layers[0].keep)
-    dropped = set(range(len(scores[name]))) - kept
-    assert min(scores[name][list(kept)]) >= max(scores[name][list(dropped)])
+def test_the_plan_follows_the_scores(zoo_model):
+    ctx = ScoringContext(zoo_model)
+    scores = score_filters("l1", ctx)
+    plan = plan_filter_pruning(scores, 0.5, round_to=4, groups=ctx.groups)
+    for g in plan.groups:
+        dropped = sorted(set(range(g.original)) - set(g.keep))
+        if dropped:
+            assert min(scores[g.name][list(g.keep)]) >= max(scores[g.name][dropped])
 
 
 def test_a_plan_for_another_model_is_refused(tiny_model):
     with pytest.raises(HybridPruneError, match="does not fit"):
-        apply_filter_plan_(tiny_model, FilterPlan(0.5, 1, (LayerPlan("features.0", 99, (0,)),)))
+        apply_filter_plan_(tiny_model, FilterPlan(0.5, 1, (GroupPlan("net.features.0.conv", 99, (0,)),)))
+
+
+def test_a_model_torch_pruning_cannot_trace_stops_with_one_line():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = self.conv(x).detach()  # no autograd path: nothing to trace
+            return self.fc(y.mean(dim=(2, 3)))
+
+    import sys
+
+    sys.modules[__name__].Untraceable = Untraceable
+    model = build_model(f"{__name__}:Untraceable", image_size=8)
+    with pytest.raises(HybridPruneError) as err:
+        prune_filters_(model, PruneConfig(metric="l1"), [])
+    assert "\n" not in str(err.value)
+
+
+def test_pruning_history_replays_to_the_same_model(zoo_model):
+    reference = copy.deepcopy(zoo_model)
+    prune_filters_(zoo_model, PruneConfig(metric="l1", filter_ratio=0.5, round_to=4), [])
+    from hybridprune.prune import replay_history_
+
+    replayed = replay_history_(reference, zoo_model.pruning_history)
+    assert [tuple(p.shape) for p in replayed.parameters()] == [tuple(p.shape) for p in zoo_model.parameters()]
+    x = torch.rand(2, *zoo_model.input_shape)
+    torch.testing.assert_close(replayed(x), zoo_model(x))

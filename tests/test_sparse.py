@@ -45,42 +45,107 @@ def test_nm_groups_are_contiguous_columns_of_the_gemm_weight():
 
 def test_patch_columns_follow_kh_kw_in_order():
     x = torch.arange(2 * 3 * 3, dtype=torch.float).view(1, 2, 3, 3)  # channel c holds 9c..9c+8
-    patches, ho, wo = unfold_channels_last(x, (3, 3), (1, 1), (0, 0))
+    patches, ho, wo = unfold_channels_last(x, (3, 3), (1, 1), (0, 0, 0, 0))
     assert (ho, wo) == (1, 1)
     # first (kh, kw) = (0, 0): channel 0 then channel 1
     assert patches[0, :4].tolist() == [0.0, 9.0, 1.0, 10.0]
 
 
-def test_folding_batchnorm_keeps_outputs_and_the_nm_pattern(tiny_model):
-    masks = nm_prune_(tiny_model)
-    x = torch.rand(2, 3, 32, 32)
-    folded = fold_batchnorm_(__import__("copy").deepcopy(tiny_model))
-    torch.testing.assert_close(folded(x), tiny_model(x), rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(8, 12, 3, padding=2, dilation=2),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1, padding_mode="reflect"),
+        nn.Conv2d(8, 12, (3, 5), padding=(1, 2), padding_mode="replicate", bias=False),
+        nn.Conv2d(8, 12, 3, padding=1, padding_mode="circular", dilation=(1, 2)),
+        nn.Conv2d(8, 12, 4, padding="same", dilation=2),
+        nn.Conv2d(8, 12, 3, padding="valid", stride=(2, 1)),
+    ],
+)
+def test_unfold_and_gemm_honours_dilation_padding_modes_and_string_padding(conv):
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(2, 8, 13, 11, dtype=torch.double)
+    torch.testing.assert_close(GemmConv2d.from_conv(conv)(x), conv(x))
+
+
+def test_grouped_convs_are_not_lowered_to_one_gemm():
+    with pytest.raises(HybridPruneError, match="grouped conv"):
+        GemmConv2d.from_conv(nn.Conv2d(8, 8, 3, groups=8))
+
+
+def test_folding_batchnorm_keeps_outputs_and_the_nm_pattern(zoo_model):
+    masks = nm_prune_(zoo_model)
+    x = torch.rand(2, *zoo_model.input_shape)
+    folded = fold_batchnorm_(__import__("copy").deepcopy(zoo_model))
+    torch.testing.assert_close(folded(x), zoo_model(x), rtol=1e-4, atol=1e-4)
     modules = dict(folded.named_modules())
     for name in masks:
         assert not modules[name].weight[~masks[name]].any()
+    bns = [m for m in zoo_model.modules() if isinstance(m, nn.BatchNorm2d)]
+    left = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs_with_bn = [m for m in folded.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+    assert len(left) < len(bns) and len(convs_with_bn) >= len(bns) - len(left)  # folded, not skipped
 
 
-def test_cpu_conversion_is_dense_says_so_and_matches(tiny_model):
-    masks = nm_prune_(tiny_model)
-    inf = to_inference_model(tiny_model, masks, torch.device("cpu"), torch.float32)
+def test_batchnorm_sharing_its_conv_output_is_not_folded():
+    from hybridprune.models import build_model
+
+    model = build_model("test_sparse:_SharedConvOutput", image_size=8).eval()
+    x = torch.rand(2, 3, 8, 8)
+    folded = fold_batchnorm_(__import__("copy").deepcopy(model))
+    assert isinstance(folded.net.bn, nn.BatchNorm2d)  # the conv output is also used raw: folding would change it
+    torch.testing.assert_close(folded(x), model(x))
+
+
+class _SharedConvOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc((self.bn(y) + y).mean(dim=(2, 3)))
+
+
+def test_cpu_conversion_is_dense_says_so_and_matches(zoo_model):
+    masks = nm_prune_(zoo_model)
+    inf = to_inference_model(zoo_model, masks, torch.device("cpu"), torch.float32)
     assert inf.sparse_layers == [] and "no sparse tensor cores" in inf.notice
     assert {layer.name for layer in inf.layers if "no sparse tensor cores" in layer.reason} == set(masks)
-    x = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(inf.model(x), tiny_model(x), rtol=1e-4, atol=1e-4)
+    x = torch.rand(2, *zoo_model.input_shape)
+    torch.testing.assert_close(inf.model(x), zoo_model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_lowering_of_every_nm_conv_equals_the_masked_model(zoo_model):
+    from hybridprune.config import PruneConfig
+    from hybridprune.pipeline import prune_filters_
+
+    prune_filters_(zoo_model, PruneConfig(metric="l1", filter_ratio=0.4, round_to=4), [])
+    masks = nm_prune_(zoo_model)
+    inf = to_inference_model(zoo_model, masks, torch.device("cpu"), torch.float32, choose="gemm")
+    lowered = {layer.name for layer in inf.layers if layer.kernel == "gemm"}
+    assert lowered == {n for n in masks if isinstance(zoo_model.get_submodule(n), nn.Conv2d)} and lowered
+    assert all(isinstance(inf.model.get_submodule(n), GemmConv2d) for n in lowered)
+    dense = {layer.name: layer.reason for layer in inf.layers if layer.name not in masks}
+    assert all(dense.values())  # every dense layer says why
+    x = torch.rand(3, *zoo_model.input_shape)
+    torch.testing.assert_close(inf.model(x), zoo_model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_half_precision_on_cpu_and_bad_choices_are_refused(tiny_model):
     with pytest.raises(HybridPruneError, match="float32"):
         to_inference_model(tiny_model, {}, torch.device("cpu"), torch.float16)
-    with pytest.raises(HybridPruneError, match="valid: sparse, fastest, dense"):
+    with pytest.raises(HybridPruneError, match="valid: sparse, fastest, dense, gemm"):
         to_inference_model(tiny_model, {}, torch.device("cpu"), torch.float32, choose="fast")
 
 
 def test_a_mask_whose_weights_break_the_pattern_is_refused(tiny_model):
     masks = nm_prune_(tiny_model)
     with torch.no_grad():
-        tiny_model.features[2].conv.weight.fill_(1.0)
+        tiny_model.net.features[2].conv.weight.fill_(1.0)
     with pytest.raises(HybridPruneError, match="break 2:4"):
         to_inference_model(tiny_model, masks, torch.device("cpu"), torch.float32)
 
@@ -147,12 +212,13 @@ def test_gpu_sparse_linear_matches_dense_masked_linear():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_whole_model_sparse_matches_dense_masked_model(dtype):
-    from hybridprune.models import alexnet
+@pytest.mark.parametrize("name", ["alexnet", "resnet20", "torchvision:resnet18", "torchvision:mobilenet_v2"])
+def test_gpu_whole_model_sparse_matches_dense_masked_model(dtype, name):
+    from hybridprune.models import build_model
 
     device = _sparse_device()
     torch.manual_seed(0)
-    model = alexnet(width=1.0).eval()
+    model = build_model(name, image_size=32).eval()
     masks = nm_prune_(model)
     sparse = to_inference_model(model, masks, device, dtype, choose="sparse")
     dense = to_inference_model(model, masks, device, dtype, choose="dense")

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from hybridprune.config import TrainConfig
 from hybridprune.data import Dataset, ImageSet
-from hybridprune.models import alexnet
+from hybridprune.models import build_model
 from hybridprune.nm import nm_prune_, satisfies_nm
 from hybridprune.train import evaluate, fit, recalibrate_bn_
 
@@ -14,9 +15,11 @@ def _toy_data(n=64):
     return Dataset("toy", ImageSet(x, y, 2), ImageSet(x, y, 2), hflip=False)
 
 
-def test_fine_tuning_holds_the_nm_pattern_after_every_step():
+@pytest.mark.parametrize("name", ["alexnet", "zoo:residual_net", "zoo:depthwise_net"])
+def test_fine_tuning_holds_the_nm_pattern_after_every_step(name):
     torch.manual_seed(0)
-    model = alexnet(in_channels=1, num_classes=2, image_size=16, width=0.125)
+    width = 0.125 if name == "alexnet" else None
+    model = build_model(name, in_channels=1, num_classes=2, image_size=16, width=width)
     masks = nm_prune_(model)
     before = {n: m.weight.clone() for n, m in model.named_modules() if n in masks}
     fit(model, _toy_data(), TrainConfig(epochs=2, batch_size=16), torch.device("cpu"), masks=masks, progress=False)
@@ -30,7 +33,7 @@ def test_fine_tuning_holds_the_nm_pattern_after_every_step():
 def test_training_learns_a_separable_problem():
     torch.manual_seed(0)
     data = _toy_data()
-    model = alexnet(in_channels=1, num_classes=2, image_size=16, width=0.125)
+    model = build_model("alexnet", in_channels=1, num_classes=2, image_size=16, width=0.125)
     fit(model, data, TrainConfig(epochs=4, batch_size=16, augment=False), torch.device("cpu"), progress=False)
     assert evaluate(model, data.test, torch.device("cpu")) == 100.0
 
@@ -38,10 +41,10 @@ def test_training_learns_a_separable_problem():
 def test_bn_recalibration_matches_the_statistics_of_the_data():
     torch.manual_seed(0)
     data = _toy_data(256)
-    model = alexnet(in_channels=1, num_classes=2, image_size=16, width=0.125).eval()
-    bn = model.features[0].bn
+    model = build_model("alexnet", in_channels=1, num_classes=2, image_size=16, width=0.125).eval()
+    bn = model.net.features[0].bn
     recalibrate_bn_(model, data.train, torch.device("cpu"), num_batches=100, batch_size=256)
     with torch.no_grad():
-        feats = model.features[0].conv(model.normalize(data.train.x.float() / 255))
+        feats = model.net.features[0].conv(model.normalize(data.train.x.float() / 255))
     torch.testing.assert_close(bn.running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
     assert bn.momentum == 0.1 and not model.training

@@ -11,12 +11,12 @@ Example:
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights_, rebuild, save_checkpoint
 from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
 from .data import Dataset, ImageSet, load_dataset
 from .errors import HybridPruneError
 from .metrics import METRICS, ScoringContext, score_filters
-from .models import MODELS, build_model, model_spec, rebuild
+from .models import MODELS, Classifier, ModelSource, build_model, model_spec
 from .nm import NMPattern, apply_masks_, compute_masks, nm_eligibility, nm_mask, nm_prune_, satisfies_nm
 from .pipeline import prune_filters_, run
 from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
@@ -41,6 +41,9 @@ __all__ = [
     "apply_filter_plan_",
     "apply_masks_",
     "build_model",
+    "Classifier",
+    "ModelSource",
+    "load_weights_",
     "calibration_batches",
     "compute_masks",
     "evaluate",

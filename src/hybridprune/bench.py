@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,12 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint
 from .errors import HybridPruneError
-from .models import build_model, conv_blocks, input_shape, model_spec
+from .metrics import ScoringContext, score_filters
+from .models import build_model, input_shape
 from .nm import NMPattern, nm_prune_
 from .prune import apply_filter_plan_, plan_filter_pruning
 from .sparse import InferenceModel, to_inference_model
+from .timing import time_calls
 
 VARIANTS = ("dense", "filter", "nm", "hybrid")
 
@@ -37,27 +38,6 @@ class Variant:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     accuracy: float | None = None
     source: str = "synthetic"
-
-
-def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 3) -> list[float]:
-    """Milliseconds of each of `repeats` calls after `warmup` untimed ones (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) for start, end in events]
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -84,7 +64,7 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
 # --- building the variants ------------------------------------------------------------------------
 
 
-def variants_from_run(out_dir: str | Path, metric: str | None = None) -> list[Variant]:
+def variants_from_run(out_dir: str | Path, metric: str | None = None, user_model: str | None = None) -> list[Variant]:
     """The four variants saved by `hybridprune run` in OUT_DIR, with their test accuracies."""
     out = Path(out_dir)
     results_file = out / "results.json"
@@ -100,25 +80,25 @@ def variants_from_run(out_dir: str | Path, metric: str | None = None) -> list[Va
         raise HybridPruneError(f"{out} has no 2:4-only model (made by `hybridprune run`, not by `prune`)")
     paths = {"dense": result["dense"], "filter": item["filter"], "nm": result["nm"], "hybrid": item["hybrid"]}
     return [
-        _variant_from_file(name, out / Path(stage["checkpoint"]).name, stage.get("accuracy"))
+        _variant_from_file(name, out / Path(stage["checkpoint"]).name, stage.get("accuracy"), user_model)
         for name, stage in paths.items()
     ]
 
 
-def variants_from_checkpoints(paths: dict[str, str]) -> list[Variant]:
+def variants_from_checkpoints(paths: dict[str, str], user_model: str | None = None) -> list[Variant]:
     """Variants from explicit checkpoint files, keyed by variant name."""
-    return [_variant_from_file(name, Path(path)) for name, path in paths.items() if path]
+    return [_variant_from_file(name, Path(path), None, user_model) for name, path in paths.items() if path]
 
 
-def _variant_from_file(name: str, path: Path, accuracy: float | None = None) -> Variant:
-    model, masks, _ = load_checkpoint(path)
+def _variant_from_file(name: str, path: Path, accuracy: float | None = None, user_model: str | None = None) -> Variant:
+    model, masks, _ = load_checkpoint(path, user_model)
     if name in ("nm", "hybrid") and not masks:
         raise HybridPruneError(f"{path} has no N:M masks, so it cannot be the {name} variant")
     return Variant(name, model, masks, accuracy, str(path))
 
 
 def synthetic_variants(
-    width: float = 1.0,
+    width: float | None = None,
     channels: int = 3,
     image_size: int = 32,
     num_classes: int = 10,
@@ -128,7 +108,7 @@ def synthetic_variants(
     model: str = "alexnet",
     seed: int = 0,
 ) -> list[Variant]:
-    """Untrained variants of the right shapes: speed does not depend on trained weights.
+    """Untrained variants of the right shapes, for any model: speed does not depend on trained weights.
 
     Example:
         >>> [v.name for v in synthetic_variants(width=0.125, round_to=8)]
@@ -137,8 +117,8 @@ def synthetic_variants(
     torch.manual_seed(seed)
     dense = build_model(model, in_channels=channels, num_classes=num_classes, image_size=image_size, width=width)
     filtered = copy.deepcopy(dense)
-    scores = {name: torch.rand(b.conv.out_channels) for name, b in conv_blocks(filtered)}
-    apply_filter_plan_(filtered, plan_filter_pruning(scores, filter_ratio, round_to))
+    ctx = ScoringContext(filtered, seed=seed)
+    apply_filter_plan_(filtered, plan_filter_pruning(score_filters("random", ctx), filter_ratio, round_to, ctx.groups))
     nm, hybrid = copy.deepcopy(dense), copy.deepcopy(filtered)
     return [
         Variant("dense", dense),
@@ -317,5 +297,4 @@ def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def model_label(variant: Variant) -> str:
-    spec = model_spec(variant.model)
-    return f"{spec['name']} widths {spec.get('widths')}"
+    return variant.model.source.label

@@ -9,8 +9,6 @@ from typing import Any
 
 from .errors import HybridPruneError
 
-DEFAULT_METRICS = "l1,output_l1,hybrid,hybrid_output,random"
-
 
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line, like every other bad input."""
@@ -48,18 +46,36 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> Non
     p.add_argument("--test-size", type=int, default=None, help="use a seeded random subset of this many test images")
 
 
-def _add_train(p: argparse.ArgumentParser, epochs: int) -> None:
-    from .models import MODELS
+def _add_model(p: argparse.ArgumentParser) -> None:
+    from .config import ModelConfig
+    from .models import model_names
 
-    p.add_argument("--model", default="alexnet", help=f"one of {', '.join(MODELS.names())}")
-    p.add_argument("--width", type=float, default=0.5, help="width multiplier of the model's default layer widths")
-    p.add_argument("--epochs", type=int, default=epochs, help="epochs to train the dense model")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of dense training (SGD, Nesterov)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--model", default=None, help=f"{model_names()} (default: {ModelConfig.name})")
+    p.add_argument(
+        "--width", type=float, default=None, help="width multiplier of a built-in model's layers (default: 1.0)"
+    )
+    p.add_argument("--weights", default=None, help="trained weights of that model: a state dict in .safetensors or .pt")
+
+
+def _add_user_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="for a checkpoint of user code: the module:factory that built it")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    _add_model(p)
+    defaults = TrainConfig()
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs to train the dense model")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate of dense training (SGD)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
 
 
 def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
+    from .config import DEFAULT_FINETUNE, PruneConfig
     from .prune import DEFAULT_ROUND_TO
+
+    defaults = PruneConfig()
 
     p.add_argument(
         "--filter-ratio", type=_ratio, default=0.4, help="fraction of filters removed per conv layer, in [0, 1)"
@@ -72,24 +88,41 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
     )
     p.add_argument("--nm", default="2:4", help="N:M pattern, keep N of every M input-channel weights (default 2:4)")
     p.add_argument(
-        "--finetune-epochs", type=int, default=3, help="epochs of each fine-tune (after filter and N:M pruning)"
+        "--finetune-epochs",
+        type=int,
+        default=DEFAULT_FINETUNE.epochs,
+        help="epochs of each fine-tune (after filter and N:M pruning)",
     )
-    p.add_argument("--finetune-lr", type=float, default=0.01, help="peak learning rate of fine-tuning")
-    p.add_argument("--calib-batches", type=int, default=4, help="unlabeled batches for output_l1 scores")
-    p.add_argument("--bn-recalib-batches", type=int, default=8, help="batches to recalibrate BatchNorm after pruning")
+    p.add_argument("--finetune-lr", type=float, default=DEFAULT_FINETUNE.lr, help="peak learning rate of fine-tuning")
+    p.add_argument(
+        "--calib-batches", type=int, default=defaults.calib_batches, help="unlabeled batches for output_l1 scores"
+    )
+    p.add_argument(
+        "--bn-recalib-batches",
+        type=int,
+        default=defaults.bn_recalib_batches,
+        help="batches to recalibrate BatchNorm after pruning",
+    )
     p.add_argument("--metric", default=None, help=metric_help)
+    p.add_argument(
+        "--ignore",
+        default="",
+        help="comma-separated module names whose output channels are never pruned (the head never is)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hybridprune", description="Hybrid pruning of CNNs: filter pruning ranked for 2:4, then N:M.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    from .config import DEFAULT_METRICS
+
     p = sub.add_parser("run", help="train (or load), prune with every metric, fine-tune, print the comparison table")
     (
         _add_common(p),
         _add_data(p),
-        _add_train(p, epochs=10),
-        _add_prune(p, f"comma-separated metrics (default: {DEFAULT_METRICS})"),
+        _add_train(p),
+        _add_prune(p, f"comma-separated metrics (default: {','.join(DEFAULT_METRICS)})"),
     )
     p.add_argument("--checkpoint", default=None, help="start from this dense checkpoint instead of training one")
     p.add_argument("--out", default=None, help="output folder (default: runs/DATASET-MODEL-wWIDTH-sSEED)")
@@ -98,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the result object to this JSON file")
 
     p = sub.add_parser("train", help="train a dense model and save it as a checkpoint")
-    _add_common(p), _add_data(p), _add_train(p, epochs=10)
+    _add_common(p), _add_data(p), _add_train(p)
     p.add_argument("--out", default="runs/dense.safetensors", help="checkpoint file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("prune", help="prune a dense checkpoint with one metric: filter-pruned and filter+N:M models")
     p.add_argument("checkpoint", help="dense checkpoint (from `hybridprune train`)")
-    _add_common(p), _add_data(p), _add_prune(p, "metric (default: hybrid)")
+    _add_common(p), _add_data(p), _add_prune(p, "metric (default: hybrid)"), _add_user_model(p)
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, named by metric)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prune in --out")
     p.add_argument("--overwrite", action="store_true", help="redo a prune whose --out folder exists")
@@ -112,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy, size and N:M pattern of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file")
-    _add_common(p), _add_data(p)
+    _add_common(p), _add_data(p), _add_user_model(p)
     p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
     _add_bench(sub)
     _add_convert(sub)
@@ -123,13 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="build the sparse inference model of an N:M checkpoint and check it")
     p.add_argument("checkpoint", help="checkpoint with N:M masks (a *-hybrid or nm checkpoint of `run`)")
+    _add_user_model(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default=None, help="float16 or bfloat16 on GPU (default float16); float32 on CPU")
     p.add_argument(
         "--kernels",
         default="fastest",
-        choices=["sparse", "fastest", "dense"],
-        help="sparse wherever eligible, the faster per layer, or none",
+        choices=["sparse", "fastest", "dense", "gemm"],
+        help="sparse wherever eligible, the faster per layer, none, or dense unfold+GEMM (checks the lowering)",
     )
     p.add_argument("--batch-size", type=int, default=256, help="input batch the per-layer choice is measured on")
     p.add_argument("--json", default=None, help="also write the per-layer report to this JSON file")
@@ -141,6 +175,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .bench import parse_batch_sizes, parse_dtypes
     from .checkpoint import load_checkpoint
     from .models import input_shape
+    from .nm import NMPattern
     from .outputs import write_json
     from .report import markdown_table
     from .sparse import to_inference_model
@@ -149,12 +184,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     (dtype,) = parse_dtypes(args.dtype or ("float16" if device.type == "cuda" else "float32"))
     (batch,) = parse_batch_sizes(str(args.batch_size))
-    model, masks, _ = load_checkpoint(args.checkpoint)
+    model, masks, meta = load_checkpoint(args.checkpoint, args.model)
     if not masks:
         raise HybridPruneError(f"{args.checkpoint} has no N:M masks; convert takes an N:M-pruned checkpoint")
     x = torch.rand(batch, *input_shape(model), device=device, dtype=dtype)
-    inference = to_inference_model(model, masks, device, dtype, choose=args.kernels, example=x)
-    reference = to_inference_model(model, masks, device, dtype, choose="dense")
+    pattern = NMPattern.parse(meta.get("nm", "2:4"))
+    inference = to_inference_model(model, masks, device, dtype, choose=args.kernels, pattern=pattern, example=x)
+    reference = to_inference_model(model, masks, device, dtype, choose="dense", pattern=pattern)
     with torch.inference_mode():
         out, ref = inference.model(x).float(), reference.model(x).float()
     diff = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
@@ -256,8 +292,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     for name in ("dense", "filter", "nm", "hybrid"):
         p.add_argument(f"--{name}", default=None, help=f"checkpoint of the {name} variant (instead of RUN_DIR)")
     p.add_argument("--synthetic", action="store_true", help="untrained variants of the given shape (speed only)")
-    p.add_argument("--model", default="alexnet", help="model of the synthetic variants")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the synthetic variants")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model of the synthetic variants (default alexnet); for checkpoints of user code, its module:factory",
+    )
+    p.add_argument("--width", type=float, default=None, help="width multiplier of synthetic built-in models")
     p.add_argument("--image-size", type=int, default=32, help="input height and width of the synthetic variants")
     p.add_argument("--channels", type=int, default=3, help="input channels of the synthetic variants")
     p.add_argument("--filter-ratio", type=_ratio, default=0.4, help="filter ratio of the synthetic variants")
@@ -320,11 +360,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
             args.image_size,
             filter_ratio=args.filter_ratio,
             round_to=args.round_to,
-            model=args.model,
+            model=args.model or "alexnet",
             seed=args.seed,
         )
+    elif args.run_dir:
+        variants = variants_from_run(args.run_dir, args.metric, args.model)
     else:
-        variants = variants_from_run(args.run_dir, args.metric) if args.run_dir else variants_from_checkpoints(files)
+        variants = variants_from_checkpoints(files, args.model)
     for dtype in dtypes:
         check_dtype(dtype, device)  # before building anything: a dtype the device cannot run is bad input
     env = environment()
@@ -356,12 +398,16 @@ _PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_ba
 
 
 def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> Any:
-    from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+    from .config import DEFAULT_METRICS, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
 
-    names = tuple(m.strip() for m in (metrics or DEFAULT_METRICS).split(",") if m.strip())
+    names = tuple(m.strip() for m in (metrics or ",".join(DEFAULT_METRICS)).split(",") if m.strip())
+    ignore = tuple(n.strip() for n in getattr(args, "ignore", "").split(",") if n.strip())
+    model = ModelConfig(
+        getattr(args, "model", None) or ModelConfig.name, getattr(args, "width", None), getattr(args, "weights", None)
+    )
     return RunConfig(
         data=DataConfig(dataset, args.data_dir, args.download, args.train_size, args.test_size),
-        model=ModelConfig(getattr(args, "model", "alexnet"), getattr(args, "width", 0.5)),
+        model=model,
         train=TrainConfig(
             epochs=getattr(args, "epochs", 0), lr=getattr(args, "lr", 0.05), batch_size=getattr(args, "batch_size", 128)
         ),
@@ -371,7 +417,9 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             warmup=0.0,
             batch_size=getattr(args, "batch_size", 128),
         ),
-        prune=PruneConfig(metric=names[0], **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)}),
+        prune=PruneConfig(
+            metric=names[0], ignore=ignore, **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)}
+        ),
         metrics=names,
         seed=args.seed,
     )
@@ -392,11 +440,11 @@ def _print_result(result: dict[str, Any], json_path: str | None) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     cfg = _run_config(args, args.metric, args.dataset)
-    slug = cfg.data.dataset.replace(":", "_").replace("/", "_")
+    slug = f"{cfg.data.dataset}-{cfg.model.label}".replace(":", "_").replace("/", "_")
     _run_and_print(
         args,
         cfg,
-        Path(args.out or f"runs/{slug}-{cfg.model.name}-w{cfg.model.width:g}-s{cfg.seed}"),
+        Path(args.out or f"runs/{slug}-s{cfg.seed}"),
         include_nm_only=True,
     )
 
@@ -463,7 +511,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .stats import model_stats
     from .train import evaluate, resolve_device
 
-    model, masks, meta = load_checkpoint(args.checkpoint)
+    model, masks, meta = load_checkpoint(args.checkpoint, args.model)
     data = prepare_data_config(
         DataConfig(args.dataset, args.data_dir, args.download, args.train_size, args.test_size), args.seed
     )

@@ -50,9 +50,16 @@ class TrainConfig(_Dict):
             raise HybridPruneError("lr must be > 0, warmup and label smoothing in [0, 1)")
 
 
+DEFAULT_METRICS = ("l1", "output_l1", "hybrid", "hybrid_output", "random")
+
+
 @dataclass(frozen=True)
 class PruneConfig(_Dict):
-    """How filters are chosen and removed, and the N:M pattern that follows."""
+    """How filters are chosen and removed, and the N:M pattern that follows.
+
+    `ignore`: module names (as in `model.net.named_modules()`, or with the `net.` prefix) whose output
+    channels are never pruned; the classifier head never is.
+    """
 
     metric: str = "hybrid"
     filter_ratio: float = 0.4
@@ -61,9 +68,14 @@ class PruneConfig(_Dict):
     calib_batches: int = 4
     calib_batch_size: int = 128
     bn_recalib_batches: int = 8
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from .metrics import METRICS
+
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        if not all(isinstance(n, str) and n.strip() for n in self.ignore):
+            raise HybridPruneError(f"ignore must list module names, got {list(self.ignore)}")
 
         METRICS.get(self.metric)  # fails with the list of valid names
         validate_ratio(self.filter_ratio)
@@ -95,17 +107,28 @@ class DataConfig(_Dict):
 
 @dataclass(frozen=True)
 class ModelConfig(_Dict):
-    """A registered model and its width multiplier."""
+    """Which network: a built-in name, `torchvision:NAME` or a user's `module:factory` (see `models.py`);
+    `width` scales a built-in model (None: its own default, 1.0); `weights` a trained state dict to start from."""
 
     name: str = "alexnet"
-    width: float = 1.0
+    width: float | None = None
+    weights: str | None = None
 
     def __post_init__(self) -> None:
-        from .models import MODELS
+        from .models import ModelSource
 
-        MODELS.get(self.name)
-        if self.width <= 0:
-            raise HybridPruneError(f"width multiplier must be positive, got {self.width}")
+        source = ModelSource.parse(self.name)
+        if self.width is not None and not (0 < self.width <= 16):
+            raise HybridPruneError(f"width multiplier must be in (0, 16], got {self.width}")
+        if self.width is not None and source.kind != "builtin":
+            raise HybridPruneError(f"--width scales the built-in models only, not {self.name}")
+
+    @property
+    def label(self) -> str:
+        return self.name if self.width is None else f"{self.name}-w{self.width:g}"
+
+
+DEFAULT_FINETUNE = TrainConfig(epochs=3, lr=0.01, warmup=0.0)
 
 
 @dataclass(frozen=True)
@@ -115,9 +138,9 @@ class RunConfig(_Dict):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01, warmup=0.0))
+    finetune: TrainConfig = field(default_factory=lambda: DEFAULT_FINETUNE)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    metrics: tuple[str, ...] = ("l1", "output_l1", "hybrid", "hybrid_output", "random")
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     seed: int = 0
     filter_finetune: bool = True  # fine-tune between filter pruning and N:M pruning (the paper does)
 

@@ -8,7 +8,10 @@ torchvision is used only to download, so a folder written by anyone in those for
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,11 @@ from .registry import Registry
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"
 DIGITS_SPLIT_SEED = 0  # fixed, so every user gets the same digits train/test split
+# What the models accept: square images of 1 or 3 channels, at least 8 pixels a side (AlexNet pools three
+# times), at most 4096 (beyond that one image is more memory than these small-image models are meant for).
+IMAGE_CHANNELS = (1, 3)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
+MAX_CLASSES = 100_000  # a stray huge label must not build a classifier layer of millions of outputs
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,79 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     """
     root = Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_DIR
     if name.startswith("npz:"):
-        return load_npz(Path(name[4:]).expanduser())
-    return DATASETS.get(name)(root, download)
+        path = Path(name[4:]).expanduser()
+        return check_dataset(load_npz(path), f"npz dataset {path}")
+    return check_dataset(DATASETS.get(name)(root, download), f"dataset {name} in {root}")
+
+
+def check_dataset(ds: Dataset, source: str) -> Dataset:
+    """Check what a loader returned before any model is built from it: the dataset unchanged, or one
+    HybridPruneError line naming `source`, what is wrong and what is valid.
+
+    Example:
+        >>> s = ImageSet(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), 2)
+        >>> check_dataset(Dataset("toy", s, s, hflip=False), "toy").name
+        'toy'
+        >>> wide = ImageSet(torch.zeros(4, 1, 8, 9, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), 2)
+        >>> check_dataset(Dataset("toy", wide, s, hflip=False), "toy")
+        Traceback (most recent call last):
+        ...
+        hybridprune.errors.HybridPruneError: toy (train split): images are 8x9; valid: square, 8 to 4096 pixels a side
+    """
+    k = ds.train.num_classes
+    if ds.test.num_classes != k:
+        raise HybridPruneError(
+            f"{source}: train has {k} classes but test has {ds.test.num_classes}; both need the same"
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= MAX_CLASSES:
+        raise HybridPruneError(f"{source}: {k!r} classes; valid: 2 to {MAX_CLASSES} classes labelled 0..K-1")
+    for split_name, data in (("train", ds.train), ("test", ds.test)):
+        where = f"{source} ({split_name} split)"
+        _check_images(data.x, where, allow_empty=True)  # the counts are checked below, with both splits named
+        _check_labels(data.y, k, where, count=len(data.x))
+    if ds.train.x.shape[1:] != ds.test.x.shape[1:]:
+        raise HybridPruneError(
+            f"{source}: train images are {_shape(ds.train.x)} but test images are {_shape(ds.test.x)}; "
+            "both splits need the same channels and size"
+        )
+    if len(ds.train) < 2 or len(ds.test) < 1:
+        raise HybridPruneError(
+            f"{source}: {len(ds.train)} train and {len(ds.test)} test images; need at least 2 train and 1 test"
+        )
+    return ds
+
+
+def _check_images(x: object, where: str, allow_empty: bool = False) -> None:
+    """Images as the models take them: uint8 [N, C, S, S] with C in (1, 3) and S in 8..4096, N >= 1."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise HybridPruneError(f"{where}: images must be uint8 N x C x H x W; got {got}")
+    n, c, h, w = x.shape
+    if n == 0 and not allow_empty:
+        raise HybridPruneError(f"{where}: holds no images; valid: at least one")
+    if c not in IMAGE_CHANNELS:
+        raise HybridPruneError(f"{where}: images have {c} channels; valid: 1 (grey) or 3 (colour)")
+    if h != w or not MIN_IMAGE_SIZE <= h <= MAX_IMAGE_SIZE:
+        raise HybridPruneError(
+            f"{where}: images are {h}x{w}; valid: square, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels a side"
+        )
+
+
+def _check_labels(y: object, num_classes: int, where: str, count: int, valid: str | None = None) -> None:
+    """Labels as the loss takes them: `count` integers in 0..num_classes-1 (`valid` says so to the user)."""
+    if not isinstance(y, torch.Tensor) or y.ndim != 1 or y.dtype == torch.bool or y.is_floating_point():
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise HybridPruneError(f"{where}: labels must be one integer per image; got {got}")
+    if len(y) != count:
+        raise HybridPruneError(f"{where}: {count} images but {len(y)} labels; valid: one label per image")
+    if count and (y.min() < 0 or y.max() >= num_classes):
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        valid = valid or f"integers 0..{num_classes - 1} ({num_classes} classes)"
+        raise HybridPruneError(f"{where}: label {bad} is outside 0..{num_classes - 1}; valid: {valid}")
+
+
+def _shape(x: torch.Tensor) -> str:
+    return f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
 
 
 def dataset_names() -> list[str]:
@@ -112,16 +191,47 @@ MNIST_FILES = {
 
 
 def _load_idx_dataset(name: str, folder: str, tv_class: str, root: Path, download: bool) -> Dataset:
-    from torchvision.datasets import mnist
-
     raw = root / folder / "raw"
     files = [raw / f for pair in MNIST_FILES.values() for f in pair]
     _ensure_files(name, files, download, lambda: _tv_download(tv_class, root, (True, False)))
     splits = {}
     for split_name, (images, labels) in MNIST_FILES.items():
-        x = mnist.read_image_file(str(raw / images)).unsqueeze(1).contiguous()
-        splits[split_name] = ImageSet(x, mnist.read_label_file(str(raw / labels)).long(), 10)
+        x = torch.from_numpy(_read_idx(raw / images, ndim=3)).unsqueeze(1)
+        y = torch.from_numpy(_read_idx(raw / labels, ndim=1)).long()
+        _check_images(x, str(raw / images))
+        if len(y) != len(x):
+            raise HybridPruneError(f"{raw / labels} holds {len(y)} labels but {images} holds {len(x)} images")
+        _check_labels(y, 10, str(raw / labels), count=len(x))
+        splits[split_name] = ImageSet(x, y, 10)
     return Dataset(name, splits["train"], splits["test"], hflip=False)
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format: big-endian magic 0x0000080N, N uint32 sizes, the data),
+    read only after its size matches what its header promises, so a damaged file is one clear line."""
+    header_len = 4 + 4 * ndim
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(header_len)
+        if len(head) < header_len:
+            raise HybridPruneError(f"{path} is cut short: {size} bytes, less than its {header_len}-byte IDX header")
+        zero, dtype, dims = struct.unpack(">HBB", head[:4])
+        if (zero, dtype, dims) != (0, 0x08, ndim):
+            raise HybridPruneError(
+                f"{path} is not an IDX file of unsigned bytes with {ndim} dimensions: "
+                f"magic 0x{head[:4].hex()}, valid 0x0000080{ndim}"
+            )
+        shape = struct.unpack(f">{ndim}I", head[4:])
+        expected = header_len + math.prod(shape)
+        if size != expected:
+            raise HybridPruneError(
+                f"{path} has {size} bytes but its header promises {' x '.join(map(str, shape))} values "
+                f"({expected} bytes): the file is cut short or damaged"
+            )
+        data = np.fromfile(f, dtype=np.uint8, count=math.prod(shape))
+    if data.size != math.prod(shape):  # the file changed between the size check and the read
+        raise HybridPruneError(f"{path} changed while it was read; try again")
+    return data.reshape(shape)
 
 
 @DATASETS.register("mnist")
@@ -143,13 +253,40 @@ def load_svhn(root: Path, download: bool) -> Dataset:
 
     files = [root / "train_32x32.mat", root / "test_32x32.mat"]
     _ensure_files("svhn", files, download, lambda: _tv_download("SVHN", root, ("train", "test")))
-    splits = []
-    for path in files:
-        mat = loadmat(str(path))
-        x = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))  # HWCN -> NCHW
-        y = torch.from_numpy(mat["y"].astype(np.int64).reshape(-1))
-        splits.append(ImageSet(x, torch.where(y == 10, 0, y), 10))  # SVHN labels the digit 0 as 10
+    splits = [_read_svhn_mat(path, loadmat) for path in files]
     return Dataset("svhn", splits[0], splits[1], hflip=False)
+
+
+def _read_svhn_mat(path: Path, loadmat: Callable) -> ImageSet:
+    try:
+        mat = loadmat(str(path))
+    except Exception as e:  # scipy raises many types on damaged files (ValueError, OSError, zlib, MatReadError)
+        raise HybridPruneError(f"{path} is not a readable .mat file ({_one_line(e)})") from None
+    x, y = mat.get("X"), mat.get("y")
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
+        got = f"{x.dtype} {x.shape}" if isinstance(x, np.ndarray) else "nothing"
+        raise HybridPruneError(f"{path}: X must be uint8 H x W x C x N images; got {got}")
+    # The official files store y as doubles: accept any number that is a whole one, refuse 1.5, nan, inf.
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3] or not np.issubdtype(y.dtype, np.number):
+        got = f"{y.dtype} {y.shape}" if isinstance(y, np.ndarray) else "nothing"
+        raise HybridPruneError(f"{path}: y must hold one label per image ({x.shape[3]}); got {got}")
+    y = y.reshape(-1)
+    if np.issubdtype(y.dtype, np.complexfloating) or not np.all(np.isfinite(y) & (np.round(y) == y)):
+        raise HybridPruneError(f"{path}: labels must be whole numbers 1..10 (10 for the digit 0)")
+    labels = torch.from_numpy(np.clip(y, -1, MAX_CLASSES).astype(np.int64))  # clip: no int64 overflow on 1e300
+    _check_labels(labels, 11, str(path), count=len(labels), valid="1..10, 10 for the digit 0")
+    images = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))  # HWCN -> NCHW
+    _check_images(images, str(path))
+    return ImageSet(images, torch.where(labels == 10, 0, labels), 10)  # SVHN labels the digit 0 as 10
+
+
+def _int64_labels(y: np.ndarray) -> torch.Tensor:
+    # uint64 labels past 2**63 would wrap round to small or negative ones; any label that large is refused anyway
+    return torch.from_numpy((np.minimum(y, MAX_CLASSES) if y.dtype == np.uint64 else y).astype(np.int64))
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -191,11 +328,20 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         with open(path, "rb") as f:
             entry = _ArraysOnlyUnpickler(f, encoding="latin1").load()
         entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError) as e:
-        raise HybridPruneError(f"{path} is not a CIFAR-10 batch file ({e})") from None
-    return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+        data, labels = np.asarray(entry["data"]), np.asarray(entry.get("labels", entry.get("fine_labels")))
+    except Exception as e:  # a damaged pickle fails in many ways (EOFError, UnpicklingError, struct, ValueError)
+        raise HybridPruneError(f"{path} is not a CIFAR-10 batch file ({_one_line(e)})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise HybridPruneError(f"{path}: data must be uint8 N x 3072 (32x32 RGB images); got {data.dtype} {data.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(data):
+        raise HybridPruneError(
+            f"{path}: labels must be one integer per image ({len(data)}); got {labels.dtype} {labels.shape}"
+        )
+    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
+    y = _int64_labels(labels)
+    _check_images(x, str(path))
+    _check_labels(y, 10, str(path), count=len(x))
+    return x, y
 
 
 def load_npz(path: Path) -> Dataset:
@@ -205,12 +351,17 @@ def load_npz(path: Path) -> Dataset:
         _ensure_files(f"npz:{path}", [path / "train.npz", path / "test.npz"], False, None)
         train, test = _read_npz(path / "train.npz"), _read_npz(path / "test.npz")
     elif path.is_file():
-        train, test = split(_read_npz(path), test_fraction=0.2, seed=DIGITS_SPLIT_SEED)
+        data = _read_npz(path)
+        if len(data) < 3:
+            raise HybridPruneError(f"{path} holds {len(data)} images; one file is split 80/20, so give at least 3")
+        train, test = split(data, test_fraction=0.2, seed=DIGITS_SPLIT_SEED)
     else:
         raise HybridPruneError(
             f"npz dataset {path} not found: give a .npz file or a folder with train.npz and test.npz"
         )
-    num_classes = int(max(train.y.max(), test.y.max())) + 1
+    # Each file's labels are already checked to be in 0..MAX_CLASSES-1; an empty test split (a tiny single
+    # file) counts as no labels here and is refused by check_dataset with the image counts.
+    num_classes = int(max(train.y.max(), test.y.max() if len(test) else 0)) + 1
     train, test = ImageSet(train.x, train.y, num_classes), ImageSet(test.x, test.y, num_classes)
     return Dataset(f"npz:{path}", train, test, hflip=train.channels == 3)
 
@@ -221,18 +372,21 @@ def _read_npz(path: Path) -> ImageSet:
             x, y = arrays["x"], arrays["y"]
     except KeyError:
         raise HybridPruneError(f"{path} must hold arrays 'x' and 'y'") from None
-    except (ValueError, OSError) as e:
-        raise HybridPruneError(f"{path} is not a readable .npz file ({e})") from None
+    except Exception as e:  # a damaged zip fails in many ways (BadZipFile, EOFError, zlib, ValueError, .npy given)
+        raise HybridPruneError(f"{path} is not a readable .npz file ({_one_line(e)})") from None
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or y.ndim != 1 or len(x) != len(y):
         raise HybridPruneError(
             f"{path}: x must be uint8 N x H x W (x C) and y one int per image; "
             f"got x {x.dtype} {x.shape}, y {y.dtype} {y.shape}"
         )
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise HybridPruneError(f"{path}: y must hold non-negative integer labels")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise HybridPruneError(f"{path}: y must hold integer labels 0..K-1; got {y.dtype}")
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    y_t = torch.from_numpy(y.astype(np.int64))
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(x)), y_t, int(y_t.max()) + 1)
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    labels = _int64_labels(y)
+    _check_images(images, str(path))
+    _check_labels(labels, MAX_CLASSES, str(path), len(images), f"integers 0..K-1 for K classes, K <= {MAX_CLASSES}")
+    return ImageSet(images, labels, int(labels.max()) + 1)
 
 
 def split(data: ImageSet, test_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:

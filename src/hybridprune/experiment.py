@@ -291,7 +291,7 @@ def _row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: dic
         "experiment": experiment,
         "dataset": cfg.data.dataset,
         "model": cfg.model.name,
-        "width": cfg.model.width,
+        "width": 1.0 if cfg.model.width is None else cfg.model.width,  # 1.0: the model's own widths
         "metric": cfg.prune.metric,
         "ratio": cfg.prune.filter_ratio,
         "seed": cfg.seed,

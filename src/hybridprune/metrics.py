@@ -1,22 +1,24 @@
-"""Filter-importance metrics, registered by name; each returns one score per filter of each conv block.
+"""Filter-importance metrics, registered by name; each returns one score per channel of each channel group.
 
-A higher score means a more important filter: filter pruning removes the lowest-scoring ones.
+A higher score means a more important channel: filter pruning removes the lowest-scoring ones. A
+channel group (see `graph.py`) may be produced by several convs (a residual add ties the convs whose
+outputs are added): each metric combines them as its docstring says.
 
-The hybrid metrics (after Wei, Liu, Hong, Wu and Chen) keep filters that matter for both pruning
-steps. For each conv layer with n filters:
+The hybrid metrics (after Wei, Liu, Hong, Wu and Chen) keep channels that matter for both pruning
+steps. For each group with n channels:
 
-    r_dense(f) = rank of f's base score with dense weights, scaled to [0, 1]
-    r_nm(f)    = rank of f's base score after N:M pruning, scaled to [0, 1]
-    hybrid(f)  = min(r_dense(f), r_nm(f)) + r_nm(f) / (2n)
+    r_dense(c) = rank of c's base score with dense weights, scaled to [0, 1]
+    r_nm(c)    = rank of c's base score after N:M pruning, scaled to [0, 1]
+    hybrid(c)  = min(r_dense(c), r_nm(c)) + r_nm(c) / (2n)
 
-Ranks are ascending (0 = least important); equal scores rank the lower filter index lower. A
-filter is only as important as its weaker rank; the small r_nm term (always smaller than one
-rank step, 1 / (n - 1)) breaks ties of the minimum in favour of the filter whose weights
-survive N:M pruning, since those are the weights the final model keeps.
+Ranks are ascending (0 = least important); equal scores rank the lower index lower. A channel is only
+as important as its weaker rank; the small r_nm term (always smaller than one rank step, 1 / (n - 1))
+breaks ties of the minimum in favour of the channel whose weights survive N:M pruning.
 
-- `hybrid`: base score `l1` (sum of |W[f]|); r_nm uses the L1 of W[f] after N:M pruning of that filter.
-- `hybrid_output`: base score `output_l1`; r_nm uses the outputs of a copy of the model whose
-  eligible layers are all N:M-pruned (what the network computes after step 2).
+- `hybrid`: base score `l1`; r_nm uses the L1 of what survives N:M pruning of each producing conv
+  (a conv that cannot take N:M, by `nm.nm_eligibility`, keeps all its weights).
+- `hybrid_output`: base score `output_l1`; r_nm uses the outputs of a copy of the model whose eligible
+  layers are all N:M-pruned (what the network computes after step 2).
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from .models import conv_blocks, input_shape
-from .nm import NMPattern, nm_prune_, nm_prune_weight, reduction_size
+from .graph import ChannelGroup, channel_groups, dependency_graph, followers
+from .nm import NMPattern, eligible_layers, nm_prune_, nm_prune_weight
+from .prune import Scores
 from .registry import Registry
-
-Scores = dict[str, torch.Tensor]  # conv block name -> one score per filter
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ScoringContext:
     """What a metric may look at: the model, unlabeled calibration batches, the N:M pattern, a seed.
 
     `calibration` holds input batches (images in [0, 1]); output-based metrics average over them.
+    `ignore` names modules whose output channels are never pruned (the classifier head never is).
     """
 
     model: nn.Module
@@ -49,6 +51,15 @@ class ScoringContext:
     pattern: NMPattern = field(default_factory=NMPattern)
     seed: int = 0
     labels: list[torch.Tensor] = field(default_factory=list)  # only the gradient-based `taylor` needs them
+    ignore: tuple[str, ...] = ()
+    _groups: list[ChannelGroup] | None = None
+
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """The model's prunable channel groups (traced once)."""
+        if self._groups is None:
+            self._groups = channel_groups(self.model, dependency_graph(self.model), self.ignore)
+        return self._groups
 
 
 Metric = Callable[[ScoringContext], Scores]
@@ -56,11 +67,11 @@ METRICS: Registry[Metric] = Registry("metric")
 
 
 def score_filters(metric: str, ctx: ScoringContext) -> Scores:
-    """Score every filter of every conv block with a registered metric.
+    """Score every channel of every prunable channel group with a registered metric.
 
     Example:
-        >>> from hybridprune.models import alexnet
-        >>> scores = score_filters("l1", ScoringContext(alexnet(width=0.125)))
+        >>> from hybridprune.models import build_model
+        >>> scores = score_filters("l1", ScoringContext(build_model("alexnet", width=0.125)))
         >>> [len(s) for s in scores.values()]
         [8, 24, 48, 32, 32]
     """
@@ -83,28 +94,61 @@ def combine_hybrid(dense: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
     return torch.minimum(r_dense, r_nm) + r_nm / (2 * dense.numel())
 
 
-def _weight_scores(ctx: ScoringContext, fn: Callable[[torch.Tensor], torch.Tensor]) -> Scores:
-    return {name: fn(block.conv.weight.detach()) for name, block in conv_blocks(ctx.model)}
+def _per_group(ctx: ScoringContext, per_conv: Callable[[str, nn.Conv2d], torch.Tensor]) -> Scores:
+    """Sum a per-output-channel value of every conv producing a group, placed at the group's channels."""
+    scores = {}
+    for g in ctx.groups:
+        total = torch.zeros(g.size, dtype=torch.float64)
+        for p in g.producers:
+            value = per_conv(p.name, ctx.model.get_submodule(p.name)).double().cpu()
+            total.index_add_(0, torch.tensor(p.root_idxs), value[list(p.idxs)])
+        scores[g.name] = total
+    return scores
 
 
 def _filter_l1(weight: torch.Tensor) -> torch.Tensor:
-    return weight.abs().flatten(1).sum(dim=1)
+    return weight.detach().abs().flatten(1).sum(dim=1)
 
 
-def _nm_filter_l1(weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
-    """L1 of what survives N:M pruning; a layer that cannot take N:M (first conv) keeps all its weights."""
-    if reduction_size(weight) % pattern.m:
-        return _filter_l1(weight)
-    return _filter_l1(nm_prune_weight(weight, pattern))
+@METRICS.register("l1")
+def l1(ctx: ScoringContext) -> Scores:
+    """Sum of |W[f]| (Li et al., ICLR 2017), summed over every conv producing the channel."""
+    return _per_group(ctx, lambda name, conv: _filter_l1(conv.weight))
+
+
+@METRICS.register("l2")
+def l2(ctx: ScoringContext) -> Scores:
+    """Euclidean norm of the channel's filters, taken over every conv producing it: an extra magnitude baseline."""
+    squares = _per_group(ctx, lambda name, conv: conv.weight.detach().flatten(1).pow(2).sum(dim=1))
+    return {name: s.sqrt() for name, s in squares.items()}
+
+
+@METRICS.register("hybrid")
+def hybrid(ctx: ScoringContext) -> Scores:
+    """Weight-based hybrid: combines the ranks of L1 and of L1 after N:M pruning (summed over producers)."""
+    eligible = eligible_layers(ctx.model, ctx.pattern)
+
+    def nm_l1(name: str, conv: nn.Conv2d) -> torch.Tensor:
+        w = conv.weight.detach()
+        return _filter_l1(nm_prune_weight(w, ctx.pattern) if name in eligible else w)
+
+    dense, pruned = l1(ctx), _per_group(ctx, nm_l1)
+    return {name: combine_hybrid(dense[name], pruned[name]) for name in dense}
 
 
 @torch.no_grad()
-def _mean_abs_outputs(model: nn.Module, calibration: list[torch.Tensor]) -> Scores:
-    """Mean |activation| of each conv block's output (after BN and ReLU), per channel, over the batches."""
+def _mean_abs_outputs(model: nn.Module, groups: list[ChannelGroup], calibration: list[torch.Tensor]) -> Scores:
+    """Mean |activation| of each group channel where its producing convs make it (see `output_l1`)."""
     if not calibration:
         raise ValueError("output-based metrics need calibration batches")
-    sums: Scores = {}
-    hooks = [block.register_forward_hook(_accumulate(name, sums)) for name, block in conv_blocks(model)]
+    follow = followers(model)
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for p in {p.name for g in groups for p in g.producers}:
+        site = follow.bn.get(p, p)
+        act = modules[follow.act[site]] if site in follow.act else None
+        hooks.append(modules[site].register_forward_hook(_accumulate(p, act, sums)))
     was_training = model.training
     model.eval()
     try:
@@ -115,41 +159,28 @@ def _mean_abs_outputs(model: nn.Module, calibration: list[torch.Tensor]) -> Scor
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {name: s / len(calibration) for name, s in sums.items()}
+    means = {name: s / len(calibration) for name, s in sums.items()}
+    ctx = ScoringContext(model, _groups=groups)
+    return _per_group(ctx, lambda name, conv: means[name])
 
 
-def _accumulate(name: str, sums: Scores) -> Callable:
+def _accumulate(name: str, act: nn.Module | None, sums: dict[str, torch.Tensor]) -> Callable:
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        value = output.detach().abs().mean(dim=(0, 2, 3)).double().cpu()
-        sums[name] = sums.get(name, 0) + value
+        out = output.detach()
+        if act is not None:
+            out = act(out.clone())  # the activation that follows (a clone: it may work in place)
+        sums[name] = sums.get(name, 0) + out.abs().mean(dim=(0, 2, 3)).double().cpu()
 
     return hook
 
 
-@METRICS.register("l1")
-def l1(ctx: ScoringContext) -> Scores:
-    """Sum of |W[f]| (Li et al., ICLR 2017)."""
-    return _weight_scores(ctx, _filter_l1)
-
-
-@METRICS.register("l2")
-def l2(ctx: ScoringContext) -> Scores:
-    """Euclidean norm of W[f]: an extra magnitude baseline."""
-    return _weight_scores(ctx, lambda w: w.flatten(1).norm(dim=1))
-
-
 @METRICS.register("output_l1")
 def output_l1(ctx: ScoringContext) -> Scores:
-    """Mean |output| of filter f after BN and ReLU, over the calibration batches (model in eval mode)."""
-    return _mean_abs_outputs(ctx.model, ctx.calibration)
-
-
-@METRICS.register("hybrid")
-def hybrid(ctx: ScoringContext) -> Scores:
-    """Weight-based hybrid: combines the ranks of L1 and of L1 after N:M pruning."""
-    dense = l1(ctx)
-    pruned = _weight_scores(ctx, lambda w: _nm_filter_l1(w, ctx.pattern))
-    return {name: combine_hybrid(dense[name], pruned[name]) for name in dense}
+    """Mean |output| of each channel over the calibration batches (model in eval mode), summed over the convs
+    producing it. Each conv's output is read after the BatchNorm that directly follows it, passed through
+    the activation module that directly follows that (none when the BN output first meets a residual add);
+    without a BatchNorm, at the conv's own output."""
+    return _mean_abs_outputs(ctx.model, ctx.groups, ctx.calibration)
 
 
 @METRICS.register("hybrid_output")
@@ -158,28 +189,28 @@ def hybrid_output(ctx: ScoringContext) -> Scores:
     dense = output_l1(ctx)
     nm_model = copy.deepcopy(ctx.model)
     nm_prune_(nm_model, ctx.pattern)
-    pruned = _mean_abs_outputs(nm_model, ctx.calibration)
+    pruned = _mean_abs_outputs(nm_model, ctx.groups, ctx.calibration)
     return {name: combine_hybrid(dense[name], pruned[name]) for name in dense}
 
 
 @METRICS.register("random")
 def random(ctx: ScoringContext) -> Scores:
-    """A seeded random score per filter: the control every metric must beat."""
+    """A seeded random score per channel: the control every metric must beat."""
     gen = torch.Generator().manual_seed(ctx.seed)
-    return {name: torch.rand(block.conv.out_channels, generator=gen) for name, block in conv_blocks(ctx.model)}
+    return {g.name: torch.rand(g.size, generator=gen) for g in ctx.groups}
 
 
 @METRICS.register("fpgm")
 def fpgm(ctx: ScoringContext) -> Scores:
-    """Filter Pruning via Geometric Median (He et al., CVPR 2019), Torch-Pruning's implementation: filters
-    far from the others are irreplaceable; it scores the whole dependency group (conv, BN, next layer's inputs)."""
-    return _torch_pruning_scores(ctx.model, tp.importance.FPGMImportance())
+    """Filter Pruning via Geometric Median (He et al., CVPR 2019), Torch-Pruning's implementation: channels
+    far from the others are irreplaceable; it scores the whole group (convs, BNs, next layers' inputs)."""
+    return _torch_pruning_scores(ctx, tp.importance.FPGMImportance())
 
 
 @METRICS.register("taylor")
 def taylor(ctx: ScoringContext) -> Scores:
     """First-order Taylor importance |w * dL/dw| (Molchanov et al., 2019), Torch-Pruning's implementation,
-    with the loss summed over the labelled calibration batches."""
+    over the whole group, with the loss summed over the labelled calibration batches."""
     if len(ctx.labels) != len(ctx.calibration) or not ctx.calibration:
         raise ValueError("taylor needs labelled calibration batches")
     model = ctx.model
@@ -188,23 +219,22 @@ def taylor(ctx: ScoringContext) -> Scores:
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     try:
-        for x, y in zip(ctx.calibration, ctx.labels, strict=True):
-            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
-        return _torch_pruning_scores(model, tp.importance.TaylorImportance())
+        with torch.enable_grad():
+            for x, y in zip(ctx.calibration, ctx.labels, strict=True):
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        return _torch_pruning_scores(ctx, tp.importance.TaylorImportance())
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
 
 
-def _torch_pruning_scores(model: nn.Module, importance: Callable) -> Scores:
-    device = next(model.parameters()).device
-    graph = tp.DependencyGraph().build_dependency(
-        model, example_inputs=torch.zeros(1, *input_shape(model), device=device), verbose=False
-    )
+def _torch_pruning_scores(ctx: ScoringContext, importance: Callable) -> Scores:
+    graph = dependency_graph(ctx.model)
     scores = {}
-    for name, block in conv_blocks(model):
-        group = graph.get_pruning_group(block.conv, tp.prune_conv_out_channels, list(range(block.conv.out_channels)))
-        scores[name] = importance(group)
+    for g in ctx.groups:
+        root = ctx.model.get_submodule(g.name)
+        pruner = graph.get_pruner_of_module(root)
+        scores[g.name] = importance(graph.get_pruning_group(root, pruner.prune_out_channels, list(range(g.size))))
     return scores
 
 

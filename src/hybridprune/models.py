@@ -1,34 +1,74 @@
-"""Registered model factories that take explicit per-layer widths.
+"""Where models come from, and how a pruned one is described as data and rebuilt.
 
-A pruned model is the same architecture with other widths, so it is described by a small dict
-(`model_spec`) and rebuilt through its factory: checkpoints never need pickled modules.
+`--model` names one of three sources:
+
+- a built-in network: `alexnet`, `resnet20`, `resnet56`, `vgg16` (see `architectures.py`), scaled by `width`;
+- any torchvision classification model: `torchvision:resnet18`, `torchvision:mobilenet_v2`, ...;
+- the user's own code: `my_package.models:make_net`, a factory imported only because the user named it.
+
+Every network is wrapped in a `Classifier` that normalises its input with the dataset's statistics (kept
+as buffers, so every saved model carries them) and, when a 1-channel dataset meets a network built for 3
+channels, repeats the gray channel (exactly what RGB weights expect of a gray image). A pruned model is
+then data: its source, its input shape, and Torch-Pruning's pruning history (module names and integer
+channel indices). Rebuilding builds the original and replays that history; no file ever names code.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .architectures import BUILTIN
 from .errors import HybridPruneError
 from .registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+for _name, _factory in BUILTIN.items():
+    MODELS.register(_name)(_factory)
 
-ALEXNET_WIDTHS = (64, 192, 384, 256, 256)
-ALEXNET_HIDDEN = (1024, 1024)
+TORCHVISION_PREFIX = "torchvision:"
 
 
-class ConvBlock(nn.Sequential):
-    """conv -> BatchNorm -> ReLU: the unit that filter pruning scores and shrinks."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a network comes from: `kind` is builtin, torchvision or user; `args` are its factory arguments.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU(inplace=True)
+    Example:
+        >>> ModelSource.parse("torchvision:resnet18")
+        ModelSource(kind='torchvision', name='resnet18', args={})
+    """
+
+    kind: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, args: dict[str, Any] | None = None) -> ModelSource:
+        text = text.strip()
+        if text.startswith(TORCHVISION_PREFIX):
+            return cls("torchvision", text[len(TORCHVISION_PREFIX) :], dict(args or {}))
+        if ":" in text:
+            return cls("user", text, dict(args or {}))
+        MODELS.get(text)  # unknown names fail with the list of valid ones
+        return cls("builtin", text, dict(args or {}))
+
+    @property
+    def label(self) -> str:
+        return TORCHVISION_PREFIX + self.name if self.kind == "torchvision" else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_names() -> str:
+    """One line for --help: what --model accepts."""
+    return f"{', '.join(MODELS.names())}, torchvision:NAME (e.g. torchvision:resnet18) or a factory module:function"
 
 
 class Normalize(nn.Module):
@@ -36,129 +76,175 @@ class Normalize(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean)).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std)).view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
 
-class AlexNet(nn.Module):
-    """AlexNet for small images: five conv blocks (3x3 conv, BatchNorm, ReLU), three max-pools, three linears.
+class Classifier(nn.Module):
+    """A network with its input handling, its origin and its pruning history.
 
-    `widths` are the five conv output channel counts, `hidden` the two hidden linear widths.
-    Input: `in_channels` x `image_size` x `image_size` images in [0, 1] (normalised inside).
+    Takes `[N, in_channels, image_size, image_size]` images in [0, 1]; `net` is the user-visible network.
     """
 
     def __init__(
         self,
-        in_channels: int = 3,
-        num_classes: int = 10,
-        image_size: int = 32,
-        widths: Sequence[int] = ALEXNET_WIDTHS,
-        hidden: Sequence[int] = ALEXNET_HIDDEN,
+        net: nn.Module,
+        source: ModelSource,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        net_channels: int,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if len(widths) != 5 or len(hidden) != 2:
-            raise HybridPruneError(f"alexnet takes 5 conv widths and 2 hidden widths, got {widths} and {hidden}")
-        if image_size < 8:
-            raise HybridPruneError(f"alexnet needs images of at least 8x8 pixels, got {image_size}")
-        c1, c2, c3, c4, c5 = widths
-        self.config = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
-        self.normalize = Normalize(mean or [0.5] * in_channels, std or [0.25] * in_channels)
-        pool = nn.MaxPool2d(2)
-        self.features = nn.Sequential(
-            ConvBlock(in_channels, c1),
-            pool,
-            ConvBlock(c1, c2),
-            pool,
-            ConvBlock(c2, c3),
-            ConvBlock(c3, c4),
-            ConvBlock(c4, c5),
-            pool,
-        )
-        side = image_size // 8  # three 2x2 max-pools, floored (28 -> 14 -> 7 -> 3)
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(c5 * side * side, hidden[0]),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden[0], hidden[1]),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden[1], num_classes),
-        )
+        channels = input_shape[0]
+        self.normalize = Normalize(mean or [0.5] * channels, std or [0.25] * channels)
+        self.net = net
+        self.source = source
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+        self.net_channels = net_channels
+        self.pruning_history: list[list] = []  # Torch-Pruning's [module name, out-channels?, indices] entries
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(self.normalize(x)))
+        x = self.normalize(x)
+        if self.net_channels != x.shape[1]:
+            x = x.repeat(1, self.net_channels // x.shape[1], 1, 1)  # gray image for an RGB network
+        return self.net(x)
 
     def spec(self) -> dict[str, Any]:
-        """The architecture as plain data, read from the live modules (so it follows physical pruning)."""
-        convs = [b.conv.out_channels for b in self.features if isinstance(b, ConvBlock)]
-        linears = [m.out_features for m in self.classifier if isinstance(m, nn.Linear)]
-        return {"name": "alexnet", **self.config, "widths": convs, "hidden": linears[:2]}
+        """The architecture as plain JSON data: source, input, pruning history."""
+        return {
+            "model": self.source.to_dict(),
+            "input": {
+                "channels": self.input_shape[0],
+                "image_size": self.input_shape[1],
+                "num_classes": self.num_classes,
+                "net_channels": self.net_channels,
+            },
+            "history": [list(entry) for entry in self.pruning_history],
+        }
 
 
-def scaled(widths: Sequence[int], width: float, multiple: int = 8) -> list[int]:
-    """Scale layer widths by a multiplier, rounded to a multiple (tensor cores and 2:4 want aligned widths)."""
-    return [max(multiple, int(round(w * width / multiple)) * multiple) for w in widths]
-
-
-@MODELS.register("alexnet")
-def alexnet(
+def build_model(
+    name: str | ModelSource,
+    *,
     in_channels: int = 3,
     num_classes: int = 10,
     image_size: int = 32,
-    width: float = 1.0,
-    widths: Sequence[int] | None = None,
-    hidden: Sequence[int] | None = None,
+    width: float | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-) -> AlexNet:
-    """AlexNet for 28x28/32x32 images; `width` scales the default widths, explicit `widths`/`hidden` win.
+) -> Classifier:
+    """Build a model from any source, shaped for the data; None-valued arguments keep the model's defaults.
 
     Example:
-        >>> m = alexnet(in_channels=1, image_size=28, width=0.25)
-        >>> m(torch.zeros(2, 1, 28, 28)).shape
-        torch.Size([2, 10])
+        >>> m = build_model("resnet20", in_channels=1, image_size=16, width=0.5)
+        >>> m(torch.zeros(2, 1, 16, 16)).shape, m.source.label
+        (torch.Size([2, 10]), 'resnet20')
     """
-    if width <= 0:
-        raise HybridPruneError(f"width multiplier must be positive, got {width}")
-    return AlexNet(
-        in_channels,
-        num_classes,
-        image_size,
-        widths if widths is not None else scaled(ALEXNET_WIDTHS, width),
-        hidden if hidden is not None else scaled(ALEXNET_HIDDEN, width),
-        mean,
-        std,
-    )
+    source = ModelSource.parse(name) if isinstance(name, str) else name
+    if width is not None:
+        source = ModelSource(source.kind, source.name, {**source.args, "width": width})
+    net = _build_net(source, in_channels, num_classes, image_size)
+    net_channels = _net_channels(net, in_channels, image_size)
+    if net_channels % in_channels:
+        raise HybridPruneError(
+            f"{source.label} takes {net_channels}-channel images; the data has {in_channels} channels"
+        )
+    model = Classifier(net, source, (in_channels, image_size, image_size), num_classes, net_channels, mean, std)
+    _check_forward(model)
+    return model
 
 
-def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model; None-valued arguments are dropped so CLI defaults never override the model's."""
-    return MODELS.get(name)(**{k: v for k, v in kwargs.items() if v is not None})
+def _build_net(source: ModelSource, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    shape = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
+    if source.kind == "builtin":
+        return MODELS.get(source.name)(**shape, **source.args)
+    if source.kind == "torchvision":
+        if "width" in source.args:
+            raise HybridPruneError("--width scales the built-in models only; torchvision models have fixed widths")
+        return _torchvision_net(source.name, num_classes, source.args)
+    return _user_net(source.name, shape, source.args)
 
 
-def model_spec(model: nn.Module) -> dict[str, Any]:
-    """The architecture of a registered model as plain data; `build_model(**spec)` rebuilds it."""
-    if not hasattr(model, "spec"):
-        raise HybridPruneError(f"{type(model).__name__} has no spec(); register it through hybridprune.models")
-    return model.spec()
+def _torchvision_net(name: str, num_classes: int, args: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)  # classification models only
+    if name not in known:
+        raise HybridPruneError(f"unknown torchvision classification model {name!r}; valid: {', '.join(known)}")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
 
 
-def rebuild(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from `model_spec` output (weights left at their initial values)."""
-    spec = dict(spec)
-    return build_model(spec.pop("name"), **spec)
+def _user_net(spec: str, shape: dict[str, int], args: dict[str, Any]) -> nn.Module:
+    """Import `module:factory` (named by the user) and call it with the shape arguments it accepts."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise HybridPruneError(f"cannot load model factory {spec!r} ({type(e).__name__}: {e})") from None
+    if not callable(factory):
+        raise HybridPruneError(f"{spec!r} is not callable; give module:function returning an nn.Module")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in {**shape, **args}.items() if takes_all or k in params}
+    net = factory(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise HybridPruneError(f"{spec!r} returned {type(net).__name__}, not an nn.Module")
+    return net
 
 
-def conv_blocks(model: nn.Module) -> list[tuple[str, ConvBlock]]:
-    """The model's conv blocks in forward order, by qualified name: the layers filter pruning acts on."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ConvBlock)]
+@torch.no_grad()
+def _net_channels(net: nn.Module, in_channels: int, image_size: int) -> int:
+    """Input channels the network expects: the data's, when it runs on them; else its first conv's (an RGB
+    network given gray images)."""
+    conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise HybridPruneError(f"{type(net).__name__} has no Conv2d layer; hybridprune prunes CNNs")
+    was_training = net.training
+    try:
+        net.eval()(torch.zeros(1, in_channels, image_size, image_size))
+        return in_channels
+    except Exception:  # noqa: BLE001 - any failure: try the first conv's channel count, checked by the caller
+        return conv.in_channels
+    finally:
+        net.train(was_training)
+
+
+@torch.no_grad()
+def _check_forward(model: Classifier) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(1, *model.input_shape))
+    except Exception as e:  # noqa: BLE001 - a model that cannot take the data's images, whatever the reason
+        c, h, w = model.input_shape
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise HybridPruneError(f"{model.source.label} cannot take {c}x{h}x{w} images ({first})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.shape != (1, model.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise HybridPruneError(f"{model.source.label} returns {got}, not logits of shape (N, {model.num_classes})")
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the model's input, from its spec."""
-    spec = model_spec(model)
-    return spec["in_channels"], spec["image_size"], spec["image_size"]
+    """(channels, height, width) of the model's input."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise HybridPruneError(f"{type(model).__name__} is not a hybridprune model; build it with build_model")
+    return tuple(shape)
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The architecture of a hybridprune model as plain data (see `Classifier.spec`)."""
+    if not isinstance(model, Classifier):
+        raise HybridPruneError(f"{type(model).__name__} is not a hybridprune model; build it with build_model")
+    return model.spec()

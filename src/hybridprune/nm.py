@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import HybridPruneError
+from .graph import forward_order
 
 
 @dataclass(frozen=True)
@@ -111,27 +112,43 @@ class Eligibility:
 
 
 def nm_eligibility(model: nn.Module, pattern: NMPattern = NMPattern()) -> list[Eligibility]:
-    """Every conv and linear layer, with whether it can take N:M masks and why not.
+    """Every conv and linear layer, with whether it can take N:M masks and why not: the one rule that masks,
+    metrics and the inference conversion all ask.
 
-    The first conv stays dense: its 1 or 3 input channels cannot form groups of 4, and it holds
-    few weights. Grouped and depthwise convs are not supported by sparse tensor cores.
+    The conv that reads the image (the first conv in forward order, found by tracing a hybridprune model;
+    registration order for a bare module) stays dense: its 1 or 3 input channels cannot form groups of 4,
+    and it holds few weights. Grouped and depthwise convs have no sparse tensor core kernel.
+
+    Example:
+        >>> [e.reason or "N:M" for e in nm_eligibility(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 1)))]
+        ['conv that reads the image stays dense', 'N:M']
     """
-    report, first_conv = [], True
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    order = forward_order(model) if hasattr(model, "input_shape") else list(layers)
+    first_conv = next((n for n in order if isinstance(layers.get(n), nn.Conv2d)), None)
+    report = []
+    for name in [n for n in order if n in layers] + [n for n in layers if n not in order]:
+        module = layers[name]
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
-        shape = tuple(module.weight.shape)
-        if kind == "conv" and first_conv:
-            first_conv, reason = False, "first conv layer stays dense"
+        if name not in order:
+            reason = "not called in the forward pass"
+        elif name == first_conv:
+            reason = "conv that reads the image stays dense"
         elif kind == "conv" and module.groups != 1:
-            reason = f"grouped conv (groups={module.groups})"
+            reason = (
+                f"{'depthwise' if module.groups == module.in_channels else 'grouped'} conv (groups={module.groups})"
+            )
         elif reduction_size(module.weight) % pattern.m:
             reason = f"{reduction_size(module.weight)} input channels is not a multiple of {pattern.m}"
         else:
             reason = ""
-        report.append(Eligibility(name, kind, shape, not reason, reason))
+        report.append(Eligibility(name, kind, tuple(module.weight.shape), not reason, reason))
     return report
+
+
+def eligible_layers(model: nn.Module, pattern: NMPattern = NMPattern()) -> set[str]:
+    """Names of the layers that take N:M masks."""
+    return {e.name for e in nm_eligibility(model, pattern) if e.eligible}
 
 
 def compute_masks(model: nn.Module, pattern: NMPattern = NMPattern()) -> dict[str, torch.Tensor]:

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights_, save_checkpoint
 from .config import DataConfig, PruneConfig, RunConfig
 from .data import Dataset, channel_stats, load_dataset
 from .errors import HybridPruneError
 from .metrics import ScoringContext, score_filters
-from .models import build_model, model_spec
+from .models import Classifier, build_model
 from .nm import nm_eligibility, nm_prune_, satisfies_nm
 from .outputs import environment, write_json
 from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
@@ -43,20 +43,21 @@ def prepare_data_config(d: DataConfig, seed: int) -> Dataset:
 
 def check_fits(model: nn.Module, data: Dataset) -> None:
     """A checkpoint's model must take the dataset's images and predict at least its classes."""
-    spec = model_spec(model)
+    c, h, w = model.input_shape
     want = (data.train.channels, data.train.image_size)
-    if (spec["in_channels"], spec["image_size"]) != want or spec["num_classes"] < data.train.num_classes:
+    if (c, h) != want or model.num_classes < data.train.num_classes:
         raise HybridPruneError(
-            f"model takes {spec['in_channels']}x{spec['image_size']}x{spec['image_size']} images and "
-            f"{spec['num_classes']} classes; {data.name} has {want[0]}x{want[1]}x{want[1]} and {data.train.num_classes}"
+            f"model takes {c}x{h}x{w} images and {model.num_classes} classes; "
+            f"{data.name} has {want[0]}x{want[1]}x{want[1]} and {data.train.num_classes}"
         )
 
 
-def new_model(cfg: RunConfig, data: Dataset) -> nn.Module:
-    """The configured model, shaped for the dataset, normalising with its training statistics."""
+def new_model(cfg: RunConfig, data: Dataset, log: Log = print) -> Classifier:
+    """The configured model, shaped for the dataset, normalising with its training statistics; with
+    `cfg.model.weights`, the user's trained weights loaded into it."""
     mean, std = channel_stats(data.train)
     torch.manual_seed(cfg.seed)
-    return build_model(
+    model = build_model(
         cfg.model.name,
         in_channels=data.train.channels,
         num_classes=data.train.num_classes,
@@ -65,6 +66,15 @@ def new_model(cfg: RunConfig, data: Dataset) -> nn.Module:
         mean=mean,
         std=std,
     )
+    if model.net_channels != data.train.channels:
+        log(
+            f"model: {model.source.label} takes {model.net_channels}-channel images; each {data.name} image's "
+            f"{data.train.channels} channel(s) are repeated to fill them"
+        )
+    if cfg.model.weights:
+        load_weights_(model, cfg.model.weights)
+        log(f"model: weights from {cfg.model.weights}")
+    return model
 
 
 def prune_filters_(
@@ -77,16 +87,31 @@ def prune_filters_(
     """Score filters with `cfg.metric`, plan the removal, and remove them physically, in place.
 
     Example:
-        >>> from hybridprune.models import alexnet
-        >>> m = alexnet(width=0.25)
-        >>> plan = prune_filters_(m, PruneConfig(metric="l1", filter_ratio=0.5, round_to=8), [])
-        >>> [layer.kept for layer in plan.layers]
-        [8, 24, 48, 32, 32]
+        >>> m = build_model("resnet20", width=0.5)
+        >>> plan = prune_filters_(m, PruneConfig(metric="l1", filter_ratio=0.5, round_to=4), [])
+        >>> [g.kept for g in plan.groups][:4]
+        [4, 4, 4, 4]
     """
-    ctx = ScoringContext(model, calibration, cfg.pattern, seed, labels or [])
-    plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to)
+    ctx = ScoringContext(model, calibration, cfg.pattern, seed, labels or [], ignore=_ignored(model, cfg.ignore))
+    plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to, ctx.groups)
     apply_filter_plan_(model, plan)
     return plan
+
+
+def _ignored(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Module names to keep unpruned, given as in the user's network (or with the `net.` prefix); unknown
+    names are bad input."""
+    known = {n for n, _ in model.named_modules()}
+    full = tuple(n if n.startswith("net.") else f"net.{n}" for n in names)
+    missing = [n for n, f in zip(names, full, strict=True) if f not in known]
+    if missing:
+        examples = [
+            n.removeprefix("net.") for n, m in model.named_modules() if n.startswith("net.") and "." not in n[4:]
+        ]
+        raise HybridPruneError(
+            f"--ignore names no module {', '.join(missing)}; top-level modules: {', '.join(examples)}"
+        )
+    return full
 
 
 @dataclass
@@ -138,11 +163,13 @@ class Job:
         record = self.out / "dense.json"
         if record.is_file():
             self.log("dense model: reusing the finished one in the output folder")
-            model = load_checkpoint(self.out / "dense.safetensors")[0].to(self.device)
+            model = load_checkpoint(self.out / "dense.safetensors", self.cfg.model.name)[0].to(self.device)
             return model, json.loads(record.read_text())
         if self.dense_checkpoint:
             return self._load_dense(record)
-        model = new_model(self.cfg, self.data)
+        model = new_model(self.cfg, self.data, self.log)
+        if self.cfg.model.weights:  # the user's trained model: prune it as it is
+            return self._record_dense(model, record)
         fit(
             model,
             self.data,
@@ -152,6 +179,9 @@ class Job:
             desc="train dense",
             progress=self.progress,
         )
+        return self._record_dense(model, record)
+
+    def _record_dense(self, model: nn.Module, record: Path) -> tuple[nn.Module, dict[str, Any]]:
         ckpt = save_checkpoint(self.out / "dense.safetensors", model, None, {"stage": "dense"}, overwrite=True)
         result = {
             "accuracy": evaluate(model, self.data.test, self.device),
@@ -165,7 +195,7 @@ class Job:
         model = (
             self.dense_model
             if self.dense_model is not None
-            else load_dense_checkpoint(self.dense_checkpoint, self.data)
+            else load_dense_checkpoint(self.dense_checkpoint, self.data, self.cfg.model.name)
         )
         model = model.to(self.device)
         result = {
@@ -209,9 +239,9 @@ class Job:
         return result
 
 
-def load_dense_checkpoint(path: str | Path, data: Dataset) -> nn.Module:
+def load_dense_checkpoint(path: str | Path, data: Dataset, user_model: str | None = None) -> nn.Module:
     """A dense checkpoint that fits the dataset; anything else is bad input."""
-    model, masks, _ = load_checkpoint(path)
+    model, masks, _ = load_checkpoint(path, user_model)
     if masks:
         raise HybridPruneError(f"{path} is already N:M-pruned; pruning starts from a dense checkpoint")
     check_fits(model, data)
@@ -260,7 +290,7 @@ def run(
     env = environment()  # now, not at the end: the checkout may change while a long run goes on
     data = prepare_data(cfg)
     # loaded before anything is written, so a bad checkpoint leaves no output folder behind
-    dense_model = load_dense_checkpoint(dense_checkpoint, data) if dense_checkpoint else None
+    dense_model = load_dense_checkpoint(dense_checkpoint, data, cfg.model.name) if dense_checkpoint else None
     prepare_out_dir(out, cfg, resume, overwrite)
     log(
         f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "

@@ -1,9 +1,12 @@
-"""Filter pruning: which filters go (the plan) and their physical removal (via Torch-Pruning).
+"""Filter pruning over coupled channel groups: which channels go (the plan) and their physical removal.
 
-Kept filter counts are rounded to a multiple of `round_to` so that the next layer's input
-channels stay aligned: 2:4 groups need a multiple of 4, and cuSPARSELt in fp16/bf16 needs both
-GEMM dimensions of the sparse weight to be multiples of 16 (`kh * kw * in` is a multiple of 16
-for every kernel size only when `in` is).
+The unit is a channel group (`graph.ChannelGroup`): a conv's output channels together with every layer
+tied to them (a residual add ties several convs into one group). A plan keeps, per group, the
+highest-scoring channels; the kept count is rounded to a multiple of `round_to` so that the layers
+reading the group stay aligned: 2:4 groups need a multiple of 4, and cuSPARSELt in fp16/bf16 needs both
+GEMM dimensions of the sparse weight to be multiples of 16 (`kh * kw * in` is a multiple of 16 for every
+kernel size only when `in` is). Removal goes through Torch-Pruning, and its history (module names and
+integer indices) is kept on the model, so a checkpoint can replay it on a freshly built original.
 """
 
 from __future__ import annotations
@@ -13,23 +16,24 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from .errors import HybridPruneError
-from .metrics import Scores
-from .models import conv_blocks, input_shape
+from .graph import ChannelGroup, dependency_graph
 
 DEFAULT_ROUND_TO = 16
 
+Scores = dict[str, torch.Tensor]  # group name -> one score per channel of the group
+
 
 @dataclass(frozen=True)
-class LayerPlan:
-    """One conv layer's filters: how many it had and which it keeps (sorted indices)."""
+class GroupPlan:
+    """One channel group: how many channels it had, which it keeps (sorted indices), and the convs producing it."""
 
     name: str
     original: int
     keep: tuple[int, ...]
+    members: tuple[str, ...] = ()
 
     @property
     def kept(self) -> int:
@@ -37,23 +41,26 @@ class LayerPlan:
 
     @property
     def ratio(self) -> float:
-        """The real fraction of filters removed, after rounding."""
+        """The real fraction of channels removed, after rounding."""
         return 1 - self.kept / self.original
 
 
 @dataclass(frozen=True)
 class FilterPlan:
-    """Which filters every conv layer keeps, and the settings that chose them."""
+    """Which channels every group keeps, and the settings that chose them."""
 
     ratio: float
     round_to: int
-    layers: tuple[LayerPlan, ...]
+    groups: tuple[GroupPlan, ...]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ratio": self.ratio,
             "round_to": self.round_to,
-            "layers": [{**asdict(lp), "keep": list(lp.keep), "real_ratio": lp.ratio} for lp in self.layers],
+            "groups": [
+                {**asdict(g), "keep": list(g.keep), "members": list(g.members), "real_ratio": g.ratio}
+                for g in self.groups
+            ],
         }
 
 
@@ -64,7 +71,7 @@ def validate_ratio(ratio: float, what: str = "filter ratio") -> float:
 
 
 def kept_count(n: int, ratio: float, round_to: int) -> int:
-    """Filters to keep out of n: n * (1 - ratio) rounded to the nearest multiple of round_to, within [round_to, n].
+    """Channels to keep out of n: n * (1 - ratio) rounded to the nearest multiple of round_to, within [round_to, n].
 
     Example:
         >>> kept_count(64, 0.4, 16), kept_count(192, 0.4, 16), kept_count(10, 0.4, 16)
@@ -77,43 +84,88 @@ def kept_count(n: int, ratio: float, round_to: int) -> int:
     return min(n, max(k, round_to))
 
 
-def plan_filter_pruning(scores: Scores, ratio: float, round_to: int = DEFAULT_ROUND_TO) -> FilterPlan:
-    """Keep the highest-scoring filters of each layer (equal scores: the higher index is kept).
+def plan_filter_pruning(
+    scores: Scores, ratio: float, round_to: int = DEFAULT_ROUND_TO, groups: list[ChannelGroup] | None = None
+) -> FilterPlan:
+    """Keep the highest-scoring channels of each group (equal scores: the higher index is kept).
+
+    A plan that removes nothing although `ratio` > 0 (every group smaller than `round_to`) is bad input.
 
     Example:
         >>> plan = plan_filter_pruning({"conv": torch.tensor([3.0, 1.0, 2.0, 0.5])}, 0.5, round_to=1)
-        >>> plan.layers[0].keep
+        >>> plan.groups[0].keep
         (0, 2)
     """
-    layers = []
+    members = {g.name: tuple(p.name for p in g.producers) for g in groups or []}
+    plans = []
     for name, s in scores.items():
         k = kept_count(s.numel(), ratio, round_to)
         keep = torch.argsort(s, stable=True)[s.numel() - k :]
-        layers.append(LayerPlan(name, s.numel(), tuple(sorted(keep.tolist()))))
-    return FilterPlan(ratio, round_to, tuple(layers))
+        plans.append(GroupPlan(name, s.numel(), tuple(sorted(keep.tolist())), tuple(members.get(name, ()))))
+    if ratio > 0 and plans and all(p.kept == p.original for p in plans):
+        sizes = sorted({p.original for p in plans})
+        raise HybridPruneError(
+            f"filter ratio {ratio} with --round-to {round_to} removes no channel: every group keeps all of its "
+            f"{', '.join(map(str, sizes))} channels; use a smaller --round-to (e.g. {max(1, min(sizes) // 4)})"
+        )
+    return FilterPlan(ratio, round_to, tuple(plans))
 
 
 def apply_filter_plan_(model: nn.Module, plan: FilterPlan) -> nn.Module:
-    """Remove the planned filters physically, in place: each conv, its BatchNorm and the next layer's inputs
-    shrink (the last conv's removal reaches through the flatten into the first linear layer).
+    """Remove the planned channels physically, in place, through Torch-Pruning: every member of each group
+    shrinks with it (BatchNorm, the next layers' inputs, residual partners, the flatten into a linear).
+    The removal is appended to `model.pruning_history`.
 
     Example:
-        >>> from hybridprune.models import alexnet
+        >>> from hybridprune.models import build_model
         >>> from hybridprune.metrics import ScoringContext, score_filters
-        >>> m = alexnet(width=0.25)
+        >>> m = build_model("alexnet", width=0.25)
         >>> plan = plan_filter_pruning(score_filters("l1", ScoringContext(m)), 0.5, round_to=8)
-        >>> apply_filter_plan_(m, plan).spec()["widths"]
+        >>> _ = apply_filter_plan_(m, plan)
+        >>> [m.get_submodule(g.name).out_channels for g in plan.groups]
         [8, 24, 48, 32, 32]
     """
-    device = next(model.parameters()).device
-    example = torch.zeros(1, *input_shape(model), device=device)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    blocks = dict(conv_blocks(model))
-    for layer in plan.layers:
-        if layer.name not in blocks or blocks[layer.name].conv.out_channels != layer.original:
-            raise HybridPruneError(f"filter plan does not fit the model: layer {layer.name!r} missing or resized")
-        keep = set(layer.keep)
-        drop = [i for i in range(layer.original) if i not in keep]
+    graph = dependency_graph(model)
+    for group in plan.groups:
+        root = _root_conv(model, group)
+        drop = [i for i in range(group.original) if i not in set(group.keep)]
         if drop:
-            graph.get_pruning_group(blocks[layer.name].conv, tp.prune_conv_out_channels, idxs=drop).prune()
+            pruner = graph.get_pruner_of_module(root)
+            graph.get_pruning_group(root, pruner.prune_out_channels, idxs=drop).prune()
+    history = getattr(model, "pruning_history", None)
+    if history is not None:
+        history.extend(_plain(entry) for entry in graph.pruning_history())
+    return model
+
+
+def _root_conv(model: nn.Module, group: GroupPlan) -> nn.Conv2d:
+    try:
+        root = model.get_submodule(group.name)
+    except AttributeError:
+        root = None
+    if not isinstance(root, nn.Conv2d) or root.out_channels != group.original:
+        found = "missing" if not isinstance(root, nn.Conv2d) else f"has {root.out_channels} channels"
+        raise HybridPruneError(
+            f"filter plan does not fit the model: group {group.name!r} plans {group.original} channels, "
+            f"the model's layer {found} (was the plan made for another model or already applied?)"
+        )
+    return root
+
+
+def _plain(entry: list) -> list:
+    """A history entry as plain JSON: [module name, prunes out channels, [indices]]."""
+    name, is_out, idxs = entry
+    return [str(name), bool(is_out), [int(i) for i in idxs]]
+
+
+def replay_history_(model: nn.Module, history: list) -> nn.Module:
+    """Redo a recorded pruning history on a freshly built original model, in place."""
+    if not history:
+        return model
+    graph = dependency_graph(model)
+    try:
+        graph.load_pruning_history([list(entry) for entry in history])
+    except Exception as e:  # noqa: BLE001 - a history for another model fails inside Torch-Pruning in many ways
+        raise HybridPruneError(f"pruning history does not fit this model ({type(e).__name__}: {e})") from None
+    model.pruning_history = [_plain(entry) for entry in history]
     return model

@@ -67,24 +67,27 @@ def run_table(result: dict[str, Any]) -> str:
 
 
 def layer_table(result: dict[str, Any]) -> str:
-    """Per-layer view: filters kept by the first metric's plan, and whether each layer took N:M masks."""
-    kept = {}
+    """Per-layer view: the channel group each conv produces, the channels kept by the first metric's plan,
+    and whether each layer took N:M masks (and why not)."""
+    groups: dict[str, dict[str, Any]] = {}
     if result.get("results"):
-        kept = {lp["name"] + ".conv": lp for lp in result["results"][0]["plan"]["layers"]}
+        for g in result["results"][0]["plan"]["groups"]:
+            groups.update({member: g for member in g["members"]})
     rows = []
     for e in result["layers"]:
-        plan = kept.get(e["name"])
-        filters = f"{plan['original']} -> {len(plan['keep'])} ({100 * plan['real_ratio']:.0f}% pruned)" if plan else "-"
+        g = groups.get(e["name"])
+        kept = f"{g['original']} -> {len(g['keep'])} ({100 * g['real_ratio']:.0f}% pruned)" if g else "-"
         rows.append(
             [
-                e["name"],
+                e["name"].removeprefix("net."),
                 e["kind"],
                 "x".join(map(str, e["shape"])),
-                filters,
+                g["name"].removeprefix("net.") if g else "-",
+                kept,
                 "N:M" if e["eligible"] else f"dense: {e['reason']}",
             ]
         )
-    return markdown_table(["layer", "kind", "dense shape", "filters kept", "N:M"], rows)
+    return markdown_table(["layer", "kind", "dense shape", "channel group", "channels kept", "N:M"], rows)
 
 
 def bench_tables(result: dict[str, Any]) -> str:
@@ -306,10 +309,11 @@ def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str]) -> lis
     import matplotlib.pyplot as plt
 
     written = []
-    for ds in sorted({r["dataset"] for r in rows}):
+    for ds, model, width in sorted({(r["dataset"], r["model"], r["width"]) for r in rows}):
+        setup = [r for r in rows if (r["dataset"], r["model"], r["width"]) == (ds, model, width)]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
         for ax, column in zip(axes, ("hybrid_oneshot", "hybrid_accuracy"), strict=True):
-            groups = group_rows([r for r in rows if r["dataset"] == ds], column)
+            groups = group_rows(setup, column)
             for metric in sorted({k[3] for k in groups}, key=_metric_order):
                 points = sorted((k[4], mean_std(list(v.values()))) for k, v in groups.items() if k[3] == metric)
                 ax.errorbar(
@@ -320,11 +324,12 @@ def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str]) -> lis
                     capsize=3,
                     label=metric,
                 )
-            ax.set(title=f"{ds}: {STAGE_COLUMNS[column]}", xlabel="filter ratio", ylabel="top-1 accuracy (%)")
+            title = f"{dataset_label(ds)}, {model} w{width:g}: {STAGE_COLUMNS[column]}"
+            ax.set(title=title, xlabel="filter ratio", ylabel="top-1 accuracy (%)")
             ax.grid(alpha=0.3)
         axes[0].legend()
         fig.tight_layout()
-        path = out / f"accuracy-vs-ratio-{_slug(ds)}.png"
+        path = out / f"accuracy-vs-ratio-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png"
         out.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -364,6 +369,18 @@ def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def dataset_label(name: str) -> str:
+    """A dataset's name for titles: `npz:../data/cifar10` -> `cifar10`, registered names as they are.
+
+    Example:
+        >>> dataset_label("npz:../shared/data/cifar10/"), dataset_label("digits")
+        ('cifar10', 'digits')
+    """
+    if name.startswith("npz:"):
+        return Path(name[4:]).name.removesuffix(".npz") or name
+    return name
 
 
 def _slug(text: str) -> str:

@@ -14,7 +14,6 @@ No mask policy lives here: the input is a model whose N:M layers hold zeros in t
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HybridPruneError
-from .models import ConvBlock
-from .nm import NMPattern, satisfies_nm
+from .graph import dependency_graph, followers, sole_consumer
+from .nm import NMPattern, nm_eligibility, satisfies_nm
+from .timing import median_ms
 
+KERNEL_CHOICES = ("sparse", "fastest", "dense", "gemm")
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -34,21 +35,56 @@ def conv_weight_as_gemm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unfold_channels_last(
-    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int] = (1, 1),
+    padding_mode: str = "zeros",
 ) -> tuple[torch.Tensor, int, int]:
-    """Patches `[N * Ho * Wo, kh * kw * C]` of an `[N, C, H, W]` input, in `(kh, kw, C)` order."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    nhwc = F.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))
-    patches = nhwc.unfold(1, kh, sh).unfold(2, kw, sw)  # [N, Ho, Wo, C, kh, kw]
+    """Patches `[N * Ho * Wo, kh * kw * C]` of an `[N, C, H, W]` input, in `(kh, kw, C)` order.
+
+    `padding` is (left, right, top, bottom), as F.pad takes it; `padding_mode` as nn.Conv2d names it.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    if any(padding):
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        x = F.pad(x, padding, mode=mode)
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    patches = x.permute(0, 2, 3, 1).unfold(1, span_h, sh).unfold(2, span_w, sw)  # [N, Ho, Wo, C, span_h, span_w]
+    patches = patches[..., ::dh, ::dw]  # dilation: every dh-th row and dw-th column of the span
     n, ho, wo = patches.shape[:3]
     return patches.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, -1), ho, wo
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The conv's padding as (left, right, top, bottom), resolving 'same' and 'valid'."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        pads = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def gemm_ineligibility(conv: nn.Conv2d) -> str:
+    """Why a conv cannot run as unfold + GEMM ('' when it can)."""
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups}) is not one GEMM"
+    if conv.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        return f"padding mode {conv.padding_mode!r}"
+    return ""
 
 
 class GemmConv2d(nn.Module):
     """A conv computed as unfold + GEMM with a `[out, kh*kw*in]` weight, dense or semi-structured sparse.
 
-    Output is `[N, out, Ho, Wo]` in channels-last memory, so the next GemmConv2d unfolds without a copy
-    of the layout.
+    Honours stride, padding (numbers, 'same', 'valid'), padding mode and dilation. Output is
+    `[N, out, Ho, Wo]` in channels-last memory, so the next GemmConv2d unfolds without a layout copy.
     """
 
     def __init__(
@@ -57,19 +93,23 @@ class GemmConv2d(nn.Module):
         bias: torch.Tensor | None,
         kernel: tuple[int, int],
         stride: tuple[int, int],
-        padding: tuple[int, int],
+        padding: tuple[int, int, int, int],
+        dilation: tuple[int, int] = (1, 1),
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight_2d, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.dilation, self.padding_mode = dilation, padding_mode
 
     @classmethod
     def from_conv(
         cls, conv: nn.Conv2d, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> GemmConv2d:
-        if conv.groups != 1 or conv.dilation != (1, 1) or not isinstance(conv.padding, tuple):
-            raise HybridPruneError(f"GEMM conv needs groups=1, dilation=1 and numeric padding, got {conv}")
+        reason = gemm_ineligibility(conv)
+        if reason:
+            raise HybridPruneError(f"GEMM conv cannot take {conv}: {reason}")
         w = conv.weight if weight is None else weight
         b = conv.bias if bias is None else bias
         return cls(
@@ -77,11 +117,15 @@ class GemmConv2d(nn.Module):
             None if b is None else b.detach(),
             conv.kernel_size,
             conv.stride,
-            conv.padding,
+            conv_padding(conv),
+            conv.dilation,
+            conv.padding_mode,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches, ho, wo = unfold_channels_last(x, self.kernel, self.stride, self.padding)
+        patches, ho, wo = unfold_channels_last(
+            x, self.kernel, self.stride, self.padding, self.dilation, self.padding_mode
+        )
         out = F.linear(patches, self.weight, self.bias)
         return out.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
 
@@ -96,14 +140,24 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
 
 
 def fold_batchnorm_(model: nn.Module) -> nn.Module:
-    """Replace every ConvBlock's conv + BN with one biased conv (eval semantics), in place."""
-    for block in [m for m in model.modules() if isinstance(m, ConvBlock)]:
-        weight, bias = fold_bn(block.conv, block.bn)
-        c = block.conv
-        fused = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=True).to(weight)
-        fused.weight.data.copy_(weight)
-        fused.bias.data.copy_(bias)
-        block.conv, block.bn = fused, nn.Identity()
+    """Fold every BatchNorm into the conv it directly follows (found by tracing, for any model), in place:
+    the conv gets the folded weight and a bias, the BatchNorm becomes an identity (eval semantics).
+
+    A BatchNorm is folded only when it is the sole consumer of its conv's output.
+    """
+    example = torch.zeros(1, *model.input_shape, device=next(model.parameters()).device)
+    graph = dependency_graph(model, example)
+    pairs = followers(model, example).bn
+    for conv_name, bn_name in pairs.items():
+        if not sole_consumer(graph, model, conv_name, bn_name):
+            continue
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        weight, bias = fold_bn(conv, bn)
+        fused = copy.deepcopy(conv)
+        fused.weight = nn.Parameter(weight)
+        fused.bias = nn.Parameter(bias)
+        _set_module(model, conv_name, fused)
+        _set_module(model, bn_name, nn.Identity())
     return model
 
 
@@ -188,19 +242,21 @@ def to_inference_model(
     """Fold BatchNorm and run every eligible N:M layer on the semi-structured sparse kernel.
 
     `choose`: 'sparse' uses the sparse kernel wherever eligible; 'fastest' times dense and sparse on
-    the layer's real input shape (from `example`) and keeps the faster; 'dense' converts nothing.
+    the layer's real input shape (from `example`) and keeps the faster; 'dense' converts nothing;
+    'gemm' lowers every N:M conv to unfold + a dense GEMM (checks the lowering on any device).
     Without sparse tensor cores (CPU, pre-Ampere GPU) the result is the dense folded model, said once
     in `notice`.
 
     Example:
-        >>> from hybridprune.models import alexnet
-        >>> inf = to_inference_model(alexnet(width=0.125), {}, torch.device("cpu"), torch.float32)
+        >>> from hybridprune.models import build_model
+        >>> inf = to_inference_model(build_model("resnet20", width=0.5), {}, torch.device("cpu"), torch.float32)
         >>> inf.sparse_layers, inf.notice.startswith("cpu")
         ([], True)
     """
-    if choose not in ("sparse", "fastest", "dense"):
-        raise HybridPruneError(f"unknown kernel choice {choose!r}; valid: sparse, fastest, dense")
+    if choose not in KERNEL_CHOICES:
+        raise HybridPruneError(f"unknown kernel choice {choose!r}; valid: {', '.join(KERNEL_CHOICES)}")
     check_dtype(dtype, device)
+    why_dense = {e.name: e.reason for e in nm_eligibility(model, pattern)}
     model = fold_batchnorm_(copy.deepcopy(model).eval()).to(device=device, dtype=dtype)
     backend = sparse_backend(device)
     shapes = _layer_input_shapes(model, example.to(device, dtype)) if example is not None else {}
@@ -213,7 +269,7 @@ def to_inference_model(
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             result.layers.append(
-                _convert_layer(model, name, module, masks, backend, dtype, pattern, choose, shapes.get(name))
+                _convert_layer(model, name, module, masks, backend, dtype, pattern, choose, shapes.get(name), why_dense)
             )
     return result
 
@@ -228,15 +284,24 @@ def _convert_layer(
     pattern: NMPattern,
     choose: str,
     input_shape: tuple[int, ...] | None,
+    why_dense: dict[str, str],
 ) -> LayerKernel:
     is_conv = isinstance(module, nn.Conv2d)
     w2d = conv_weight_as_gemm(module.weight) if is_conv else module.weight
     info = LayerKernel(name, "conv" if is_conv else "linear", tuple(w2d.shape), "dense", input_shape=input_shape)
     if name not in masks:
-        info.reason = "no N:M mask (first conv, or input channels not a multiple of M)"
+        info.reason = why_dense.get(name) or "no N:M mask in this model"
         return info
     if not satisfies_nm(module.weight, pattern):
         raise HybridPruneError(f"layer {name} has a mask but its weights break {pattern}: not an N:M checkpoint")
+    if is_conv and gemm_ineligibility(module):
+        info.reason = gemm_ineligibility(module)
+        return info
+    if choose == "gemm":
+        if is_conv:
+            _set_module(model, name, GemmConv2d.from_conv(module))
+            info.kernel = "gemm"
+        return info
     info.reason = kernel_ineligibility(tuple(w2d.shape), backend, dtype, pattern)
     if info.reason or choose == "dense":
         info.reason = info.reason or "dense chosen"
@@ -296,13 +361,6 @@ def _time_layer(module: nn.Module, input_shape: tuple[int, ...], repeats: int = 
     param = next(module.parameters())
     x = torch.randn(input_shape, device=param.device, dtype=param.dtype)
     return median_ms(lambda: module(x), repeats=repeats, device=param.device)
-
-
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 3) -> float:
-    """Median wall time of fn in milliseconds (CUDA events on GPU)."""
-    from .bench import time_calls
-
-    return float(torch.tensor(time_calls(fn, repeats, device, warmup)).median())
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:

@@ -1,0 +1,211 @@
+"""What a CNN's structure says, read by tracing: coupled channel groups, forward order, what follows each conv.
+
+Filter pruning acts on *channel groups*: Torch-Pruning's `DependencyGraph` finds, for each conv, every
+layer whose channels are tied to its output channels (its BatchNorm, the next convs' inputs, residual
+adds that tie several convs together, concatenations, depthwise convs, the flatten into a linear).
+Removing channel c of a group removes it from every member at once.
+
+The other questions (which conv reads the image, which BatchNorm and activation directly follow a
+conv) are answered by one forward pass with hooks, so they hold for any model, not only known classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .errors import HybridPruneError
+
+ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A conv whose output channels belong to a group: `idxs[i]` of its channels is group channel `root_idxs[i]`."""
+
+    name: str
+    idxs: tuple[int, ...]
+    root_idxs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together: named by the conv that roots them, with every conv producing them."""
+
+    name: str
+    size: int
+    producers: tuple[Producer, ...]
+    members: tuple[str, ...]  # every module the group touches (conv, BN, linear, ... in or out channels)
+
+
+def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """A zero batch of the model's input shape (from `model.input_shape`), on the model's device."""
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise HybridPruneError(f"{type(model).__name__} has no input_shape; build it with hybridprune.models")
+    return torch.zeros(batch, *shape, device=next(model.parameters()).device)
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of the model; a model it cannot trace is bad input (one line)."""
+    example = example_input(model) if example is None else example
+    was_training = model.training  # Torch-Pruning leaves the model in eval mode
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except Exception as e:  # noqa: BLE001 - tracing fails in many ways; the user needs one line either way
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise HybridPruneError(
+            f"Torch-Pruning cannot trace {type(model).__name__} ({type(e).__name__}: {first[:200]}); "
+            "filter pruning needs a model built from nn.Module layers that runs on one image tensor"
+        ) from None
+    finally:
+        model.train(was_training)
+    unseen = [n for n in forward_order(model, example) if model.get_submodule(n) not in graph.module2node]
+    if unseen:
+        raise HybridPruneError(
+            f"Torch-Pruning cannot trace how the output of {', '.join(unseen[:3])} is used (an operation outside "
+            "autograd, such as detach or numpy, cuts the graph); this model cannot be filter-pruned"
+        )
+    return graph
+
+
+def channel_groups(model: nn.Module, graph: tp.DependencyGraph, ignore: tuple[str, ...] = ()) -> list[ChannelGroup]:
+    """Every prunable group of conv output channels, in forward order of the convs that root them.
+
+    The classifier head (the last conv or linear in forward order) and modules named in `ignore` (or
+    inside them) are never pruned: a group that would touch their output channels is left out.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    called = forward_order(model)
+    head = called[-1]
+    ignored = [m for n, m in model.named_modules() if n == head or any(_within(n, i) for i in ignore)]
+    order = {n: i for i, n in enumerate(called)}
+    groups = []
+    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+        producers, members = [], []
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if not isinstance(module, nn.Module) or module not in names:
+                continue
+            members.append(names[module])
+            if isinstance(module, nn.Conv2d) and graph.is_out_channel_pruning_fn(handler):
+                producers.append(Producer(names[module], tuple(item.idxs), tuple(item.root_idxs)))
+        root = names[group[0].dep.target.module]
+        size = len(group[0].idxs)
+        groups.append(ChannelGroup(root, size, tuple(producers), tuple(dict.fromkeys(members))))
+    return sorted(groups, key=lambda g: order.get(g.name, len(order)))
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def prune_group_(graph: tp.DependencyGraph, model: nn.Module, group: ChannelGroup, drop: list[int]) -> None:
+    """Remove channels `drop` of a group physically (Torch-Pruning records it in the graph's history)."""
+    root = model.get_submodule(group.name)
+    pruner = graph.get_pruner_of_module(root)
+    graph.get_pruning_group(root, pruner.prune_out_channels, idxs=drop).prune()
+
+
+# --- one forward pass with hooks ------------------------------------------------------------------
+
+
+@contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def forward_order(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """Names of the conv and linear layers in the order the forward pass first calls them."""
+    example = example_input(model) if example is None else example
+    order: list[str] = []
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(lambda *_, n=n: order.append(n)) for n, m in layers]
+    was_training = model.training
+    with _hooks(handles):
+        model.eval()
+        model(example)
+    model.train(was_training)
+    return list(dict.fromkeys(order))
+
+
+@dataclass(frozen=True)
+class Followers:
+    """What directly consumes each conv's output: `bn[conv]` (a BatchNorm) and `act[conv or bn]` (an activation).
+
+    "Directly" means the very tensor the conv (or BN) returned, unmodified: a BatchNorm whose output is
+    first added to a shortcut (a residual block's last BN) has no activation of its own.
+    """
+
+    bn: dict[str, str]
+    act: dict[str, str]
+
+
+@torch.no_grad()
+def followers(model: nn.Module, example: torch.Tensor | None = None) -> Followers:
+    """Find, by one forward pass, the BatchNorm and activation modules that directly follow each conv."""
+    example = example_input(model) if example is None else example
+    produced: dict[int, tuple[str, int, torch.Tensor]] = {}  # id(tensor) -> (producer, version, tensor kept alive)
+    bn, act = {}, {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            produced[id(output)] = (name, output._version, output)
+
+        return hook
+
+    def consume(name: str, table: dict[str, str], kinds: tuple[type, ...]):
+        def pre_hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0] if inputs else None
+            src = produced.get(id(x)) if isinstance(x, torch.Tensor) else None
+            if src and src[2] is x and src[1] == x._version and isinstance(modules[src[0]], kinds):
+                table.setdefault(src[0], name)
+
+        return pre_hook
+
+    modules = dict(model.named_modules())
+    handles = []
+    for name, m in modules.items():
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+            handles.append(m.register_forward_hook(record(name)))
+        if isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(consume(name, bn, (nn.Conv2d,))))
+        if isinstance(m, ACTIVATIONS):
+            handles.append(m.register_forward_pre_hook(consume(name, act, (nn.Conv2d, nn.BatchNorm2d))))
+    was_training = model.training
+    with _hooks(handles):
+        model.eval()
+        model(example)
+    model.train(was_training)
+    return Followers(bn, act)
+
+
+def sole_consumer(graph: tp.DependencyGraph, model: nn.Module, producer: str, consumer: str) -> bool:
+    """True when `consumer` is the only user of `producer`'s output in the traced graph."""
+    node = graph.module2node.get(model.get_submodule(producer))
+    outputs = [] if node is None else node.outputs
+    return len(outputs) == 1 and outputs[0].module is model.get_submodule(consumer)
