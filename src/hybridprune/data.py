@@ -114,7 +114,9 @@ def check_dataset(ds: Dataset, source: str) -> Dataset:
             f"{source}: train has {k} classes but test has {ds.test.num_classes}; both need the same"
         )
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= MAX_CLASSES:
-        raise HybridPruneError(f"{source}: {k!r} classes; valid: 2 to {MAX_CLASSES} classes labelled 0..K-1")
+        raise HybridPruneError(
+            f"{source}: {k!r} {'class' if k == 1 else 'classes'}; valid: 2 to {MAX_CLASSES} classes labelled 0..K-1"
+        )
     for split_name, data in (("train", ds.train), ("test", ds.test)):
         where = f"{source} ({split_name} split)"
         _check_images(data.x, where, allow_empty=True)  # the counts are checked below, with both splits named
@@ -157,7 +159,7 @@ def _check_labels(y: object, num_classes: int, where: str, count: int, valid: st
     if count and (y.min() < 0 or y.max() >= num_classes):
         bad = int(y.min()) if y.min() < 0 else int(y.max())
         valid = valid or f"integers 0..{num_classes - 1} ({num_classes} classes)"
-        raise HybridPruneError(f"{where}: label {bad} is outside 0..{num_classes - 1}; valid: {valid}")
+        raise HybridPruneError(f"{where}: label {bad} is out of range; valid: {valid}")
 
 
 def _shape(x: torch.Tensor) -> str:
