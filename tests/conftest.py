@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 from hybridprune.models import build_model
 from zoo import ZOO_SOURCES, randomize_batchnorm_
@@ -36,3 +37,41 @@ def zoo_model(request):
 def tiny_model():
     """A narrow AlexNet (16x16 images) with non-trivial BatchNorm statistics."""
     return make_model("alexnet")
+
+
+def kill_channels(model: nn.Module, group, channels: list[int]) -> None:
+    """Make group channels contribute nothing downstream: zero every producing conv's filters and every
+    BatchNorm's affine terms and running mean at those channels, wherever in the group the BN sits (right
+    after the conv, or after a concatenation in a pre-activation net), so each channel is exactly 0."""
+    from hybridprune.graph import dependency_graph
+
+    graph = dependency_graph(model)
+    root = model.get_submodule(group.name)
+    items = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, channels)
+    with torch.no_grad():
+        for item in items:
+            module, idxs = item.dep.target.module, list(item.idxs)
+            if isinstance(module, nn.Conv2d) and graph.is_out_channel_pruning_fn(item.dep.handler):
+                module.weight[idxs] = 0
+                if module.bias is not None:
+                    module.bias[idxs] = 0
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight[idxs], module.bias[idxs], module.running_mean[idxs] = 0.0, 0.0, 0.0
+
+
+def coupled_shapes_match(model: nn.Module) -> None:
+    """Every coupled layer agrees on channel counts: the forward pass runs, and every BatchNorm matches its input."""
+    shapes = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, n=n: shapes.__setitem__(n, inp[0].shape[1]))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.BatchNorm2d, nn.Conv2d))
+    ]
+    model(torch.rand(2, *model.input_shape))
+    for h in hooks:
+        h.remove()
+    for n, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert shapes[n] == m.num_features, n
+        if isinstance(m, nn.Conv2d):
+            assert shapes[n] == m.in_channels, n

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_model
+from conftest import coupled_shapes_match, kill_channels, make_model
 from hybridprune.config import PruneConfig
 from hybridprune.errors import HybridPruneError
 from hybridprune.graph import channel_groups, dependency_graph
@@ -41,24 +41,6 @@ def test_a_round_to_that_prunes_nothing_is_refused():
         plan_filter_pruning({"a": torch.rand(16), "b": torch.rand(8)}, 0.4, round_to=32)
 
 
-def _kill_channels(model: nn.Module, group, channels: list[int]) -> None:
-    """Make group channels contribute nothing downstream: zero every producing conv's filter and, where a
-    BatchNorm follows, its affine terms and running mean (so the channel is exactly 0 after BN)."""
-    from hybridprune.graph import followers
-
-    bn_of = followers(model).bn
-    with torch.no_grad():
-        for p in group.producers:
-            conv = model.get_submodule(p.name)
-            own = [i for i, r in zip(p.idxs, p.root_idxs, strict=True) if r in channels]
-            conv.weight[own] = 0
-            if conv.bias is not None:
-                conv.bias[own] = 0
-            if p.name in bn_of:
-                bn = model.get_submodule(bn_of[p.name])
-                bn.weight[own], bn.bias[own], bn.running_mean[own] = 0.0, 0.0, 0.0
-
-
 def _groups(model):
     return channel_groups(model, dependency_graph(model))
 
@@ -67,7 +49,7 @@ def _groups(model):
 def test_removing_channels_that_contribute_nothing_leaves_logits_unchanged(zoo_model, which):
     group = _groups(zoo_model)[which]
     dead = list(range(0, group.size, 2))
-    _kill_channels(zoo_model, group, dead)
+    kill_channels(zoo_model, group, dead)
     x = torch.rand(3, *zoo_model.input_shape)
     before = zoo_model(x)
     keep = tuple(c for c in range(group.size) if c not in dead)
@@ -86,31 +68,13 @@ def test_removing_live_channels_changes_the_logits(zoo_model):
     assert not torch.allclose(zoo_model(x), before, atol=1e-3)
 
 
-def _coupled_shapes_match(model: nn.Module) -> None:
-    """Every coupled layer agrees on channel counts: the forward pass runs, and every BatchNorm matches its input."""
-    shapes = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, inp, n=n: shapes.__setitem__(n, inp[0].shape[1]))
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.BatchNorm2d, nn.Conv2d))
-    ]
-    model(torch.rand(2, *model.input_shape))
-    for h in hooks:
-        h.remove()
-    for n, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
-            assert shapes[n] == m.num_features, n
-        if isinstance(m, nn.Conv2d):
-            assert shapes[n] == m.in_channels, n
-
-
 def test_filter_pruning_then_nm_then_a_step_holds_the_pattern_and_the_shapes(zoo_model):
     params = sum(p.numel() for p in zoo_model.parameters())
     plan = prune_filters_(zoo_model, PruneConfig(metric="hybrid", filter_ratio=0.4, round_to=4), [])
     assert all(zoo_model.get_submodule(g.name).out_channels == g.kept for g in plan.groups)
     assert any(g.kept < g.original for g in plan.groups)
     assert sum(p.numel() for p in zoo_model.parameters()) < params  # physical removal
-    _coupled_shapes_match(zoo_model)
+    coupled_shapes_match(zoo_model)
     masks = nm_prune_(zoo_model)
     assert masks
     zoo_model.train()

@@ -195,7 +195,11 @@ def _user_net(spec: str, shape: dict[str, int], args: dict[str, Any]) -> nn.Modu
         params = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in {**shape, **args}.items() if takes_all or k in params}
-    net = factory(**kwargs)
+    try:
+        net = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's code may fail in any way; say so in one line
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise HybridPruneError(f"model factory {spec!r} failed ({type(e).__name__}: {first})") from None
     if not isinstance(net, nn.Module):
         raise HybridPruneError(f"{spec!r} returned {type(net).__name__}, not an nn.Module")
     return net

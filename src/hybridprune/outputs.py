@@ -18,8 +18,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import HybridPruneError
 
 try:
@@ -56,6 +54,7 @@ def environment() -> dict[str, Any]:
         >>> "torch" in environment()
         True
     """
+    import torch  # here, not at the top: writing files should not cost torch's import (lock test processes)
     import torch_pruning
     import torchvision
 
@@ -83,6 +82,8 @@ def environment() -> dict[str, Any]:
 
 
 def _cusparselt_version() -> int | None:
+    import torch
+
     try:
         return int(torch.backends.cusparselt.version()) if torch.backends.cusparselt.is_available() else None
     except (AttributeError, RuntimeError):
