@@ -127,7 +127,7 @@ def test_train_writes_a_checkpoint(tmp_path):
     [
         (["run", "--filter-ratio", "1.5"], "outside [0, 1)"),
         (["run", "--nm", "4:4"], "0 < N < M"),
-        (["run", "--metric", "l3"], "unknown metric 'l3'; valid names: l1, l2, output_l1"),
+        (["run", "--metric", "l3"], "unknown metric 'l3'; valid names: l1, l2, hybrid"),
         (["run", "--model", "vgg99"], "unknown model 'vgg99'; valid names: alexnet"),
         (["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'; valid names: digits"),
         (["run", "--dataset", "mnist", "--data-dir", "/nonexistent"], "dataset mnist not found: expected"),

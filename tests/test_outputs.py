@@ -3,12 +3,15 @@ one run per folder, held by a lock that dies with its process."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -196,18 +199,48 @@ def test_check_output_file_refuses_targets_that_would_fail_after_the_work(tmp_pa
         assert tree(tmp_path) == before
 
 
-@pytest.mark.skipif(AS_ROOT, reason="root may write in a read-only folder")
-def test_check_output_file_and_dir_refuse_a_read_only_folder(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+READ_ONLY_CHECKS = r"""
+import os, sys, types
+sys.modules["hybridprune"] = types.ModuleType("hybridprune")
+sys.modules["hybridprune"].__path__ = [sys.argv[2]]
+from hybridprune.errors import HybridPruneError
+from hybridprune.outputs import FolderLock, check_output_dir, check_output_file
+ro = sys.argv[1]
+if os.geteuid() == 0:  # root writes through any mode bits: check as nobody (python is already loaded)
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+for check, arg in [
+    (lambda p: check_output_file(p, overwrite=False), ro + "/x.json"),
+    (lambda p: check_output_file(p, overwrite=False), ro + "/new/x.json"),
+    (check_output_dir, ro),
+    (check_output_dir, ro + "/new/run"),
+    (lambda p: FolderLock(p).acquire(), ro + "/run"),
+]:
     try:
-        assert "permission denied" in refusal(check_output_file, ro / "x.json", overwrite=False)
-        assert "permission denied" in refusal(check_output_file, ro / "new" / "x.json", overwrite=False)
-        assert "permission denied" in refusal(check_output_dir, ro)
-        assert "permission denied" in refusal(check_output_dir, ro / "new" / "run")
+        check(arg)
+        print("accepted", arg)
+    except HybridPruneError as e:
+        print("refused", e)
+"""
+
+
+def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
+    # as root, the checks run as nobody, who needs a way in: a world-readable folder outside pytest's (0700) one
+    base = Path(tempfile.mkdtemp()) if AS_ROOT else tmp_path
+    try:
+        base.chmod(0o755)
+        (base / "ro").mkdir()
+        (base / "ro").chmod(0o555)
+        run = [sys.executable, "-c", READ_ONLY_CHECKS, str(base / "ro"), os.path.dirname(outputs.__file__)]
+        lines = subprocess.run(run, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+        assert len(lines) == 5 and all(line.startswith("refused ") for line in lines), lines
+        assert all("permission denied" in line.lower() for line in lines), lines
+        assert os.listdir(base / "ro") == []
     finally:
-        ro.chmod(0o755)
+        (base / "ro").chmod(0o755)
+        if AS_ROOT:
+            shutil.rmtree(base)
 
 
 def test_check_output_dir(tmp_path):

@@ -40,8 +40,8 @@ def model_stats(model: nn.Module, nm_layers: set[str] | None = None, pattern: NM
     """params, nonzero_params, macs and effective_macs (N:M layers at N/M of their MACs) of one model.
 
     Example:
-        >>> from hybridprune.models import alexnet
-        >>> s = model_stats(alexnet(width=0.125))
+        >>> from hybridprune.models import build_model
+        >>> s = model_stats(build_model("alexnet", width=0.125))
         >>> s["macs"] == s["effective_macs"] and s["params"] >= s["nonzero_params"]
         True
     """

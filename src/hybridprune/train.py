@@ -49,9 +49,10 @@ def fit(
 
     Example:
         >>> from hybridprune.data import load_dataset
-        >>> from hybridprune.models import alexnet
+        >>> from hybridprune.models import build_model
         >>> ds = load_dataset("digits")
-        >>> m = fit(alexnet(in_channels=1, width=0.125), ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)
+        >>> m = build_model("resnet20", in_channels=1, width=0.5)
+        >>> m = fit(m, ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)
     """
     model.to(device).train()
     decay = [p for p in model.parameters() if p.dim() > 1]
