@@ -140,25 +140,26 @@ def test_an_unreadable_manifest_deletes_nothing(tmp_path, manifest):
 
 
 def test_a_reader_always_sees_a_whole_manifest(tmp_path):
+    write_text(tmp_path / "first.txt", "x")
+    with open(tmp_path / MANIFEST_NAME) as reader:  # open while the list changes: it keeps its snapshot
+        write_text(tmp_path / "second.txt", "x")
+        assert json.loads(reader.read())["files"] == ["first.txt"]
     seen, done = [], threading.Event()
 
     def read():
         while not done.is_set():
-            try:
-                seen.append(json.loads((tmp_path / MANIFEST_NAME).read_text())["files"])
-            except FileNotFoundError:
-                pass
+            seen.append(json.loads((tmp_path / MANIFEST_NAME).read_text())["files"])
 
-    reader = threading.Thread(target=read)
-    reader.start()
+    thread = threading.Thread(target=read)
+    thread.start()
     try:
-        for i in range(300):
+        for i in range(100):
             write_text(tmp_path / f"f{i}.txt", "x")
     finally:
         done.set()
-        reader.join()
+        thread.join()
     assert seen and all(isinstance(files, list) for files in seen)  # a torn read would raise in read()
-    assert len(written_files(tmp_path)) == 300
+    assert len(written_files(tmp_path)) == 102
 
 
 # --- output targets -------------------------------------------------------------------------------------------
@@ -351,6 +352,20 @@ def test_a_lock_file_naming_a_live_process_on_this_host_is_respected(tmp_path):
         sleeper.wait()
     with FolderLock(tmp_path) as lock:  # and once that process is gone, it is stale
         assert lock.replaced_stale["pid"] == sleeper.pid
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="tells zombies by /proc")
+def test_a_lock_naming_a_killed_process_not_yet_reaped_is_stale(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        sleeper.kill()
+        while open(f"/proc/{sleeper.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":  # a zombie now
+            time.sleep(0.01)
+        write_lock(tmp_path, pid=sleeper.pid, host=socket.gethostname(), started="now")
+        with FolderLock(tmp_path) as lock:
+            assert lock.replaced_stale["pid"] == sleeper.pid
+    finally:
+        sleeper.wait()
 
 
 @pytest.mark.parametrize("content", ["", "{", "[1]", '{"pid": "x"}', '{"pid": 0}', '{"pid": -1}', '{"pid": 1e99}'])
