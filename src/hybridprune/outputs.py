@@ -94,7 +94,8 @@ def write_json(path: str | Path, obj: Any, *, record: bool = True) -> Path:
     """Write JSON atomically: readers see the old file or the new one, never half of one.
 
     Example:
-        >>> write_json(tmp / "result.json", {"accuracy": 0.9}).name  # doctest: +SKIP
+        >>> tmp = getfixture("tmp_path")
+        >>> write_json(tmp / "result.json", {"accuracy": 0.9}).name
         'result.json'
     """
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n", record=record)
@@ -117,8 +118,11 @@ def atomic_target(path: str | Path, *, record: bool = True) -> Iterator[Path]:
     then deletes exactly what hybridprune wrote.
 
     Example:
-        >>> with atomic_target(tmp / "weights.bin") as t:  # doctest: +SKIP
-        ...     t.write_bytes(b"...")
+        >>> tmp = getfixture("tmp_path")
+        >>> with atomic_target(tmp / "weights.bin") as t:
+        ...     n = t.write_bytes(b"...")
+        >>> (tmp / "weights.bin").read_bytes()
+        b'...'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,9 @@ def written_files(folder: str | Path) -> list[Path]:
     """The files hybridprune wrote into `folder` (from its manifest) that are still there.
 
     Example:
-        >>> write_json(tmp / "a.json", {}); [p.name for p in written_files(tmp)]  # doctest: +SKIP
+        >>> tmp = getfixture("tmp_path")
+        >>> _ = write_json(tmp / "a.json", {})
+        >>> [p.name for p in written_files(tmp)]
         ['a.json']
     """
     folder = Path(folder)
@@ -156,8 +162,9 @@ def remove_written_files(folder: str | Path) -> list[Path]:
     a killed write left behind) and the manifest; a user's other files stay. Returns the deleted files.
 
     Example:
-        >>> write_json(tmp / "results.json", {}); (tmp / "settings.json").write_text("{}")  # doctest: +SKIP
-        >>> [p.name for p in remove_written_files(tmp)], (tmp / "settings.json").exists()  # doctest: +SKIP
+        >>> tmp = getfixture("tmp_path")
+        >>> _ = write_json(tmp / "results.json", {}), (tmp / "settings.json").write_text("{}")
+        >>> [p.name for p in remove_written_files(tmp)], (tmp / "settings.json").exists()
         (['results.json'], True)
     """
     folder = Path(folder)
@@ -268,10 +275,15 @@ def check_output_dir(path: str | Path) -> Path:
     (or, when it does not exist yet, its nearest existing parent) that is not writable. Creates nothing.
 
     Example:
-        >>> check_output_dir("/etc/hostname")
+        >>> tmp = getfixture("tmp_path")
+        >>> check_output_dir(tmp / "new" / "run") == tmp / "new" / "run"
+        True
+        >>> (tmp / "notes.txt").write_text("mine")
+        4
+        >>> check_output_dir(tmp / "notes.txt")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        hybridprune.errors.HybridPruneError: /etc/hostname is a file; give a folder for the results
+        hybridprune.errors.HybridPruneError: .../notes.txt is a file; give a folder for the results
     """
     path = _no_nul(Path(path).expanduser())
     try:
@@ -317,8 +329,12 @@ class FolderLock:
     exists), and is held with flock on POSIX: the kernel drops it when its process dies, however it dies.
 
     Example:
-        >>> with FolderLock(tmp / "run") as lock:  # doctest: +SKIP
-        ...     ...  # another process's FolderLock(tmp / "run") raises HybridPruneError here
+        >>> tmp = getfixture("tmp_path")
+        >>> with FolderLock(tmp / "run") as lock:  # doctest: +ELLIPSIS
+        ...     FolderLock(tmp / "run").acquire()  # as would another process
+        Traceback (most recent call last):
+        ...
+        hybridprune.errors.HybridPruneError: .../run is in use by process ... (started ...); wait for it or ...
     """
 
     def __init__(self, folder: str | Path) -> None:
