@@ -90,6 +90,15 @@ def test_a_write_that_fails_leaves_no_file_and_no_listing(tmp_path):
     assert (tmp_path / "results.json").read_text() == "the user's, made later"
 
 
+def test_a_failed_write_over_a_users_file_leaves_it_the_users(tmp_path):
+    (tmp_path / "config.json").write_text("the user's")
+    with pytest.raises(OSError), atomic_target(tmp_path / "config.json") as tmp:
+        tmp.write_text("half")
+        raise OSError("disk full")
+    remove_written_files(tmp_path)
+    assert (tmp_path / "config.json").read_text() == "the user's"
+
+
 def test_a_rewrite_that_fails_keeps_the_old_file_listed(tmp_path):
     write_json(tmp_path / "results.json", {"v": 1})
     with pytest.raises(KeyboardInterrupt), atomic_target(tmp_path / "results.json") as tmp:

@@ -114,8 +114,8 @@ def atomic_target(path: str | Path, *, record: bool = True) -> Iterator[Path]:
     readers see the old file or the new one, never half of one.
 
     With `record`, the name is listed in the folder's manifest before the file appears (so a run killed
-    mid-write still owns it) and unlisted again if the block fails and leaves no file: `remove_written_files`
-    then deletes exactly what hybridprune wrote.
+    mid-write still owns it) and unlisted again if the block fails (what is there then is not ours):
+    `remove_written_files` deletes exactly what hybridprune wrote.
 
     Example:
         >>> tmp = getfixture("tmp_path")
@@ -133,7 +133,8 @@ def atomic_target(path: str | Path, *, record: bool = True) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
-        if listed and not path.exists():
+        # the rename did not happen, so what is there (nothing, or a user's file) is not ours: unlist it
+        if listed:
             with suppress(OSError):  # the original error matters more than a stale manifest entry
                 _update_manifest(path.parent, remove=path.name)
         raise
