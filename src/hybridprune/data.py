@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -211,26 +212,33 @@ def _load_idx_dataset(name: str, folder: str, tv_class: str, root: Path, downloa
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX file of unsigned bytes (MNIST's format: big-endian magic 0x0000080N, N uint32 sizes, the data),
     read only after its size matches what its header promises, so a damaged file is one clear line."""
+    try:
+        with open(path, "rb") as f:
+            return _read_idx_from(f, path, ndim)
+    except OSError as e:  # unreadable: permissions, an I/O error on a damaged disk
+        raise HybridPruneError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _read_idx_from(f: BinaryIO, path: Path, ndim: int) -> np.ndarray:
     header_len = 4 + 4 * ndim
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(header_len)
-        if len(head) < header_len:
-            raise HybridPruneError(f"{path} is cut short: {size} bytes, less than its {header_len}-byte IDX header")
-        zero, dtype, dims = struct.unpack(">HBB", head[:4])
-        if (zero, dtype, dims) != (0, 0x08, ndim):
-            raise HybridPruneError(
-                f"{path} is not an IDX file of unsigned bytes with {ndim} dimensions: "
-                f"magic 0x{head[:4].hex()}, valid 0x0000080{ndim}"
-            )
-        shape = struct.unpack(f">{ndim}I", head[4:])
-        expected = header_len + math.prod(shape)
-        if size != expected:
-            raise HybridPruneError(
-                f"{path} has {size} bytes but its header promises {' x '.join(map(str, shape))} values "
-                f"({expected} bytes): the file is cut short or damaged"
-            )
-        data = np.fromfile(f, dtype=np.uint8, count=math.prod(shape))
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(header_len)
+    if len(head) < header_len:
+        raise HybridPruneError(f"{path} is cut short: {size} bytes, less than its {header_len}-byte IDX header")
+    zero, dtype, dims = struct.unpack(">HBB", head[:4])
+    if (zero, dtype, dims) != (0, 0x08, ndim):
+        raise HybridPruneError(
+            f"{path} is not an IDX file of unsigned bytes with {ndim} dimensions: "
+            f"magic 0x{head[:4].hex()}, valid 0x0000080{ndim}"
+        )
+    shape = struct.unpack(f">{ndim}I", head[4:])
+    expected = header_len + math.prod(shape)
+    if size != expected:
+        raise HybridPruneError(
+            f"{path} has {size} bytes but its header promises {' x '.join(map(str, shape))} values "
+            f"({expected} bytes): the file is cut short or damaged"
+        )
+    data = np.fromfile(f, dtype=np.uint8, count=math.prod(shape))
     if data.size != math.prod(shape):  # the file changed between the size check and the read
         raise HybridPruneError(f"{path} changed while it was read; try again")
     return data.reshape(shape)
