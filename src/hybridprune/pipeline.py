@@ -114,6 +114,16 @@ def _ignored(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
     return full
 
 
+def check_prunable(model: nn.Module, cfg: PruneConfig) -> None:
+    """Before any work: the model traces, `ignore` names its modules, and the ratio with its rounding
+    removes something (a plan that prunes nothing is refused, not run)."""
+    ctx = ScoringContext(model, pattern=cfg.pattern, ignore=_ignored(model, cfg.ignore))
+    if not ctx.groups:
+        raise HybridPruneError(f"{model.source.label} has no prunable conv channel group (all ignored or the head)")
+    sizes = {g.name: torch.zeros(g.size) for g in ctx.groups}
+    plan_filter_pruning(sizes, cfg.filter_ratio, cfg.round_to, ctx.groups)
+
+
 @dataclass
 class Job:
     """One configured run: data, device, output folder, and how to report progress."""
@@ -291,6 +301,7 @@ def run(
     data = prepare_data(cfg)
     # loaded before anything is written, so a bad checkpoint leaves no output folder behind
     dense_model = load_dense_checkpoint(dense_checkpoint, data, cfg.model.name) if dense_checkpoint else None
+    check_prunable(dense_model if dense_model is not None else new_model(cfg, data, log=lambda _: None), cfg.prune)
     prepare_out_dir(out, cfg, resume, overwrite)
     log(
         f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "

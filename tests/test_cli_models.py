@@ -1,0 +1,101 @@
+"""The command line with models other than the built-in AlexNet: user code, torchvision, built-in ResNets."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hybridprune.checkpoint import load_checkpoint
+from hybridprune.cli import main
+from hybridprune.models import build_model
+from hybridprune.nm import satisfies_nm
+
+SMALL = [
+    *("--train-size", "96", "--test-size", "48", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32"),
+    *("--round-to", "4", "--calib-batches", "1", "--bn-recalib-batches", "1", "--no-progress"),
+]
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("user") / "run"
+    code = main(["run", *SMALL, "--model", "zoo:residual_net", "--metric", "hybrid,output_l1,fpgm", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_run_prunes_a_users_residual_network_by_groups(user_run):
+    result = json.loads((user_run / "results.json").read_text())
+    assert result["config"]["model"]["name"] == "zoo:residual_net"
+    for item in result["results"]:
+        groups = item["plan"]["groups"]
+        tied = next(g for g in groups if len(g["members"]) == 3)  # the group that the residual adds tie
+        assert sorted(tied["members"]) == ["net.b2.conv2", "net.b2.shortcut.0", "net.b3.conv2"]
+        model, masks, _ = load_checkpoint(item["checkpoint"], "zoo:residual_net")
+        assert all(model.get_submodule(m).out_channels == len(tied["keep"]) for m in tied["members"])
+        assert masks and all(satisfies_nm(model.get_submodule(n).weight) for n in masks)
+    assert {e["name"] for e in result["layers"] if not e["eligible"]} == {"net.stem.0"}
+
+
+def test_user_code_checkpoints_need_their_factory_named_again(user_run, capsys):
+    ckpt = str(user_run / "hybrid-hybrid.safetensors")
+    assert main(["evaluate", ckpt, "--test-size", "48", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pass --model zoo:residual_net" in err and len(err.splitlines()) == 1
+    assert main(["evaluate", ckpt, "--test-size", "48", "--model", "zoo:residual_net"]) == 0
+    assert main(["convert", ckpt, "--model", "zoo:residual_net", "--kernels", "gemm", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "largest logit difference from the dense masked model" in out
+    assert main(["bench", str(user_run), "--model", "zoo:residual_net", "--batch-sizes", "2", "--rounds", "1",
+                 "--calls", "1", "--no-progress"]) == 0  # fmt: skip
+    assert "hybrid" in capsys.readouterr().out
+
+
+def test_bench_synthetic_takes_any_model(capsys):
+    args = ["bench", "--synthetic", "--batch-sizes", "2", "--rounds", "1", "--calls", "1", "--no-progress"]
+    assert main([*args, "--model", "resnet20", "--width", "0.5", "--round-to", "4"]) == 0
+    assert main([*args, "--model", "torchvision:mobilenet_v2", "--round-to", "8"]) == 0
+    assert "mobilenet" not in capsys.readouterr().err
+
+
+def test_run_with_trained_weights_prunes_that_model_without_training_it(tmp_path, capsys):
+    torch.manual_seed(1)
+    trained = build_model("zoo:residual_net", in_channels=1, image_size=32)
+    weights = tmp_path / "trained.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.net.state_dict().items()}, str(weights))
+    out = tmp_path / "run"
+    args = ["run", *SMALL, "--model", "zoo:residual_net", "--weights", str(weights), "--metric", "l1", "--out", str(out)]
+    assert main(args) == 0
+    dense, _, _ = load_checkpoint(out / "dense.safetensors", "zoo:residual_net")
+    for key, value in trained.net.state_dict().items():
+        assert torch.equal(dense.net.state_dict()[key], value), key  # loaded, not trained further
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "torchvision:resnet18", "--width", "0.5"], "--width scales the built-in models only"),
+        (["--model", "torchvision:resnet9000"], "unknown torchvision classification model 'resnet9000'"),
+        (["--model", "no_such_pkg.models:make"], "cannot load model factory 'no_such_pkg.models:make'"),
+        (["--model", "resnet20", "--ignore", "nope"], "--ignore names no module nope"),
+        (["--model", "resnet20", "--round-to", "128"], "removes no channel"),
+        (["--model", "resnet20", "--weights", "/nonexistent.pt"], "weights file /nonexistent.pt not found"),
+        (["--model", "vgg16"], "vgg16 has five 2x2 max-pools and needs images of at least 32x32"),
+    ],
+)
+def test_bad_model_input_is_one_line_and_writes_nothing(args, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    dataset = ["--dataset", "npz:" + str(_tiny_npz(tmp_path))] if "vgg16" in args else []
+    assert main(["run", *SMALL, *dataset, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def _tiny_npz(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "tiny16.npz"
+    np.savez(path, x=np.zeros((20, 16, 16), dtype=np.uint8), y=np.arange(20) % 2)
+    return path
