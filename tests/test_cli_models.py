@@ -65,7 +65,8 @@ def test_run_with_trained_weights_prunes_that_model_without_training_it(tmp_path
     weights = tmp_path / "trained.safetensors"
     save_file({k: v.contiguous() for k, v in trained.net.state_dict().items()}, str(weights))
     out = tmp_path / "run"
-    args = ["run", *SMALL, "--model", "zoo:residual_net", "--weights", str(weights), "--metric", "l1", "--out", str(out)]
+    args = ["run", *SMALL, "--model", "zoo:residual_net", "--weights", str(weights), "--metric", "l1"]
+    args += ["--out", str(out)]
     assert main(args) == 0
     dense, _, _ = load_checkpoint(out / "dense.safetensors", "zoo:residual_net")
     for key, value in trained.net.state_dict().items():
