@@ -78,7 +78,10 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
     defaults = PruneConfig()
 
     p.add_argument(
-        "--filter-ratio", type=_ratio, default=0.4, help="fraction of filters removed per conv layer, in [0, 1)"
+        "--filter-ratio",
+        type=_ratio,
+        default=defaults.filter_ratio,
+        help="fraction of channels removed from each channel group, in [0, 1)",
     )
     p.add_argument(
         "--round-to",
@@ -286,6 +289,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .config import PruneConfig
+
     p = sub.add_parser("bench", help="time dense, filter-pruned, 2:4-only and hybrid variants of one model")
     p.add_argument("run_dir", nargs="?", default=None, help="the --out folder of `hybridprune run` (trained variants)")
     p.add_argument("--metric", default=None, help="which metric's filter/hybrid models to take from RUN_DIR")
@@ -300,8 +305,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=float, default=None, help="width multiplier of synthetic built-in models")
     p.add_argument("--image-size", type=int, default=32, help="input height and width of the synthetic variants")
     p.add_argument("--channels", type=int, default=3, help="input channels of the synthetic variants")
-    p.add_argument("--filter-ratio", type=_ratio, default=0.4, help="filter ratio of the synthetic variants")
-    p.add_argument("--round-to", type=int, default=16, help="round-to of the synthetic variants")
+    p.add_argument(
+        "--filter-ratio", type=_ratio, default=PruneConfig.filter_ratio, help="filter ratio of the synthetic variants"
+    )
+    p.add_argument("--round-to", type=int, default=PruneConfig.round_to, help="round-to of the synthetic variants")
     p.add_argument("--batch-sizes", default="1,16,64,256,1024", help="comma-separated batch sizes")
     p.add_argument(
         "--dtypes",
