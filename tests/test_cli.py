@@ -69,9 +69,9 @@ def test_run_refuses_an_existing_output_and_resumes_without_redoing_work(tiny_ru
     out = tiny_run / "run"
     assert main(["run", *TINY, "--metric", "l1,hybrid", "--out", str(out)]) == 2
     assert "exists; pass --resume" in capsys.readouterr().err
-    stamp = (out / "metric-l1.json").stat().st_mtime_ns
+    stamp = (out / "step-l1-hybrid.json").stat().st_mtime_ns
     assert main(["run", *TINY, "--metric", "l1,hybrid", "--out", str(out), "--resume"]) == 0
-    assert (out / "metric-l1.json").stat().st_mtime_ns == stamp
+    assert (out / "step-l1-hybrid.json").stat().st_mtime_ns == stamp
     assert "reusing" in capsys.readouterr().out
 
 

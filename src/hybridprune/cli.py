@@ -3,18 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import HybridPruneError
 
+# Every numeric flag, its kind and inclusive bounds: checked where it is parsed (nan, inf, negative, huge
+# and non-numbers are one line and exit 2), so no bad number reaches the work.
+NUMERIC_FLAGS: dict[str, tuple[type, float, float]] = {
+    "--seed": (int, 0, 2**32 - 1),
+    "--train-size": (int, 1, 10**9),
+    "--test-size": (int, 1, 10**9),
+    "--width": (float, 1e-6, 16.0),
+    "--epochs": (int, 0, 100_000),
+    "--finetune-epochs": (int, 0, 100_000),
+    "--lr": (float, 1e-12, 100.0),
+    "--finetune-lr": (float, 1e-12, 100.0),
+    "--batch-size": (int, 1, 65_536),
+    "--round-to": (int, 1, 4096),
+    "--calib-batches": (int, 1, 10_000),
+    "--bn-recalib-batches": (int, 0, 10_000),
+    "--workers": (int, 1, 256),
+    "--image-size": (int, 8, 4096),
+    "--channels": (int, 1, 16),
+    "--rounds": (int, 1, 100_000),
+    "--calls": (int, 1, 100_000),
+    "--threads": (int, 1, 1024),
+}
+
+
+def _bounded(flag: str) -> Callable[[str], float]:
+    kind, low, high = NUMERIC_FLAGS[flag]
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not (low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind.__name__ == 'int' and 'an integer' or 'a number'} "
+                                             f"in [{low:g}, {high:g}], got {text!r}")  # fmt: skip
+        return value
+
+    return parse
+
 
 class _Parser(argparse.ArgumentParser):
-    """Argument errors as one line, like every other bad input."""
+    """Argument errors as one line, like every other bad input; numeric flags bounded by NUMERIC_FLAGS."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        if kwargs.get("type") in (int, float):
+            flag = next(n for n in names if n.startswith("--"))
+            if flag not in NUMERIC_FLAGS:
+                raise KeyError(f"numeric flag {flag} has no bounds in NUMERIC_FLAGS")  # a bug, caught by the tests
+            kwargs["type"] = _bounded(flag)
+        return super().add_argument(*names, **kwargs)
 
 
 def _ratio(text: str) -> float:
@@ -150,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file")
     _add_common(p), _add_data(p), _add_user_model(p)
     p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     _add_bench(sub)
     _add_convert(sub)
     _add_experiment(sub)
@@ -170,6 +220,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=256, help="input batch the per-layer choice is measured on")
     p.add_argument("--json", default=None, help="also write the per-layer report to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -184,6 +235,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .sparse import to_inference_model
     from .train import resolve_device
 
+    _check_json_target(args.json, args.overwrite)
     device = resolve_device(args.device)
     (dtype,) = parse_dtypes(args.dtype or ("float16" if device.type == "cuda" else "float32"))
     (batch,) = parse_batch_sizes(str(args.batch_size))
@@ -258,11 +310,16 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
 
 def cmd_experiment(args: argparse.Namespace) -> None:
     from .experiment import Store, load_grid, pending_summary, run_grid
+    from .outputs import check_output_dir
     from .train import resolve_device
 
     grid = load_grid(args.config)
     device = resolve_device(args.device)
-    store = Store(args.store or f"runs/{grid.name}.sqlite")
+    store_path = Path(args.store or f"runs/{grid.name}.sqlite")
+    check_output_dir(store_path.parent)
+    if store_path.is_dir():
+        raise HybridPruneError(f"--store {store_path} is a folder; give the SQLite file to write")
+    store = Store(store_path)
     if args.list:
         print("\n".join(pending_summary(grid, store)))
         return
@@ -279,8 +336,10 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from .experiment import Store
+    from .outputs import check_output_dir
     from .report import write_grid_report
 
+    check_output_dir(Path(args.out))
     rows = Store(args.store, create=False).rows()
     if not rows:
         raise HybridPruneError(f"{args.store} holds no finished runs yet")
@@ -406,8 +465,13 @@ _PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_ba
 
 def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> Any:
     from .config import DEFAULT_METRICS, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+    from .metrics import METRICS
 
-    names = tuple(m.strip() for m in (metrics or ",".join(DEFAULT_METRICS)).split(",") if m.strip())
+    names = tuple(
+        m.strip() for m in (",".join(DEFAULT_METRICS) if metrics is None else metrics).split(",") if m.strip()
+    )
+    if not names:
+        raise HybridPruneError(f"--metric names no metric; give one or more of {', '.join(METRICS.names())}")
     ignore = tuple(n.strip() for n in getattr(args, "ignore", "").split(",") if n.strip())
     model = ModelConfig(
         getattr(args, "model", None) or ModelConfig.name, getattr(args, "width", None), getattr(args, "weights", None)
@@ -457,7 +521,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    metric = args.metric or "hybrid"
+    metric = "hybrid" if args.metric is None else args.metric
     if "," in metric:
         raise HybridPruneError("prune takes one --metric; use `hybridprune run` to compare several")
     cfg = _run_config(args, metric, args.dataset)
@@ -486,13 +550,12 @@ def _run_and_print(args: argparse.Namespace, cfg: Any, out: Path, include_nm_onl
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .checkpoint import save_checkpoint
-    from .outputs import environment
+    from .outputs import check_output_file, environment
     from .pipeline import new_model, prepare_data
     from .train import evaluate, fit, resolve_device
 
+    check_output_file(args.out, args.overwrite)  # before the work, not after it
     cfg = _run_config(args, None, args.dataset)
-    if Path(args.out).exists() and not args.overwrite:
-        raise HybridPruneError(f"{args.out} exists; pass --overwrite to replace it")
     device, env = resolve_device(args.device), environment()
     data = prepare_data(cfg)
     model = fit(
@@ -518,14 +581,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .stats import model_stats
     from .train import evaluate, resolve_device
 
+    _check_json_target(args.json, args.overwrite)
     model, masks, meta = load_checkpoint(args.checkpoint, args.model)
+    pattern = NMPattern.parse(meta.get("nm", "2:4")) if isinstance(meta.get("nm", "2:4"), str) else None
+    broken = [n for n in masks if pattern is None or not satisfies_nm(model.get_submodule(n).weight, pattern)]
+    if broken:
+        raise HybridPruneError(
+            f"{args.checkpoint}: layer {broken[0]} has an N:M mask but its weights break {pattern or 'the pattern'}"
+        )
     data = prepare_data_config(
         DataConfig(args.dataset, args.data_dir, args.download, args.train_size, args.test_size), args.seed
     )
     check_fits(model, data)
-    pattern = NMPattern.parse(meta.get("nm", "2:4"))
-    modules = dict(model.named_modules())
-    holds = all(satisfies_nm(modules[n].weight, pattern) for n in masks)
     result = {
         "checkpoint": args.checkpoint,
         "dataset": data.name,
@@ -533,7 +600,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "accuracy": evaluate(model, data.test, resolve_device(args.device)),
         **model_stats(model, set(masks), pattern),
         "nm_layers": sorted(masks),
-        "nm_pattern_holds": holds,
+        "nm_pattern_holds": True,  # checked above: a broken pattern is refused
     }
     for key, value in result.items():
         print(f"{key}: {value}")
@@ -542,8 +609,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _check_json_target(path: str | None, overwrite: bool) -> None:
-    if path and Path(path).exists() and not overwrite:
-        raise HybridPruneError(f"{path} exists; pass --overwrite to replace it")
+    """Before any work: a --json target must be a writable file path (existing only with --overwrite)."""
+    from .outputs import check_output_file
+
+    if path:
+        check_output_file(path, overwrite)
 
 
 COMMANDS = {

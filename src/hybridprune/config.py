@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import HybridPruneError
 from .nm import NMPattern
 from .prune import DEFAULT_ROUND_TO, validate_ratio
 
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
+
 
 class _Dict:
+    # Inclusive (low, high) bounds of numeric fields: a value outside them is bad input, whether it comes
+    # from a flag, an experiment file or the Python API.
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
+
+    def _check_fields(self) -> None:
+        """Every field has its declared type, floats are finite, numbers lie in RANGES."""
+        for f in fields(self):  # type: ignore[arg-type]
+            value, allowed = getattr(self, f.name), [a.strip() for a in str(f.type).split("|")]
+            if not any(_has_type(value, a) for a in allowed):
+                raise HybridPruneError(f"{_flag(f.name)} must be {' or '.join(allowed)}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HybridPruneError(f"{_flag(f.name)} must be a finite number, got {value}")
+            low, high = self.RANGES.get(f.name, (None, None))
+            if low is not None and isinstance(value, (int, float)) and not (low <= value <= high):
+                raise HybridPruneError(f"{_flag(f.name)} must be in [{low:g}, {high:g}], got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]):  # noqa: ANN206 - returns cls
@@ -23,6 +42,18 @@ class _Dict:
                 f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
             )
         return cls(**values)
+
+
+def _has_type(value: Any, name: str) -> bool:
+    if name.startswith("tuple"):
+        return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+    if name not in _TYPES:
+        return True  # a nested config checks itself
+    return isinstance(value, _TYPES[name]) and not (isinstance(value, bool) and name in ("int", "float"))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -43,7 +74,16 @@ class TrainConfig(_Dict):
     label_smoothing: float = 0.1
     augment: bool = True
 
+    RANGES: ClassVar = {
+        "epochs": (0, 100_000),
+        "lr": (1e-12, 100.0),
+        "batch_size": (1, 65_536),
+        "weight_decay": (0.0, 1.0),
+        "momentum": (0.0, 0.999),
+    }
+
     def __post_init__(self) -> None:
+        self._check_fields()
         if self.epochs < 0 or self.batch_size < 1:
             raise HybridPruneError(f"epochs must be >= 0 and batch size >= 1, got {self.epochs} and {self.batch_size}")
         if self.lr <= 0 or not (0 <= self.warmup < 1) or not (0 <= self.label_smoothing < 1):
@@ -70,9 +110,17 @@ class PruneConfig(_Dict):
     bn_recalib_batches: int = 8
     ignore: tuple[str, ...] = ()
 
+    RANGES: ClassVar = {
+        "round_to": (1, 4096),
+        "calib_batches": (1, 10_000),
+        "calib_batch_size": (1, 65_536),
+        "bn_recalib_batches": (0, 10_000),
+    }
+
     def __post_init__(self) -> None:
         from .metrics import METRICS
 
+        self._check_fields()
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not all(isinstance(n, str) and n.strip() for n in self.ignore):
             raise HybridPruneError(f"ignore must list module names, got {list(self.ignore)}")
@@ -98,7 +146,10 @@ class DataConfig(_Dict):
     train_size: int | None = None
     test_size: int | None = None
 
+    RANGES: ClassVar = {"train_size": (1, 10**9), "test_size": (1, 10**9)}
+
     def __post_init__(self) -> None:
+        self._check_fields()
         for name in ("train_size", "test_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -114,9 +165,12 @@ class ModelConfig(_Dict):
     width: float | None = None
     weights: str | None = None
 
+    RANGES: ClassVar = {"width": (1e-6, 16.0)}
+
     def __post_init__(self) -> None:
         from .models import ModelSource
 
+        self._check_fields()
         source = ModelSource.parse(self.name)
         if self.width is not None and not (0 < self.width <= 16):
             raise HybridPruneError(f"width multiplier must be in (0, 16], got {self.width}")
@@ -144,9 +198,13 @@ class RunConfig(_Dict):
     seed: int = 0
     filter_finetune: bool = True  # fine-tune between filter pruning and N:M pruning (the paper does)
 
+    RANGES: ClassVar = {"seed": (0, 2**32 - 1)}
+
     def __post_init__(self) -> None:
         from .metrics import METRICS
 
+        self._check_fields()
+        object.__setattr__(self, "metrics", tuple(self.metrics))
         if not self.metrics:
             raise HybridPruneError("give at least one metric")
         for m in self.metrics:

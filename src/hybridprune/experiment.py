@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import sqlite3
@@ -27,7 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+from .config import DEFAULT_FINETUNE, DEFAULT_METRICS, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
 from .errors import HybridPruneError
 from .metrics import METRICS
 from .prune import validate_ratio
@@ -106,23 +107,21 @@ def load_grid(path: str | Path) -> Grid:
 
 
 def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Grid:
-    datasets = tuple(
-        DataConfig.from_dict({"dataset": d} if isinstance(d, str) else d) for d in raw.get("datasets", ["digits"])
-    )
-    models = tuple(
-        ModelConfig.from_dict({"name": m} if isinstance(m, str) else m) for m in raw.get("models", ["alexnet"])
-    )
-    metrics = tuple(raw.get("metrics", ["l1", "output_l1", "hybrid", "hybrid_output", "random"]))
+    datasets = tuple(DataConfig.from_dict(_entry(d, "dataset")) for d in _items(raw, "datasets", ["digits"], object))
+    models = tuple(ModelConfig.from_dict(_entry(m, "name")) for m in _items(raw, "models", ["alexnet"], object))
+    metrics = tuple(_items(raw, "metrics", list(DEFAULT_METRICS), str))
     for m in metrics:
         METRICS.get(m)
-    ratios = tuple(float(validate_ratio(float(r), "ratio")) for r in raw.get("ratios", DEFAULT_RATIOS))
-    seeds = tuple(int(s) for s in raw.get("seeds", [0]))
-    prune = dict(raw.get("prune", {}))
+    ratios = tuple(float(validate_ratio(r, "ratio")) for r in _items(raw, "ratios", list(DEFAULT_RATIOS), float))
+    seeds = tuple(_items(raw, "seeds", [0], int))
+    if any(not (0 <= s < 2**32) for s in seeds):
+        raise HybridPruneError(f"seeds must be integers in [0, 2^32), got {list(seeds)}")
+    prune = _mapping(raw, "prune")
     bad = sorted(set(prune) & {"metric", "filter_ratio"})
     if bad:
         raise HybridPruneError(f"prune.{bad[0]} is set by the grid axes (metrics, ratios), not under prune")
     PruneConfig(**prune)  # validates the keys and values now, not in a worker later
-    finetune = {"epochs": 2, "lr": 0.01, "warmup": 0.0, **raw.get("finetune", {})}
+    finetune = {**DEFAULT_FINETUNE.to_dict(), **_mapping(raw, "finetune")}
     if not (datasets and models and metrics and ratios and seeds):
         raise HybridPruneError("datasets, models, metrics, ratios and seeds must each be non-empty")
     return Grid(
@@ -132,11 +131,39 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
         metrics,
         ratios,
         seeds,
-        TrainConfig.from_dict(raw.get("train", {})),
+        TrainConfig.from_dict(_mapping(raw, "train")),
         TrainConfig.from_dict(finetune),
         prune,
         bool(raw.get("filter_finetune", True)),
     )
+
+
+def _items(raw: dict[str, Any], key: str, default: list, kind: type) -> list:
+    """A grid axis: a non-empty list of values of one kind (ints count as floats; bools as neither)."""
+    values = raw.get(key, default)
+    kinds = (int, float) if kind is float else (kind,)
+    if not isinstance(values, list) or not values:
+        raise HybridPruneError(f"{key} must be a non-empty list, got {values!r}")
+    bad = [v for v in values if not isinstance(v, kinds) or isinstance(v, bool)]
+    if bad or (kind is float and not all(math.isfinite(v) for v in values)):
+        raise HybridPruneError(f"{key} must hold {kind.__name__} values only, got {(bad or values)[0]!r}")
+    return values
+
+
+def _entry(value: Any, key: str) -> dict[str, Any]:
+    """A dataset or model entry: a name, or a mapping of its settings."""
+    if isinstance(value, str):
+        return {key: value}
+    if not isinstance(value, dict):
+        raise HybridPruneError(f"a {key} entry must be a name or a mapping, got {value!r}")
+    return value
+
+
+def _mapping(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise HybridPruneError(f"{key} must be a mapping of settings, got {value!r}")
+    return dict(value)
 
 
 def config_key(obj: Any) -> str:

@@ -23,7 +23,16 @@ from .errors import HybridPruneError
 from .metrics import ScoringContext, score_filters
 from .models import Classifier, build_model
 from .nm import nm_eligibility, nm_prune_, satisfies_nm
-from .outputs import environment, write_json
+from .outputs import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    FolderLock,
+    check_output_dir,
+    environment,
+    remove_written_files,
+    write_json,
+    written_files,
+)
 from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
 from .stats import model_stats
 from .train import calibration_data, evaluate, fit, recalibrate_bn_
@@ -223,21 +232,27 @@ class Job:
     def metric(
         self, dense: nn.Module, metric: str, calibration: list[torch.Tensor], labels: list[torch.Tensor] | None = None
     ) -> dict[str, Any]:
-        def compute() -> dict[str, Any]:
+        """Filter-prune with one metric, fine-tune, then N:M and fine-tune: two steps, each saved when done,
+        so a resumed run redoes only the step that was in progress."""
+
+        def filter_step() -> dict[str, Any]:
             model = copy.deepcopy(dense)
             prune_cfg = PruneConfig(**{**self.cfg.prune.to_dict(), "metric": metric})
             plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels)
             filt = self.stage(model, {}, f"{metric}-filter", f"fine-tune {metric} filter", self.cfg.filter_finetune)
-            hybrid = self.stage(*_nm_copy(model, self.cfg), f"{metric}-hybrid", f"fine-tune {metric} hybrid")
-            return {
-                "metric": metric,
-                "plan": plan.to_dict(),
-                "filter": filt,
-                "hybrid": hybrid,
-                "checkpoint": hybrid["checkpoint"],
-            }
+            return {"plan": plan.to_dict(), "filter": filt}
 
-        return self._cached(f"metric-{metric}", compute)
+        first = self._cached(f"step-{metric}-filter", filter_step)
+
+        def hybrid_step() -> dict[str, Any]:
+            # from the saved filter checkpoint, not from memory: a resumed run takes exactly the same path
+            model = load_checkpoint(self.out / f"{metric}-filter.safetensors", self.cfg.model.name)[0]
+            return self.stage(
+                *_nm_copy(model.to(self.device), self.cfg), f"{metric}-hybrid", f"fine-tune {metric} hybrid"
+            )
+
+        hybrid = self._cached(f"step-{metric}-hybrid", hybrid_step)
+        return {"metric": metric, **first, "hybrid": hybrid, "checkpoint": hybrid["checkpoint"]}
 
     def _cached(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         record = self.out / f"{name}.json"
@@ -264,20 +279,30 @@ def _nm_copy(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, dict[str, tor
 
 
 def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    """A new folder, or one holding this same configuration when resuming; never silently mixed."""
-    config_file = out / "config.json"
-    if out.exists() and any(out.iterdir()):
+    """A new folder, or one holding this same configuration when resuming; never silently mixed.
+
+    `overwrite` removes only the files hybridprune wrote there (its manifest lists them), never a user's.
+    """
+    ours = {LOCK_NAME, MANIFEST_NAME}
+    contents = [p for p in out.iterdir() if p.name not in ours] if out.is_dir() else []
+    if contents:
         if not (resume or overwrite):
             raise HybridPruneError(
                 f"output folder {out} exists; pass --resume to continue it or --overwrite to redo it"
             )
-        same = json.loads(json.dumps(cfg.to_dict()))  # tuples become lists, as in the stored file
-        if resume and config_file.is_file() and json.loads(config_file.read_text()) != same:
-            raise HybridPruneError(f"{out} holds a run with another configuration; use another --out or --overwrite")
+        config_file = out / "config.json"
         if overwrite:
-            for f in out.glob("*.json"):
-                f.unlink()
-    write_json(config_file, cfg.to_dict())
+            if not written_files(out):
+                raise HybridPruneError(
+                    f"{out} holds files that hybridprune did not write ({contents[0].name}, ...); "
+                    "choose another --out (--overwrite removes only hybridprune's own files)"
+                )
+            remove_written_files(out)
+        elif not config_file.is_file():
+            raise HybridPruneError(f"{out} holds no hybridprune run to resume (no config.json); choose another --out")
+        elif json.loads(config_file.read_text()) != json.loads(json.dumps(cfg.to_dict())):  # tuples as lists
+            raise HybridPruneError(f"{out} holds a run with another configuration; use another --out or --overwrite")
+    write_json(out / "config.json", cfg.to_dict())
 
 
 def run(
@@ -296,33 +321,36 @@ def run(
 
     Returns the result object (see docs/results-format.md) and writes it to OUT/results.json.
     """
-    out = Path(out)
+    out = check_output_dir(Path(out))
     env = environment()  # now, not at the end: the checkout may change while a long run goes on
     data = prepare_data(cfg)
     # loaded before anything is written, so a bad checkpoint leaves no output folder behind
     dense_model = load_dense_checkpoint(dense_checkpoint, data, cfg.model.name) if dense_checkpoint else None
     check_prunable(dense_model if dense_model is not None else new_model(cfg, data, log=lambda _: None), cfg.prune)
-    prepare_out_dir(out, cfg, resume, overwrite)
-    log(
-        f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "
-        f"{data.train.channels}x{data.train.image_size}x{data.train.image_size}, {data.train.num_classes} classes"
-    )
-    if device.type == "cpu":
-        log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
-    job = Job(cfg, data, device, out, log, progress, dense_checkpoint, dense_model)
-    dense, dense_result = job.dense()
-    images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
-    results = [job.metric(dense, m, images, labels) for m in cfg.metrics]
-    result = {
-        "config": cfg.to_dict(),
-        "environment": env,
-        "device": str(device),
-        "dataset": {"name": data.name, "train": len(data.train), "test": len(data.test)},
-        "layers": [e.__dict__ for e in nm_eligibility(dense, cfg.prune.pattern)],
-        "dense": dense_result,
-        "results": results,
-    }
-    if include_nm_only:
-        result["nm"] = job.nm_only(dense)
-    write_json(out / "results.json", result)
+    with FolderLock(out) as lock:  # one run per folder; released however the run ends
+        if lock.replaced_stale:
+            log(f"output folder: replaced the lock of a process that is gone ({lock.replaced_stale})")
+        prepare_out_dir(out, cfg, resume, overwrite)
+        log(
+            f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "
+            f"{data.train.channels}x{data.train.image_size}x{data.train.image_size}, {data.train.num_classes} classes"
+        )
+        if device.type == "cpu":
+            log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
+        job = Job(cfg, data, device, out, log, progress, dense_checkpoint, dense_model)
+        dense, dense_result = job.dense()
+        images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
+        results = [job.metric(dense, m, images, labels) for m in cfg.metrics]
+        result = {
+            "config": cfg.to_dict(),
+            "environment": env,
+            "device": str(device),
+            "dataset": {"name": data.name, "train": len(data.train), "test": len(data.test)},
+            "layers": [e.__dict__ for e in nm_eligibility(dense, cfg.prune.pattern)],
+            "dense": dense_result,
+            "results": results,
+        }
+        if include_nm_only:
+            result["nm"] = job.nm_only(dense)
+        write_json(out / "results.json", result)
     return result
