@@ -100,3 +100,16 @@ def _tiny_npz(tmp_path):
     path = tmp_path / "tiny16.npz"
     np.savez(path, x=np.zeros((20, 16, 16), dtype=np.uint8), y=np.arange(20) % 2)
     return path
+
+
+def test_train_then_prune_a_builtin_resnet(tmp_path, capsys):
+    dense = tmp_path / "dense.safetensors"
+    small = ["--train-size", "96", "--test-size", "48", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+    assert main(["train", *small, "--model", "resnet20", "--width", "0.5", "--out", str(dense)]) == 0
+    out = tmp_path / "pruned"
+    prune = ["--train-size", "96", "--test-size", "48", "--finetune-epochs", "1", "--round-to", "4", "--no-progress"]
+    assert main(["prune", str(dense), *prune, "--metric", "taylor", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["name"] == "resnet20" and config["prune"]["metric"] == "taylor"
+    model, masks, _ = load_checkpoint(out / "taylor-hybrid.safetensors")
+    assert model.net.stem.conv.out_channels == 4 and masks  # 8 channels at width 0.5, 40% -> 4 (round-to 4)

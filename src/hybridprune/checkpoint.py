@@ -118,6 +118,14 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     return header, tensors
 
 
+def checkpoint_source(path: str | Path) -> ModelSource:
+    """Where a checkpoint's architecture came from, read from its checked header (nothing is built)."""
+    header, _ = read_checkpoint(Path(path))
+    if header["version"] == 1:
+        return ModelSource("builtin", "alexnet")
+    return _checked_spec(header["spec"], path)[0]
+
+
 def rebuild(spec: dict[str, Any], user_model: str | None = None, path: Path | str = "checkpoint") -> Classifier:
     """Build the original model a spec describes and replay its pruning history (weights left as built)."""
     source, shape, history = _checked_spec(spec, path)

@@ -521,7 +521,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
+    from .checkpoint import checkpoint_source
+
     metric = "hybrid" if args.metric is None else args.metric
+    source = checkpoint_source(args.checkpoint)
+    if source.kind == "user" and args.model != source.name:
+        raise HybridPruneError(f"{args.checkpoint} holds user code {source.name!r}; pass --model {source.name}")
+    args.model = source.label  # the run's config names the checkpoint's model, whatever it is
     if "," in metric:
         raise HybridPruneError("prune takes one --metric; use `hybridprune run` to compare several")
     cfg = _run_config(args, metric, args.dataset)
