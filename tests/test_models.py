@@ -138,3 +138,12 @@ def test_width_scales_the_builtin_cifar_networks():
     narrow, wide = build_model("resnet20", width=0.5), build_model("resnet20", width=2.0)
     assert narrow.net.stem.conv.out_channels == 8 and wide.net.stem.conv.out_channels == 32
     assert sum(p.numel() for p in copy.deepcopy(wide).parameters()) > sum(p.numel() for p in narrow.parameters())
+
+
+def test_a_model_over_the_parameter_limit_is_refused_before_allocating():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(HybridPruneError, match="3,832,814,602 parameters, over the limit"):
+        build_model("vgg16", width=16)  # 15 GB of weights if it were built
+    assert time.perf_counter() - start < 5

@@ -33,6 +33,7 @@ for _name, _factory in BUILTIN.items():
     MODELS.register(_name)(_factory)
 
 TORCHVISION_PREFIX = "torchvision:"
+MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights: a bound checked before anything is allocated
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def build_model(
     source = ModelSource.parse(name) if isinstance(name, str) else name
     if width is not None:
         source = ModelSource(source.kind, source.name, {**source.args, "width": width})
+    _check_size(source, in_channels, num_classes, image_size)
     net = _build_net(source, in_channels, num_classes, image_size)
     net_channels = _net_channels(net, in_channels, image_size)
     if net_channels % in_channels:
@@ -158,6 +160,18 @@ def build_model(
     model = Classifier(net, source, (in_channels, image_size, image_size), num_classes, net_channels, mean, std)
     _check_forward(model)
     return model
+
+
+def _check_size(source: ModelSource, in_channels: int, num_classes: int, image_size: int) -> None:
+    """Refuse a model larger than MAX_PARAMS, counted on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        net = _build_net(source, in_channels, num_classes, image_size)
+    count = sum(p.numel() for p in net.parameters())
+    if count > MAX_PARAMS:
+        raise HybridPruneError(
+            f"{source.label} with {source.args or 'its defaults'} has {count:,} parameters, over the limit of "
+            f"{MAX_PARAMS:,}; use a smaller width"
+        )
 
 
 def _build_net(source: ModelSource, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
