@@ -96,10 +96,12 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> Non
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    from .config import ModelConfig
+    from .config import DEFAULT_MODEL
     from .models import model_names
 
-    p.add_argument("--model", default=None, help=f"{model_names()} (default: {ModelConfig.name})")
+    p.add_argument(
+        "--model", default=None, help=f"{model_names()} (default: {DEFAULT_MODEL.name} at width {DEFAULT_MODEL.width})"
+    )
     p.add_argument(
         "--width", type=float, default=None, help="width multiplier of a built-in model's layers (default: 1.0)"
     )
@@ -463,8 +465,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 _PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_batches")
 
 
+def _width(model: str | None, width: float | None) -> float | None:
+    """--width as given; with neither --model nor --width, the default model's width."""
+    from .config import DEFAULT_MODEL
+
+    return DEFAULT_MODEL.width if model is None and width is None else width
+
+
 def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> Any:
-    from .config import DEFAULT_METRICS, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+    from .config import DEFAULT_METRICS, DEFAULT_MODEL, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
     from .metrics import METRICS
 
     names = tuple(
@@ -474,7 +483,9 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
         raise HybridPruneError(f"--metric names no metric; give one or more of {', '.join(METRICS.names())}")
     ignore = tuple(n.strip() for n in getattr(args, "ignore", "").split(",") if n.strip())
     model = ModelConfig(
-        getattr(args, "model", None) or ModelConfig.name, getattr(args, "width", None), getattr(args, "weights", None)
+        getattr(args, "model", None) or DEFAULT_MODEL.name,
+        _width(getattr(args, "model", None), getattr(args, "width", None)),
+        getattr(args, "weights", None),
     )
     return RunConfig(
         data=DataConfig(dataset, args.data_dir, args.download, args.train_size, args.test_size),

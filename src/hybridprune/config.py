@@ -183,6 +183,7 @@ class ModelConfig(_Dict):
 
 
 DEFAULT_FINETUNE = TrainConfig(epochs=3, lr=0.01, warmup=0.0)
+DEFAULT_MODEL = ModelConfig("alexnet", 0.5)  # the job run with no --model: the paper's AlexNet at half width
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class RunConfig(_Dict):
     """Everything `hybridprune run` needs: the dense model, the metrics to compare, fine-tuning."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: DEFAULT_MODEL)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: TrainConfig = field(default_factory=lambda: DEFAULT_FINETUNE)
     prune: PruneConfig = field(default_factory=PruneConfig)
