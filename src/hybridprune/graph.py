@@ -119,13 +119,6 @@ def _within(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def prune_group_(graph: tp.DependencyGraph, model: nn.Module, group: ChannelGroup, drop: list[int]) -> None:
-    """Remove channels `drop` of a group physically (Torch-Pruning records it in the graph's history)."""
-    root = model.get_submodule(group.name)
-    pruner = graph.get_pruner_of_module(root)
-    graph.get_pruning_group(root, pruner.prune_out_channels, idxs=drop).prune()
-
-
 # --- one forward pass with hooks ------------------------------------------------------------------
 
 
