@@ -198,7 +198,7 @@ def test_bench_compares_the_four_variants_of_a_run(tiny_run, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["bench", "--synthetic", "--batch-sizes", "8,-1"], "positive integers"),
+        (["bench", "--synthetic", "--batch-sizes", "8,-1"], "integers in [1, 65536]"),
         (["bench", "--synthetic", "--dtypes", "float16", "--device", "cpu"], "not run on the CPU"),
         (["bench", "--synthetic", "--dtypes", "fp64"], "unknown dtype"),
         (["bench"], "give exactly one source"),

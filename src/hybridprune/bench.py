@@ -27,6 +27,7 @@ from .sparse import InferenceModel, to_inference_model
 from .timing import time_calls
 
 VARIANTS = ("dense", "filter", "nm", "hybrid")
+MAX_BATCH = 65_536
 
 
 @dataclass
@@ -46,8 +47,8 @@ def parse_batch_sizes(text: str) -> list[int]:
         sizes = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         sizes = []
-    if not sizes or any(s < 1 for s in sizes):
-        raise HybridPruneError(f"batch sizes must be positive integers separated by commas, got {text!r}")
+    if not sizes or any(not (1 <= s <= MAX_BATCH) for s in sizes):
+        raise HybridPruneError(f"batch sizes must be integers in [1, {MAX_BATCH}] separated by commas, got {text!r}")
     return sizes
 
 

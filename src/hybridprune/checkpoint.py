@@ -109,7 +109,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         ) from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise HybridPruneError(f"{path} is a safetensors file but not a hybridprune checkpoint")
-    if header.get("version") not in READS or isinstance(header.get("version"), bool):
+    if not _is_int(header.get("version")) or header.get("version") not in READS:
         raise HybridPruneError(
             f"{path} has checkpoint version {header.get('version')!r}; this hybridprune reads {READS}"
         )
@@ -171,7 +171,10 @@ def _checked_spec(spec: dict[str, Any], path: Path | str) -> tuple[ModelSource, 
 
 def _check_args(args: dict[str, Any], path: Path | str) -> None:
     """Factory arguments from a file: plain numbers and short lists only, within bounds (no huge allocations)."""
+    shape_args = {"in_channels", "num_classes", "image_size"}
     for key, value in args.items():
+        if key in shape_args:
+            raise HybridPruneError(f"{path}: header model argument {key} belongs in 'input', not in 'args'")
         values = value if isinstance(value, list) else [value]
         ok = all(
             (_is_int(v) and 1 <= v <= 8192) or (isinstance(v, float) and math.isfinite(v) and 0 < v <= MAX_WIDTH)

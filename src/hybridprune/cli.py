@@ -231,7 +231,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .bench import parse_batch_sizes, parse_dtypes
     from .checkpoint import load_checkpoint
     from .models import input_shape
-    from .nm import NMPattern
     from .outputs import write_json
     from .report import markdown_table
     from .sparse import to_inference_model
@@ -239,13 +238,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     _check_json_target(args.json, args.overwrite)
     device = resolve_device(args.device)
-    (dtype,) = parse_dtypes(args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    default_dtype = "float16" if device.type == "cuda" else "float32"
+    (dtype,) = parse_dtypes(default_dtype if args.dtype is None else args.dtype)
     (batch,) = parse_batch_sizes(str(args.batch_size))
     model, masks, meta = load_checkpoint(args.checkpoint, args.model)
     if not masks:
         raise HybridPruneError(f"{args.checkpoint} has no N:M masks; convert takes an N:M-pruned checkpoint")
     x = torch.rand(batch, *input_shape(model), device=device, dtype=dtype)
-    pattern = NMPattern.parse(meta.get("nm", "2:4"))
+    pattern = _checkpoint_pattern(args.checkpoint, meta)
     inference = to_inference_model(model, masks, device, dtype, choose=args.kernels, pattern=pattern, example=x)
     reference = to_inference_model(model, masks, device, dtype, choose="dense", pattern=pattern)
     with torch.inference_mode():
@@ -412,7 +412,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     device = resolve_device(args.device)
-    dtypes = parse_dtypes(args.dtypes or ("float16" if device.type == "cuda" else "float32"))
+    dtypes = parse_dtypes(("float16" if device.type == "cuda" else "float32") if args.dtypes is None else args.dtypes)
     _check_json_target(args.json, args.overwrite)
     if args.rounds < 1 or args.calls < 1:
         raise HybridPruneError("--rounds and --calls must be positive")
@@ -592,7 +592,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
     from .config import DataConfig
-    from .nm import NMPattern, satisfies_nm
+    from .nm import satisfies_nm
     from .outputs import write_json
     from .pipeline import check_fits, prepare_data_config
     from .stats import model_stats
@@ -600,12 +600,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     _check_json_target(args.json, args.overwrite)
     model, masks, meta = load_checkpoint(args.checkpoint, args.model)
-    pattern = NMPattern.parse(meta.get("nm", "2:4")) if isinstance(meta.get("nm", "2:4"), str) else None
-    broken = [n for n in masks if pattern is None or not satisfies_nm(model.get_submodule(n).weight, pattern)]
+    pattern = _checkpoint_pattern(args.checkpoint, meta)
+    broken = [n for n in masks if not satisfies_nm(model.get_submodule(n).weight, pattern)]
     if broken:
-        raise HybridPruneError(
-            f"{args.checkpoint}: layer {broken[0]} has an N:M mask but its weights break {pattern or 'the pattern'}"
-        )
+        raise HybridPruneError(f"{args.checkpoint}: layer {broken[0]} has an N:M mask but its weights break {pattern}")
     data = prepare_data_config(
         DataConfig(args.dataset, args.data_dir, args.download, args.train_size, args.test_size), args.seed
     )
@@ -623,6 +621,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{key}: {value}")
     if args.json:
         write_json(args.json, result)
+
+
+def _checkpoint_pattern(path: str, meta: dict[str, Any]) -> Any:
+    """The N:M pattern a checkpoint records (2:4 when it records none); a malformed one is bad input."""
+    from .nm import NMPattern
+
+    text = meta.get("nm", "2:4")
+    if not isinstance(text, str):
+        raise HybridPruneError(f"{path}: header meta.nm must be a pattern such as '2:4', got {text!r}")
+    return NMPattern.parse(text)
 
 
 def _check_json_target(path: str | None, overwrite: bool) -> None:

@@ -149,7 +149,11 @@ class DataConfig(_Dict):
     RANGES: ClassVar = {"train_size": (1, 10**9), "test_size": (1, 10**9)}
 
     def __post_init__(self) -> None:
+        from .data import DATASETS
+
         self._check_fields()
+        if not self.dataset.startswith("npz:"):
+            DATASETS.get(self.dataset)  # unknown names fail now, with the list of valid ones
         for name in ("train_size", "test_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -125,7 +125,7 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
     if not (datasets and models and metrics and ratios and seeds):
         raise HybridPruneError("datasets, models, metrics, ratios and seeds must each be non-empty")
     return Grid(
-        raw.get("name", default_name),
+        _name(raw, default_name),
         datasets,
         models,
         metrics,
@@ -134,7 +134,7 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
         TrainConfig.from_dict(_mapping(raw, "train")),
         TrainConfig.from_dict(finetune),
         prune,
-        bool(raw.get("filter_finetune", True)),
+        _flag(raw, "filter_finetune", True),
     )
 
 
@@ -148,6 +148,21 @@ def _items(raw: dict[str, Any], key: str, default: list, kind: type) -> list:
     if bad or (kind is float and not all(math.isfinite(v) for v in values)):
         raise HybridPruneError(f"{key} must hold {kind.__name__} values only, got {(bad or values)[0]!r}")
     return values
+
+
+def _name(raw: dict[str, Any], default: str) -> str:
+    """The grid's name, which names its store file: a plain word."""
+    name = raw.get("name", default)
+    if not isinstance(name, str) or not name.strip() or "/" in name or "\0" in name:
+        raise HybridPruneError(f"name must be a non-empty word (it names runs/NAME.sqlite), got {name!r}")
+    return name
+
+
+def _flag(raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise HybridPruneError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 def _entry(value: Any, key: str) -> dict[str, Any]:

@@ -177,7 +177,11 @@ def _check_size(source: ModelSource, in_channels: int, num_classes: int, image_s
 def _build_net(source: ModelSource, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     shape = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
     if source.kind == "builtin":
-        return MODELS.get(source.name)(**shape, **source.args)
+        factory = MODELS.get(source.name)
+        unknown = sorted(set(source.args) - set(inspect.signature(factory).parameters) | set(source.args) & set(shape))
+        if unknown:
+            raise HybridPruneError(f"{source.name} takes no argument {', '.join(unknown)}")
+        return factory(**shape, **source.args)
     if source.kind == "torchvision":
         if "width" in source.args:
             raise HybridPruneError("--width scales the built-in models only; torchvision models have fixed widths")
@@ -191,7 +195,10 @@ def _torchvision_net(name: str, num_classes: int, args: dict[str, Any]) -> nn.Mo
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if name not in known:
         raise HybridPruneError(f"unknown torchvision classification model {name!r}; valid: {', '.join(known)}")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
+    except (TypeError, ValueError) as e:
+        raise HybridPruneError(f"torchvision:{name} cannot be built with {args} ({e})") from None
 
 
 def _user_net(spec: str, shape: dict[str, int], args: dict[str, Any]) -> nn.Module:

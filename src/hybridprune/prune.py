@@ -163,9 +163,29 @@ def replay_history_(model: nn.Module, history: list) -> nn.Module:
     if not history:
         return model
     graph = dependency_graph(model)
-    try:
-        graph.load_pruning_history([list(entry) for entry in history])
-    except Exception as e:  # noqa: BLE001 - a history for another model fails inside Torch-Pruning in many ways
-        raise HybridPruneError(f"pruning history does not fit this model ({type(e).__name__}: {e})") from None
+    for name, is_out, idxs in history:
+        module = _module_or_none(model, name)
+        pruner = None if module is None else graph.get_pruner_of_module(module)
+        channels = None if pruner is None else (pruner.get_out_channels if is_out else pruner.get_in_channels)(module)
+        if (
+            channels is None
+            or not idxs
+            or len(set(idxs)) != len(idxs)
+            or max(idxs) >= channels
+            or len(idxs) >= channels
+        ):
+            raise HybridPruneError(
+                f"pruning history does not fit this model: {name!r} "
+                + ("is not a prunable layer" if channels is None else f"has {channels} channels, history names {idxs}")
+            )
+        fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
+        graph.get_pruning_group(module, fn, list(idxs)).prune(record_history=False)
     model.pruning_history = [_plain(entry) for entry in history]
     return model
+
+
+def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
