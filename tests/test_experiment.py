@@ -32,7 +32,7 @@ def test_interrupted_grid_resumes_with_one_row_per_run(tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:  # 1 baseline + 2 runs done, then Ctrl-C during the third run
+        if len(calls) == 3:  # 2 runs done (after the baseline phase), then Ctrl-C during the third run
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -51,6 +51,19 @@ def test_interrupted_grid_resumes_with_one_row_per_run(tmp_path, monkeypatch):
         assert next(r for r in rows if r["key"] == key) == row
     assert len(list(store.artifacts.glob("baseline-*"))) == 1  # one dense baseline, reused by every run
     assert run_grid(grid, store, progress=False, log=lambda _: None)["done"] == 0
+
+
+def test_the_baseline_phase_trains_baselines_only_so_every_run_is_timed_on_its_own(tmp_path, monkeypatch):
+    grid = grid_from_dict(FAST, "timed")
+    store = Store(tmp_path / "t.sqlite")
+    pruned = []
+    real = experiment.execute_run
+    monkeypatch.setattr(experiment, "execute_run", lambda *a, **k: pruned.append(1) or real(*a, **k))
+    run_grid(grid, store, progress=False, log=lambda _: None)
+    assert len(pruned) == len(grid.runs())
+    rows = store.rows()
+    assert all(r["wall_time_s"] > 0.05 for r in rows), [r["wall_time_s"] for r in rows]
+    assert all(json.loads(r["result"])["filter"]["checkpoint"] for r in rows)
 
 
 def test_two_worker_processes_fill_the_same_store(tmp_path):

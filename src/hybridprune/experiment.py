@@ -300,6 +300,26 @@ def _cached_data(data: DataConfig, seed: int):
     return prepare_data_config(data, seed)
 
 
+def execute_baseline(
+    cfg_dict: dict[str, Any], experiment: str, artifacts: str, device: str = "cpu", threads: int | None = None
+) -> None:
+    """Train (or find) the dense baseline of one grid point, and nothing else: the pruning runs come after,
+    each timed on its own."""
+    from .pipeline import Job
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = RunConfig.from_dict(cfg_dict)
+    data = _cached_data(cfg.data, cfg.seed)
+    base = Job(cfg, data, torch.device(device), _baseline_dir(artifacts, cfg), log=lambda _: None, progress=False)
+    base.out.mkdir(parents=True, exist_ok=True)
+    base.dense()
+
+
+def _baseline_dir(artifacts: str, cfg: RunConfig) -> Path:
+    return Path(artifacts) / f"baseline-{baseline_key(cfg)}"
+
+
 def execute_run(
     cfg_dict: dict[str, Any], experiment: str, artifacts: str, device: str = "cpu", threads: int | None = None
 ) -> dict[str, Any]:
@@ -316,7 +336,7 @@ def execute_run(
     start, env = time.time(), environment()
     data = _cached_data(cfg.data, cfg.seed)
     dev = torch.device(device)
-    base = Job(cfg, data, dev, Path(artifacts) / f"baseline-{baseline_key(cfg)}", log=lambda _: None, progress=False)
+    base = Job(cfg, data, dev, _baseline_dir(artifacts, cfg), log=lambda _: None, progress=False)
     base.out.mkdir(parents=True, exist_ok=True)
     dense, dense_result = base.dense()
     job = Job(cfg, data, dev, Path(artifacts) / f"run-{run_key(cfg)}", log=lambda _: None, progress=False)
@@ -388,13 +408,20 @@ def run_grid(
     devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else [device]
     args = (grid.name, str(store.artifacts), devices, threads)
     with _executor(backend, workers) as submit:
-        _drain(submit, [c.to_dict() for c in baselines], args, None, "baselines", progress, workers)
-        done = _drain(submit, [c.to_dict() for c in pending], args, store, "runs", progress, workers)
+        _drain(submit, execute_baseline, [c.to_dict() for c in baselines], args, None, "baselines", progress, workers)
+        done = _drain(submit, execute_run, [c.to_dict() for c in pending], args, store, "runs", progress, workers)
     return {"done": done, "skipped": total - len(pending), "failed": len(pending) - done}
 
 
 def _drain(
-    submit: Submit, cfgs: list[dict], args: tuple, store: Store | None, desc: str, progress: bool, limit: int
+    submit: Submit,
+    fn: Callable[..., Any],
+    cfgs: list[dict],
+    args: tuple,
+    store: Store | None,
+    desc: str,
+    progress: bool,
+    limit: int,
 ) -> int:
     """Keep up to `limit` runs in flight and write each row as soon as its run finishes; a failed run is
     reported and left for the next invocation."""
@@ -409,7 +436,7 @@ def _drain(
         nonlocal submitted
         while len(in_flight) < limit and (cfg := next(todo, None)) is not None:
             device = devices[submitted % len(devices)]  # one GPU per run, round-robin over the GPUs
-            in_flight[submit(execute_run, cfg, experiment_name, artifacts, device, threads)] = cfg
+            in_flight[submit(fn, cfg, experiment_name, artifacts, device, threads)] = cfg
             submitted += 1
 
     try:
@@ -485,8 +512,8 @@ def _ray_submit(workers: int) -> Submit:
             include_dashboard=False,
             log_to_driver=False,
         )
-    remote = ray.remote(num_cpus=1)(execute_run)
-    return lambda fn, *args: remote.remote(*args).future()
+    remotes = {fn: ray.remote(num_cpus=1)(fn) for fn in (execute_baseline, execute_run)}
+    return lambda fn, *args: remotes[fn].remote(*args).future()
 
 
 def pending_summary(grid: Grid, store: Store) -> Iterable[str]:
