@@ -134,7 +134,7 @@ def test_report_tables_match_hand_computed_means_and_paired_test(fixture_store):
 def test_report_writes_markdown_csv_and_valid_pngs(fixture_store, tmp_path):
     written = write_grid_report(fixture_store.rows(), tmp_path / "report")
     names = {p.name for p in written}
-    assert {"report.md", "accuracy-hybrid_accuracy.csv", "accuracy-vs-ratio-cifar10-alexnet-w0.5.png"} <= names
+    assert {"report.md", "accuracy-hybrid_accuracy.csv", "accuracy-cifar10-alexnet-w0.5.png"} <= names
     for p in written:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

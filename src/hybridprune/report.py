@@ -312,12 +312,14 @@ def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str]) -> lis
     for ds, model, width in sorted({(r["dataset"], r["model"], r["width"]) for r in rows}):
         setup = [r for r in rows if (r["dataset"], r["model"], r["width"]) == (ds, model, width)]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+        single = len({r["ratio"] for r in setup}) == 1  # one ratio: metrics side by side, not a flat line
         for ax, column in zip(axes, ("hybrid_oneshot", "hybrid_accuracy"), strict=True):
             groups = group_rows(setup, column)
-            for metric in sorted({k[3] for k in groups}, key=_metric_order):
+            metrics = sorted({k[3] for k in groups}, key=_metric_order)
+            for i, metric in enumerate(metrics):
                 points = sorted((k[4], mean_std(list(v.values()))) for k, v in groups.items() if k[3] == metric)
                 ax.errorbar(
-                    [p[0] for p in points],
+                    [i] if single else [p[0] for p in points],
                     [p[1][0] for p in points],
                     yerr=[p[1][1] for p in points],
                     marker="o",
@@ -325,11 +327,15 @@ def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str]) -> lis
                     label=metric,
                 )
             title = f"{dataset_label(ds)}, {model} w{width:g}: {STAGE_COLUMNS[column]}"
-            ax.set(title=title, xlabel="filter ratio", ylabel="top-1 accuracy (%)")
+            if single:
+                ax.set_xticks(range(len(metrics)), metrics, rotation=30)
+                title += f" at ratio {setup[0]['ratio']:g}"
+            ax.set(title=title, xlabel="metric" if single else "filter ratio", ylabel="top-1 accuracy (%)")
             ax.grid(alpha=0.3)
-        axes[0].legend()
+        if not single:
+            axes[0].legend()
         fig.tight_layout()
-        path = out / f"accuracy-vs-ratio-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png"
+        path = out / f"accuracy-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png"
         out.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
