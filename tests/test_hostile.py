@@ -196,6 +196,7 @@ def fail_safe(command: str, root: Path, ckpt: Path) -> list[str]:
         "bench": ["bench", "--dense", f"{absent}.safetensors", "--device", "cpu", "--json", out / "b.json"],
         "convert": ["convert", f"{absent}.safetensors", "--device", "cpu", "--json", out / "c.json"],
         "experiment": ["experiment", f"{absent}.yaml", "--store", out / "s.sqlite", "--list"],
+        "export": ["export", f"{absent}.safetensors", "--out", out / "m.onnx"],
     }[command]
 
 

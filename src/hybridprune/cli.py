@@ -32,6 +32,8 @@ NUMERIC_FLAGS: dict[str, tuple[type, float, float]] = {
     "--rounds": (int, 1, 100_000),
     "--calls": (int, 1, 100_000),
     "--threads": (int, 1, 1024),
+    "--opset": (int, 13, 20),
+    "--check-images": (int, 1, 100_000),
 }
 
 
@@ -204,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     _add_bench(sub)
     _add_convert(sub)
+    _add_export(sub)
     _add_experiment(sub)
     return parser
 
@@ -287,6 +290,58 @@ def cmd_convert(args: argparse.Namespace) -> None:
                 "notice": inference.notice,
             },
         )
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .data import dataset_names
+    from .export import OPSET
+
+    p = sub.add_parser("export", help="ONNX file of a checkpoint (dynamic batch), checked with ONNX Runtime")
+    p.add_argument("checkpoint", help="any hybridprune checkpoint: dense, filter-pruned, 2:4 or hybrid")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument(
+        "--dataset", default=None, help=f"test images for the check: {', '.join(dataset_names())} (default: random)"
+    )
+    p.add_argument("--data-dir", default=None, help="root of torchvision-layout datasets")
+    p.add_argument("--check-images", type=int, default=256, help="images run through both PyTorch and ONNX Runtime")
+    _add_user_model(p)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .export import check_onnx, export_onnx
+    from .outputs import check_output_file
+
+    check_output_file(args.out, args.overwrite)
+    model, masks, meta = load_checkpoint(args.checkpoint, args.model)
+    pattern = _checkpoint_pattern(args.checkpoint, meta)
+    if args.dataset is None:
+        images = torch.rand(args.check_images, *model.input_shape, generator=torch.Generator().manual_seed(0))
+        source = "random images (give --dataset for real test images)"
+    else:
+        from .data import load_dataset
+        from .pipeline import check_fits
+
+        data = load_dataset(args.dataset, args.data_dir)
+        check_fits(model, data)
+        images = data.test.x[: args.check_images].float() / 255
+        source = f"{len(images)} {data.name} test images"
+    path = export_onnx(model, args.out, args.opset)
+    check = check_onnx(path, model, masks, images, pattern)
+    print(
+        f"wrote {path} (opset {args.opset}, dynamic batch, BatchNorm folded, normalisation inside)\n"
+        f"check on {source}: largest logit difference {check.max_abs_diff:.2e} (largest logit "
+        f"{check.max_abs_logit:.2f}), top-1 agreement {100 * check.top1_agreement:.2f}%\n"
+        f"N:M layers found in the file: {check.nm_layers_found} of {check.nm_layers}; groups breaking {pattern}: "
+        f"{check.broken_groups}"
+    )
+    if not check.ok:
+        path.unlink(missing_ok=True)
+        raise HybridPruneError(f"the exported file does not match the checkpoint; {path} removed")
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
@@ -648,6 +703,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "bench": cmd_bench,
     "convert": cmd_convert,
+    "export": cmd_export,
     "experiment": cmd_experiment,
     "report": cmd_report,
 }
