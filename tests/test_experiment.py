@@ -248,3 +248,24 @@ def test_a_killed_grid_leaves_a_sound_store_and_resumes(tmp_path):
     for row in rows:
         if row["key"] in finished:
             assert row == finished[row["key"]]
+
+
+def test_a_grid_over_a_residual_and_a_users_network(tmp_path):
+    grid = grid_from_dict(
+        {
+            **FAST,
+            "models": [{"name": "resnet20", "width": 0.5}, {"name": "zoo:depthwise_net"}],
+            "datasets": [{"dataset": "digits", "train_size": 64, "test_size": 32}],
+            "metrics": ["hybrid"],
+            "ratios": [0.5],
+        },
+        "models",
+    )
+    store = Store(tmp_path / "m.sqlite")
+    assert run_grid(grid, store, progress=False, log=lambda _: None) == {"done": 2, "skipped": 0, "failed": 0}
+    rows = {r["model"]: r for r in store.rows()}
+    assert set(rows) == {"resnet20", "zoo:depthwise_net"}
+    assert rows["resnet20"]["width"] == 0.5 and rows["zoo:depthwise_net"]["width"] == 1.0
+    for row in rows.values():
+        groups = json.loads(row["result"])["plan"]["groups"]
+        assert groups and all(len(g["keep"]) < g["original"] for g in groups if g["original"] >= 8)
