@@ -72,3 +72,16 @@ def test_export_command_writes_a_checked_file_and_refuses_to_overwrite(tmp_path,
     broken.write_bytes(ckpt.read_bytes()[:1000])
     assert main(["export", str(broken), "--out", str(tmp_path / "b.onnx")]) == 2
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_bench_times_the_onnxruntime_variant_beside_pytorch(tmp_path):
+    import json
+
+    out = tmp_path / "b.json"
+    args = ["bench", "--synthetic", "--model", "resnet20", "--width", "0.5", "--round-to", "4", "--batch-sizes", "2"]
+    assert main([*args, "--rounds", "1", "--calls", "1", "--onnxruntime", "--no-progress", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["mode"], r["variant"]) for r in runs} >= {
+        ("onnxruntime", v) for v in ("dense", "filter", "nm", "hybrid")
+    }
+    assert all(r["latency_ms_median"] > 0 for r in runs)

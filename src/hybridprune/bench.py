@@ -155,6 +155,11 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return call
 
 
+def _ort_forward(session: Any, x: torch.Tensor) -> Callable[[], object]:
+    feed = {"images": x.cpu().numpy()}
+    return lambda: session.run(None, feed)
+
+
 def _graph_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     """Capture one forward pass as a CUDA graph; replaying it removes per-kernel launch overhead."""
     static_x = x.clone()
@@ -203,8 +208,17 @@ def bench(
     cuda_graphs: bool = True,
     pattern: NMPattern = NMPattern(),
     progress: bool = True,
+    onnxruntime: bool = False,
 ) -> dict[str, Any]:
-    """Time every variant at every batch size and dtype; returns runs, per-layer kernels and weight bytes."""
+    """Time every variant at every batch size and dtype; returns runs, per-layer kernels and weight bytes.
+
+    `onnxruntime`: also time each variant exported to ONNX and run by ONNX Runtime (CPU, float32 only).
+    """
+    if onnxruntime and (device.type != "cpu" or any(d != torch.float32 for d in dtypes)):
+        raise HybridPruneError("the onnxruntime variant runs on the CPU in float32 only")
+    from .export import onnxruntime_session
+
+    sessions = {v.name: onnxruntime_session(v.model) for v in variants} if onnxruntime else {}
     runs: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
     sizes: list[dict[str, Any]] = []
@@ -237,7 +251,10 @@ def bench(
                     }
                     for v in variants
                 ]
-            runs += _time_round_robin(variants, converted, x, device, dtype, rounds, calls, warmup, cuda_graphs, bar)
+            extra = {("onnxruntime", name): _ort_forward(s, x) for name, s in sessions.items()}
+            runs += _time_round_robin(
+                variants, converted, x, device, dtype, rounds, calls, warmup, cuda_graphs, bar, extra
+            )
             notices |= {c.notice.strip() for c in converted.values() if c.notice}
     bar.close()
     return {
@@ -260,8 +277,10 @@ def _time_round_robin(
     warmup: int,
     cuda_graphs: bool,
     bar: tqdm,
+    extra_modes: dict[tuple[str, str], Callable[[], object]] | None = None,
 ) -> list[dict[str, Any]]:
     modes = {("eager", v.name): _forward(converted[v.name].model, x) for v in variants}
+    modes.update(extra_modes or {})
     if cuda_graphs and device.type == "cuda":
         for v in variants:
             try:

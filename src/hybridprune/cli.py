@@ -441,6 +441,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=10, help="round-robin rounds (each times every variant)")
     p.add_argument("--calls", type=int, default=5, help="timed calls per variant per round")
     p.add_argument("--no-cuda-graphs", action="store_true", help="skip CUDA-graph replay timing on GPU")
+    p.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help="also time each variant exported to ONNX and run by ONNX Runtime (CPU, float32; needs [export])",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic variants")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -502,6 +507,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         calls=args.calls,
         choose=args.kernels,
         cuda_graphs=not args.no_cuda_graphs,
+        onnxruntime=args.onnxruntime,
         progress=not args.no_progress,
     )
     result["environment"] = env

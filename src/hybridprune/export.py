@@ -70,6 +70,19 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
     return Path(path)
 
 
+def onnxruntime_session(model: nn.Module, threads: int | None = None):  # noqa: ANN201 - onnxruntime's type
+    """An ONNX Runtime CPU session of the model's exported graph (through a temporary file), using `threads`
+    intra-op threads (default: as many as torch uses, so the two compare on equal terms)."""
+    import tempfile
+
+    _, ort = _onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(model, Path(folder) / "model.onnx")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @dataclass
 class OnnxCheck:
     """How the exported file compares with PyTorch, and whether the N:M pattern survived in it."""
