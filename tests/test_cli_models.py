@@ -35,6 +35,7 @@ def test_run_prunes_a_users_residual_network_by_groups(user_run):
         model, masks, _ = load_checkpoint(item["checkpoint"], "zoo:residual_net")
         assert all(model.get_submodule(m).out_channels == len(tied["keep"]) for m in tied["members"])
         assert masks and all(satisfies_nm(model.get_submodule(n).weight) for n in masks)
+        assert item["hybrid"]["finetune_loss"] == "CE (label smoothing 0.1)"
     assert {e["name"] for e in result["layers"] if not e["eligible"]} == {"net.stem.0"}
 
 
@@ -113,3 +114,13 @@ def test_train_then_prune_a_builtin_resnet(tmp_path, capsys):
     assert config["model"]["name"] == "resnet20" and config["prune"]["metric"] == "taylor"
     model, masks, _ = load_checkpoint(out / "taylor-hybrid.safetensors")
     assert model.net.stem.conv.out_channels == 4 and masks  # 8 channels at width 0.5, 40% -> 4 (round-to 4)
+
+
+def test_run_with_distillation_records_the_loss_it_used(tmp_path):
+    out = tmp_path / "kd"
+    args = ["run", *SMALL, "--model", "resnet20", "--width", "0.5", "--metric", "l1", "--distill"]
+    assert main([*args, "--distill-temperature", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["config"]["finetune"]["distill_weight"] == 0.9
+    for stage in (result["results"][0]["filter"], result["results"][0]["hybrid"], result["nm"]):
+        assert stage["finetune_loss"] == "0.1 * CE + 0.9 * T^2 * KL(dense teacher), T=2"

@@ -48,3 +48,38 @@ def test_bn_recalibration_matches_the_statistics_of_the_data():
         feats = model.net.features[0].conv(model.normalize(data.train.x.float() / 255))
     torch.testing.assert_close(bn.running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
     assert bn.momentum == 0.1 and not model.training
+
+
+def test_distillation_loss_matches_a_hand_computation():
+    from hybridprune.train import distillation_loss
+
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([1, 2])
+    cfg = TrainConfig(label_smoothing=0.0, distill_weight=0.25, distill_temperature=2.0)
+    hard = -(s.log_softmax(1)[0, 1] + s.log_softmax(1)[1, 2]) / 2
+    p_t, log_p_s = (t / 2).softmax(1), (s / 2).log_softmax(1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum() / 2  # KL(teacher || student), mean over the batch of 2
+    expected = 0.75 * hard + 0.25 * 4.0 * kl
+    torch.testing.assert_close(distillation_loss(s, t, y, cfg), expected)
+
+
+def test_distilling_pulls_the_student_to_its_teacher_with_masks_held():
+    torch.manual_seed(0)
+    data = _toy_data()
+    teacher = build_model("zoo:residual_net", in_channels=1, num_classes=2, image_size=16)
+    fit(teacher, data, TrainConfig(epochs=4, batch_size=16, augment=False), torch.device("cpu"), progress=False)
+    student = build_model("zoo:residual_net", in_channels=1, num_classes=2, image_size=16)
+    masks = nm_prune_(student)
+    x = data.train.x.float() / 255
+
+    def gap():
+        with torch.no_grad():
+            return torch.nn.functional.kl_div(student.eval()(x).log_softmax(1), teacher(x).log_softmax(1),
+                                              log_target=True, reduction="batchmean")  # fmt: skip
+
+    before = gap()
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.01, distill_weight=1.0, augment=False)
+    fit(student, data, cfg, torch.device("cpu"), masks=masks, progress=False, teacher=teacher)
+    assert gap() < 0.5 * before
+    assert all(satisfies_nm(student.get_submodule(n).weight) for n in masks)

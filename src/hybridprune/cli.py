@@ -33,6 +33,8 @@ NUMERIC_FLAGS: dict[str, tuple[type, float, float]] = {
     "--calls": (int, 1, 100_000),
     "--threads": (int, 1, 1024),
     "--opset": (int, 13, 20),
+    "--distill-weight": (float, 0.0, 1.0),
+    "--distill-temperature": (float, 0.05, 100.0),
     "--check-images": (int, 1, 100_000),
 }
 
@@ -150,6 +152,11 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
         help="epochs of each fine-tune (after filter and N:M pruning)",
     )
     p.add_argument("--finetune-lr", type=float, default=DEFAULT_FINETUNE.lr, help="peak learning rate of fine-tuning")
+    p.add_argument(
+        "--distill", action="store_true", help="fine-tune pruned stages against the dense model's logits (KD)"
+    )
+    p.add_argument("--distill-weight", type=float, default=0.9, help="with --distill: weight of the KD term (rest: CE)")
+    p.add_argument("--distill-temperature", type=float, default=4.0, help="with --distill: softmax temperature")
     p.add_argument(
         "--calib-batches", type=int, default=defaults.calib_batches, help="unlabeled batches for output_l1 scores"
     )
@@ -558,6 +565,8 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             epochs=getattr(args, "finetune_epochs", 0),
             lr=getattr(args, "finetune_lr", 0.01),
             warmup=0.0,
+            distill_weight=args.distill_weight if getattr(args, "distill", False) else 0.0,
+            distill_temperature=getattr(args, "distill_temperature", 4.0),
             batch_size=getattr(args, "batch_size", 128),
         ),
         prune=PruneConfig(

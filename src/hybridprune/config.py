@@ -73,6 +73,10 @@ class TrainConfig(_Dict):
     warmup: float = 0.2
     label_smoothing: float = 0.1
     augment: bool = True
+    # Knowledge distillation from the dense model (Hinton et al. 2015) while fine-tuning pruned stages:
+    # loss = (1 - w) * CE + w * T^2 * KL(teacher || student at temperature T); w = 0 turns it off.
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
 
     RANGES: ClassVar = {
         "epochs": (0, 100_000),
@@ -80,6 +84,8 @@ class TrainConfig(_Dict):
         "batch_size": (1, 65_536),
         "weight_decay": (0.0, 1.0),
         "momentum": (0.0, 0.999),
+        "distill_weight": (0.0, 1.0),
+        "distill_temperature": (0.05, 100.0),
     }
 
     def __post_init__(self) -> None:

@@ -341,6 +341,7 @@ def execute_run(
     dense, dense_result = base.dense()
     job = Job(cfg, data, dev, Path(artifacts) / f"run-{run_key(cfg)}", log=lambda _: None, progress=False)
     job.out.mkdir(parents=True, exist_ok=True)
+    job.teacher = dense if cfg.finetune.distill_weight > 0 else None
     images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
     result = job.metric(dense, cfg.prune.metric, images, labels)
     return _row(cfg, experiment, data.name, dense_result, {**result, "environment": env}, time.time() - start)

@@ -145,6 +145,7 @@ class Job:
     progress: bool = True
     dense_checkpoint: str | None = None
     dense_model: nn.Module | None = None  # the loaded `dense_checkpoint`
+    teacher: nn.Module | None = None  # the dense model, when fine-tuning distils from it
 
     def stage(
         self, model: nn.Module, masks: dict[str, torch.Tensor], name: str, desc: str, finetune: bool = True
@@ -163,13 +164,21 @@ class Job:
             masks=masks,
             desc=desc,
             progress=self.progress,
+            teacher=self.teacher,
         )
         if masks and not all(satisfies_nm(m.weight, p.pattern) for n, m in model.named_modules() if n in masks):
             raise RuntimeError("N:M pattern broken during fine-tuning")  # an internal bug, not bad input
         ckpt = save_checkpoint(
             self.out / f"{name}.safetensors", model, masks, {"stage": name, "nm": p.nm}, overwrite=True
         )
+        f = self.cfg.finetune
         return {
+            "finetune_loss": (
+                f"{1 - f.distill_weight:g} * CE + {f.distill_weight:g} * T^2 * KL(dense teacher), "
+                f"T={f.distill_temperature:g}"
+                if f.distill_weight > 0
+                else f"CE (label smoothing {f.label_smoothing:g})"
+            ),
             "accuracy_oneshot_raw": raw,
             "accuracy_oneshot": oneshot,
             "accuracy": evaluate(model, test, self.device),
@@ -339,6 +348,7 @@ def run(
             log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
         job = Job(cfg, data, device, out, log, progress, dense_checkpoint, dense_model)
         dense, dense_result = job.dense()
+        job.teacher = dense if cfg.finetune.distill_weight > 0 else None
         images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
         results = [job.metric(dense, m, images, labels) for m in cfg.metrics]
         result = {

@@ -33,6 +33,27 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (total - step) / max(1, total - warm))
 
 
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
+) -> torch.Tensor:
+    """(1 - w) * cross-entropy + w * T^2 * KL(teacher || student), both softened by temperature T (the T^2
+    keeps the soft term's gradients on the scale of the hard one's; Hinton, Vinyals and Dean, 2015).
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.0]])
+        >>> cfg = TrainConfig(label_smoothing=0.0, distill_weight=1.0)
+        >>> float(distillation_loss(z, z, torch.tensor([0]), cfg))  # a student equal to its teacher
+        0.0
+    """
+    hard = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    if cfg.distill_weight == 0:
+        return hard
+    t = cfg.distill_temperature
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1), log_target=True,
+                    reduction="batchmean") * t * t  # fmt: skip
+    return (1 - cfg.distill_weight) * hard + cfg.distill_weight * soft
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -43,6 +64,7 @@ def fit(
     masks: dict[str, torch.Tensor] | None = None,
     desc: str = "train",
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> nn.Module:
     """Train in place; with `masks`, zeroed weights are re-zeroed after every optimizer step, so the
     N:M pattern holds exactly throughout.
@@ -54,6 +76,10 @@ def fit(
         >>> m = build_model("resnet20", in_channels=1, width=0.5)
         >>> m = fit(m, ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)
     """
+    if cfg.distill_weight > 0 and teacher is None:
+        raise ValueError("distillation needs a teacher model")
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
     model.to(device).train()
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]  # BatchNorm and biases: no weight decay
@@ -79,7 +105,12 @@ def fit(
         ):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg)
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            if cfg.distill_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = distillation_loss(model(x), teacher_logits, y, cfg)
+            else:
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
