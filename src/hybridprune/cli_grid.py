@@ -1,0 +1,75 @@
+"""The grid commands: `experiment` (datasets x models x metrics x ratios x seeds into a store) and `report`.
+
+Registered by `cli.build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import HybridPruneError
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="run a grid of datasets x models x metrics x ratios x seeds into a store")
+    p.add_argument("config", help="experiment YAML (see experiments/)")
+    p.add_argument("--store", default=None, help="SQLite result store (default: runs/NAME.sqlite)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes, or Ray tasks)")
+    p.add_argument(
+        "--backend",
+        default="process",
+        choices=["process", "ray"],
+        help="process: a local process pool; ray: Ray tasks (RAY_ADDRESS for a cluster)",
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--list", action="store_true", help="list the grid's runs and whether each is done, then stop")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = sub.add_parser("report", help="tables and plots from an experiment store (never re-runs anything)")
+    p.add_argument("--store", required=True, help="SQLite result store written by `hybridprune experiment`")
+    p.add_argument("--out", required=True, help="folder for report.md, CSV tables and PNG plots")
+    p.add_argument("--bench", action="append", default=[], help="bench JSON with accuracies, for a Pareto plot")
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from .experiment import Store, load_grid, pending_summary, run_grid
+    from .outputs import check_output_dir
+    from .train import resolve_device
+
+    grid = load_grid(args.config)
+    device = resolve_device(args.device)
+    store_path = Path(args.store or f"runs/{grid.name}.sqlite")
+    check_output_dir(store_path.parent)
+    if store_path.is_dir():
+        raise HybridPruneError(f"--store {store_path} is a folder; give the SQLite file to write")
+    store = Store(store_path)
+    if args.list:
+        print("\n".join(pending_summary(grid, store)))
+        return
+    counts = run_grid(
+        grid, store, workers=args.workers, device=device.type, backend=args.backend, progress=not args.no_progress
+    )
+    print(
+        f"{counts['done']} runs finished now, {counts['skipped']} earlier, {counts['failed']} failed; "
+        f"store: {store.path}"
+    )
+    if counts["failed"]:
+        raise HybridPruneError(f"{counts['failed']} runs failed (see above); rerun the command to retry them")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .experiment import Store
+    from .outputs import check_output_dir
+    from .report import write_grid_report
+
+    check_output_dir(Path(args.out))
+    rows = Store(args.store, create=False).rows()
+    if not rows:
+        raise HybridPruneError(f"{args.store} holds no finished runs yet")
+    for path in write_grid_report(rows, args.out, args.bench):
+        print(f"wrote {path}")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_experiment(sub)
