@@ -167,3 +167,55 @@ def test_pruning_history_replays_to_the_same_model(zoo_model):
     assert [tuple(p.shape) for p in replayed.parameters()] == [tuple(p.shape) for p in zoo_model.parameters()]
     x = torch.rand(2, *zoo_model.input_shape)
     torch.testing.assert_close(replayed(x), zoo_model(x))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_the_step_schedule_shrinks_monotonically_to_the_one_step_counts(steps):
+    from hybridprune.prune import step_counts
+
+    sizes = {"a": 64, "b": 16, "c": 100}
+    final = {n: kept_count(s, 0.6, 8) for n, s in sizes.items()}
+    schedule = step_counts(sizes, final, steps, 8)
+    assert len(schedule) == steps and schedule[-1] == final
+    for name, size in sizes.items():
+        path = [size] + [s[name] for s in schedule]
+        assert all(a >= b for a, b in zip(path, path[1:], strict=False)), path
+        assert all(c % 8 == 0 or c in (size, final[name]) for c in path)
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_iterative_pruning_removes_exactly_the_planned_counts_and_maps_to_original_channels(zoo_model, steps):
+    original = copy.deepcopy(zoo_model)
+    one_step = prune_filters_(copy.deepcopy(zoo_model), PruneConfig(metric="l1", filter_ratio=0.5, round_to=4), [])
+    seen = []
+    cfg = PruneConfig(metric="l1", filter_ratio=0.5, round_to=4, steps=steps)
+    plan = prune_filters_(zoo_model, cfg, [], between=lambda m, step: seen.append(step))
+    assert seen == list(range(1, steps))  # called between steps, not after the last
+    assert [(g.name, g.original, g.kept) for g in plan.groups] == [
+        (g.name, g.original, g.kept) for g in one_step.groups
+    ]
+    for g in plan.groups:
+        assert zoo_model.get_submodule(g.name).out_channels == g.kept
+    first = plan.groups[0]  # the group fed by the image: its filters keep all their input channels
+    conv = first.members[0]
+    kept = original.get_submodule(conv).weight[list(first.keep)]
+    assert torch.equal(zoo_model.get_submodule(conv).weight, kept)
+
+
+def test_iterative_pruning_spends_the_same_fine_tuning_epochs(monkeypatch, tmp_path):
+    from hybridprune import pipeline
+    from hybridprune.cli import main
+
+    epochs = []
+    real_fit = pipeline.fit
+
+    def counting_fit(model, data, cfg, *args, desc="", **kwargs):
+        if "l1 filter" in desc or "l1 step" in desc:
+            epochs.append(cfg.epochs)
+        return real_fit(model, data, cfg, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", counting_fit)
+    args = ["run", "--model", "resnet20", "--width", "0.5", "--train-size", "64", "--test-size", "32", "--epochs", "0"]
+    args += ["--finetune-epochs", "3", "--prune-steps", "2", "--round-to", "4", "--metric", "l1", "--no-progress"]
+    assert main([*args, "--batch-size", "32", "--out", str(tmp_path / "run")]) == 0
+    assert epochs == [2, 1]  # after step 1, then the stage's own fine-tune: 3 in all, as with one step

@@ -33,6 +33,7 @@ NUMERIC_FLAGS: dict[str, tuple[type, float, float]] = {
     "--calls": (int, 1, 100_000),
     "--threads": (int, 1, 1024),
     "--opset": (int, 13, 20),
+    "--prune-steps": (int, 1, 20),
     "--distill-weight": (float, 0.0, 1.0),
     "--distill-temperature": (float, 0.05, 100.0),
     "--check-images": (int, 1, 100_000),
@@ -168,6 +169,12 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
     )
     p.add_argument("--metric", default=None, help=metric_help)
     p.add_argument(
+        "--prune-steps",
+        type=int,
+        default=defaults.steps,
+        help="remove the ratio in this many steps, rescoring and fine-tuning between them (same total epochs)",
+    )
+    p.add_argument(
         "--ignore",
         default="",
         help="comma-separated module names whose output channels are never pruned (the head never is)",
@@ -258,7 +265,10 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             batch_size=getattr(args, "batch_size", 128),
         ),
         prune=PruneConfig(
-            metric=names[0], ignore=ignore, **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)}
+            metric=names[0],
+            ignore=ignore,
+            steps=getattr(args, "prune_steps", 1),
+            **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)},
         ),
         metrics=names,
         seed=args.seed,

@@ -115,12 +115,14 @@ class PruneConfig(_Dict):
     calib_batch_size: int = 128
     bn_recalib_batches: int = 8
     ignore: tuple[str, ...] = ()
+    steps: int = 1  # remove the ratio in this many steps, rescoring and fine-tuning in between
 
     RANGES: ClassVar = {
         "round_to": (1, 4096),
         "calib_batches": (1, 10_000),
         "calib_batch_size": (1, 65_536),
         "bn_recalib_batches": (0, 10_000),
+        "steps": (1, 20),
     }
 
     def __post_init__(self) -> None:

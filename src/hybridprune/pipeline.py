@@ -33,7 +33,7 @@ from .outputs import (
     write_json,
     written_files,
 )
-from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
+from .prune import FilterPlan, GroupPlan, apply_filter_plan_, kept_count, plan_filter_pruning, step_counts
 from .stats import model_stats
 from .train import calibration_data, evaluate, fit, recalibrate_bn_
 
@@ -92,8 +92,13 @@ def prune_filters_(
     calibration: list[torch.Tensor],
     seed: int = 0,
     labels: list[torch.Tensor] | None = None,
+    between: Callable[[nn.Module, int], None] | None = None,
 ) -> FilterPlan:
     """Score filters with `cfg.metric`, plan the removal, and remove them physically, in place.
+
+    With `cfg.steps` = K > 1 the channels go in K steps (`prune.step_counts`), each scored on the current
+    weights; `between(model, step)` runs after every step but the last (fine-tuning goes there). The plan
+    returned maps every group's original channels to those kept at the end.
 
     Example:
         >>> m = build_model("resnet20", width=0.5)
@@ -101,10 +106,29 @@ def prune_filters_(
         >>> [g.kept for g in plan.groups][:4]
         [4, 4, 4, 4]
     """
-    ctx = ScoringContext(model, calibration, cfg.pattern, seed, labels or [], ignore=_ignored(model, cfg.ignore))
-    plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to, ctx.groups)
-    apply_filter_plan_(model, plan)
-    return plan
+    ignore = _ignored(model, cfg.ignore)
+
+    def context() -> ScoringContext:
+        return ScoringContext(model, calibration, cfg.pattern, seed, labels or [], ignore=ignore)
+
+    ctx = context()
+    groups = {g.name: g for g in ctx.groups}
+    final = {n: kept_count(g.size, cfg.filter_ratio, cfg.round_to) for n, g in groups.items()}
+    alive = {n: list(range(g.size)) for n, g in groups.items()}  # original index of every channel left
+    schedule = step_counts({n: g.size for n, g in groups.items()}, final, cfg.steps, cfg.round_to)
+    for step, counts in enumerate(schedule, 1):
+        ctx = ctx if step == 1 else context()  # rescored on the weights as they are now
+        plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to, ctx.groups, counts)
+        apply_filter_plan_(model, plan)
+        for g in plan.groups:
+            alive[g.name] = [alive[g.name][k] for k in g.keep]
+        if between is not None and step < len(schedule):
+            between(model, step)
+    return FilterPlan(
+        cfg.filter_ratio,
+        cfg.round_to,
+        tuple(GroupPlan(n, g.size, tuple(alive[n]), tuple(p.name for p in g.producers)) for n, g in groups.items()),
+    )
 
 
 def _ignored(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -121,6 +145,16 @@ def _ignored(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
             f"--ignore names no module {', '.join(missing)}; top-level modules: {', '.join(examples)}"
         )
     return full
+
+
+def split_epochs(epochs: int, steps: int) -> list[int]:
+    """Fine-tuning epochs after each of `steps` pruning steps, summing to `epochs` (earlier steps get the rest).
+
+    Example:
+        >>> split_epochs(3, 2), split_epochs(1, 3)
+        ([2, 1], [1, 0, 0])
+    """
+    return [epochs // steps + (1 if i < epochs % steps else 0) for i in range(steps)]
 
 
 def check_prunable(model: nn.Module, cfg: PruneConfig) -> None:
@@ -148,9 +182,16 @@ class Job:
     teacher: nn.Module | None = None  # the dense model, when fine-tuning distils from it
 
     def stage(
-        self, model: nn.Module, masks: dict[str, torch.Tensor], name: str, desc: str, finetune: bool = True
+        self,
+        model: nn.Module,
+        masks: dict[str, torch.Tensor],
+        name: str,
+        desc: str,
+        finetune: bool = True,
+        epochs: int | None = None,
     ) -> dict[str, Any]:
-        """Evaluate one-shot (raw and BN-recalibrated), fine-tune with masks held, evaluate, save."""
+        """Evaluate one-shot (raw and BN-recalibrated), fine-tune with masks held (`epochs`, default the
+        configured ones), evaluate, save."""
         p, test = self.cfg.prune, self.data.test
         raw = evaluate(model, test, self.device)
         recalibrate_bn_(model, self.data.train, self.device, p.bn_recalib_batches, p.calib_batch_size, self.cfg.seed)
@@ -158,7 +199,9 @@ class Job:
         fit(
             model,
             self.data,
-            self.cfg.finetune if finetune else replace(self.cfg.finetune, epochs=0),
+            replace(
+                self.cfg.finetune, epochs=0 if not finetune else self.cfg.finetune.epochs if epochs is None else epochs
+            ),
             self.device,
             seed=self.cfg.seed,
             masks=masks,
@@ -247,9 +290,20 @@ class Job:
         def filter_step() -> dict[str, Any]:
             model = copy.deepcopy(dense)
             prune_cfg = PruneConfig(**{**self.cfg.prune.to_dict(), "metric": metric})
-            plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels)
-            filt = self.stage(model, {}, f"{metric}-filter", f"fine-tune {metric} filter", self.cfg.filter_finetune)
-            return {"plan": plan.to_dict(), "filter": filt}
+            epochs = split_epochs(self.cfg.finetune.epochs, prune_cfg.steps)  # the same budget, spread
+
+            def between(m: nn.Module, step: int) -> None:
+                p = self.cfg.prune
+                recalibrate_bn_(m, self.data.train, self.device, p.bn_recalib_batches, p.calib_batch_size, step)
+                if self.cfg.filter_finetune:
+                    fit(m, self.data, replace(self.cfg.finetune, epochs=epochs[step - 1]), self.device,
+                        seed=self.cfg.seed + step, desc=f"fine-tune {metric} step {step}", progress=self.progress,
+                        teacher=self.teacher)  # fmt: skip
+
+            plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels, between)
+            name, desc = f"{metric}-filter", f"fine-tune {metric} filter"
+            filt = self.stage(model, {}, name, desc, self.cfg.filter_finetune, epochs[-1])
+            return {"plan": plan.to_dict(), "prune_steps": prune_cfg.steps, "step_epochs": epochs, "filter": filt}
 
         first = self._cached(f"step-{metric}-filter", filter_step)
 

@@ -84,10 +84,34 @@ def kept_count(n: int, ratio: float, round_to: int) -> int:
     return min(n, max(k, round_to))
 
 
+def step_counts(sizes: dict[str, int], final: dict[str, int], steps: int, round_to: int) -> list[dict[str, int]]:
+    """Channels each group keeps after each of `steps` pruning steps: a linear path from its size to its final
+    count, rounded to multiples of `round_to`, never growing, ending exactly at `final`.
+
+    Example:
+        >>> step_counts({"a": 64}, {"a": 32}, 4, 8)
+        [{'a': 56}, {'a': 48}, {'a': 40}, {'a': 32}]
+    """
+    schedule, current = [], dict(sizes)
+    for i in range(1, steps + 1):
+        target = {}
+        for name, n in sizes.items():
+            k = final[name] if i == steps else int(round((n - (n - final[name]) * i / steps) / round_to)) * round_to
+            target[name] = min(current[name], max(final[name], k))
+        schedule.append(target)
+        current = target
+    return schedule
+
+
 def plan_filter_pruning(
-    scores: Scores, ratio: float, round_to: int = DEFAULT_ROUND_TO, groups: list[ChannelGroup] | None = None
+    scores: Scores,
+    ratio: float,
+    round_to: int = DEFAULT_ROUND_TO,
+    groups: list[ChannelGroup] | None = None,
+    counts: dict[str, int] | None = None,
 ) -> FilterPlan:
-    """Keep the highest-scoring channels of each group (equal scores: the higher index is kept).
+    """Keep the highest-scoring channels of each group (equal scores: the higher index is kept): `counts[group]`
+    of them when given (one step of an iterative schedule), else `kept_count(size, ratio, round_to)`.
 
     A plan that removes nothing although `ratio` > 0 (every group smaller than `round_to`) is bad input.
 
@@ -99,10 +123,10 @@ def plan_filter_pruning(
     members = {g.name: tuple(p.name for p in g.producers) for g in groups or []}
     plans = []
     for name, s in scores.items():
-        k = kept_count(s.numel(), ratio, round_to)
+        k = counts[name] if counts is not None else kept_count(s.numel(), ratio, round_to)
         keep = torch.argsort(s, stable=True)[s.numel() - k :]
         plans.append(GroupPlan(name, s.numel(), tuple(sorted(keep.tolist())), tuple(members.get(name, ()))))
-    if ratio > 0 and plans and all(p.kept == p.original for p in plans):
+    if counts is None and ratio > 0 and plans and all(p.kept == p.original for p in plans):
         sizes = sorted({p.original for p in plans})
         raise HybridPruneError(
             f"filter ratio {ratio} with --round-to {round_to} removes no channel: every group keeps all of its "
