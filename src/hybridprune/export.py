@@ -78,6 +78,9 @@ def onnxruntime_session(model: nn.Module, threads: int | None = None):  # noqa: 
     _, ort = _onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    # no busy-waiting between runs: spinning threads would steal the cores from the PyTorch variants timed
+    # in the same round-robin
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with tempfile.TemporaryDirectory() as folder:
         path = export_onnx(model, Path(folder) / "model.onnx")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
