@@ -868,8 +868,8 @@ def test_overwrite_keeps_the_users_files_in_the_output_folder(tmp_path, capsys, 
     out = tmp_path / "run"
     out.mkdir()
     if earlier_run:  # what an earlier run left, written as hybridprune writes (and lists) its files
-        write_json(out / "config.json", {"seed": 1})
-        write_json(out / "results.json", {"accuracy": 0.5})
+        write_json(out / "config.json", {"seed": 1}, record=True)
+        write_json(out / "results.json", {"accuracy": 0.5}, record=True)
     mine = {"settings.json": '{"lr": 0.1}', "labels.json": '["cat", "dog"]', "notes.txt": "mine"}
     for name, text in mine.items():
         (out / name).write_text(text)

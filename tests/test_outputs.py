@@ -64,11 +64,11 @@ def users_files(folder):
 
 def test_remove_written_files_deletes_exactly_what_hybridprune_wrote(tmp_path):
     mine = users_files(tmp_path)
-    write_json(tmp_path / "results.json", {"accuracy": 0.5})
-    write_text(tmp_path / "report.md", "# report\n")
-    with atomic_target(tmp_path / "dense.safetensors") as tmp:  # how checkpoints are written
+    write_json(tmp_path / "results.json", {"accuracy": 0.5}, record=True)
+    write_text(tmp_path / "report.md", "# report\n", record=True)
+    with atomic_target(tmp_path / "dense.safetensors", record=True) as tmp:  # how checkpoints are written
         tmp.write_bytes(b"\0" * 64)
-    write_json(tmp_path / "results.json", {"accuracy": 0.6})  # written twice, listed once
+    write_json(tmp_path / "results.json", {"accuracy": 0.6}, record=True)  # written twice, listed once
     assert sorted(p.name for p in written_files(tmp_path)) == ["dense.safetensors", "report.md", "results.json"]
 
     removed = remove_written_files(tmp_path)
@@ -81,7 +81,7 @@ def test_remove_written_files_deletes_exactly_what_hybridprune_wrote(tmp_path):
 
 
 def test_a_write_that_fails_leaves_no_file_and_no_listing(tmp_path):
-    with pytest.raises(RuntimeError), atomic_target(tmp_path / "results.json") as tmp:
+    with pytest.raises(RuntimeError), atomic_target(tmp_path / "results.json", record=True) as tmp:
         tmp.write_text("half")
         raise RuntimeError("killed mid-write")
     assert list(tmp_path.iterdir()) in ([], [tmp_path / MANIFEST_NAME])
@@ -92,7 +92,7 @@ def test_a_write_that_fails_leaves_no_file_and_no_listing(tmp_path):
 
 def test_a_failed_write_over_a_users_file_leaves_it_the_users(tmp_path):
     (tmp_path / "config.json").write_text("the user's")
-    with pytest.raises(OSError), atomic_target(tmp_path / "config.json") as tmp:
+    with pytest.raises(OSError), atomic_target(tmp_path / "config.json", record=True) as tmp:
         tmp.write_text("half")
         raise OSError("disk full")
     remove_written_files(tmp_path)
@@ -100,8 +100,8 @@ def test_a_failed_write_over_a_users_file_leaves_it_the_users(tmp_path):
 
 
 def test_a_rewrite_that_fails_keeps_the_old_file_listed(tmp_path):
-    write_json(tmp_path / "results.json", {"v": 1})
-    with pytest.raises(KeyboardInterrupt), atomic_target(tmp_path / "results.json") as tmp:
+    write_json(tmp_path / "results.json", {"v": 1}, record=True)
+    with pytest.raises(KeyboardInterrupt), atomic_target(tmp_path / "results.json", record=True) as tmp:
         tmp.write_text("half")
         raise KeyboardInterrupt
     assert json.loads((tmp_path / "results.json").read_text()) == {"v": 1}
@@ -114,7 +114,7 @@ def test_record_false_writes_without_listing(tmp_path):
 
 
 def test_leftovers_of_a_killed_write_go_with_the_files(tmp_path):
-    write_json(tmp_path / "results.json", {})
+    write_json(tmp_path / "results.json", {}, record=True)
     for leftover in [".results.json.4242.1a2b3c4d.tmp", ".results.json.4242.tmp"]:
         (tmp_path / leftover).write_text("half")
     (tmp_path / ".notes.txt.4242.1a2b3c4d.tmp").write_text("not a file hybridprune wrote")
@@ -149,9 +149,9 @@ def test_an_unreadable_manifest_deletes_nothing(tmp_path, manifest):
 
 
 def test_a_reader_always_sees_a_whole_manifest(tmp_path):
-    write_text(tmp_path / "first.txt", "x")
+    write_text(tmp_path / "first.txt", "x", record=True)
     with open(tmp_path / MANIFEST_NAME) as reader:  # open while the list changes: it keeps its snapshot
-        write_text(tmp_path / "second.txt", "x")
+        write_text(tmp_path / "second.txt", "x", record=True)
         assert json.loads(reader.read())["files"] == ["first.txt"]
     seen, done = [], threading.Event()
 
@@ -163,7 +163,7 @@ def test_a_reader_always_sees_a_whole_manifest(tmp_path):
     thread.start()
     try:
         for i in range(100):
-            write_text(tmp_path / f"f{i}.txt", "x")
+            write_text(tmp_path / f"f{i}.txt", "x", record=True)
     finally:
         done.set()
         thread.join()
@@ -409,7 +409,7 @@ def test_folders_made_for_the_lock_go_again_unless_something_was_written(tmp_pat
         assert (tmp_path / "a" / "b" / "run" / LOCK_NAME).exists()
     assert list(tmp_path.iterdir()) == []
     with FolderLock(tmp_path / "a" / "run"):
-        write_json(tmp_path / "a" / "run" / "config.json", {})
+        write_json(tmp_path / "a" / "run" / "config.json", {}, record=True)
     assert sorted(p.name for p in (tmp_path / "a" / "run").iterdir()) == [MANIFEST_NAME, "config.json"]
 
 

@@ -40,8 +40,10 @@ def save_checkpoint(
     masks: dict[str, torch.Tensor] | None = None,
     meta: dict[str, Any] | None = None,
     overwrite: bool = False,
+    record: bool = False,
 ) -> Path:
-    """Write weights, masks and architecture to `path` atomically (a temporary file, then a rename).
+    """Write weights, masks and architecture to `path` atomically (a temporary file, then a rename); with
+    `record`, list it in its folder's manifest (a run folder's files, which --overwrite may remove).
 
     Example:
         >>> import tempfile
@@ -57,7 +59,7 @@ def save_checkpoint(
     for name, mask in (masks or {}).items():
         tensors[MASK_PREFIX + name] = mask.detach().cpu().to(torch.bool).contiguous()
     header = {"format": FORMAT, "version": VERSION, "spec": model_spec(model), "meta": meta or {}}
-    with atomic_target(path) as tmp:
+    with atomic_target(path, record=record) as tmp:
         save_file(tensors, str(tmp), metadata={"hybridprune": json.dumps(header)})
     return path
 

@@ -98,6 +98,9 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> Non
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing (needs network)")
     p.add_argument("--train-size", type=int, default=None, help="use a seeded random subset of this many train images")
     p.add_argument("--test-size", type=int, default=None, help="use a seeded random subset of this many test images")
+    p.add_argument("--image-size", type=int, default=None, help="folder:PATH only: crop side (default 224)")
+    p.add_argument("--workers", type=int, default=None, help="folder:PATH only: decoding processes (default: CPUs-1)")
+    p.add_argument("--strict", action="store_true", help="folder:PATH only: an unreadable image is an error")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -228,6 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
 _PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_batches")
 
 
+def _data_config(args: argparse.Namespace, dataset: str) -> Any:
+    from .config import DataConfig
+
+    return DataConfig(
+        dataset,
+        args.data_dir,
+        args.download,
+        args.train_size,
+        args.test_size,
+        args.image_size,
+        args.workers,
+        args.strict,
+    )
+
+
 def _width(model: str | None, width: float | None) -> float | None:
     """--width as given; with neither --model nor --width, the default model's width."""
     from .config import DEFAULT_MODEL
@@ -236,7 +254,7 @@ def _width(model: str | None, width: float | None) -> float | None:
 
 
 def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> Any:
-    from .config import DEFAULT_METRICS, DEFAULT_MODEL, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+    from .config import DEFAULT_METRICS, DEFAULT_MODEL, ModelConfig, PruneConfig, RunConfig, TrainConfig
     from .metrics import METRICS
 
     names = tuple(
@@ -251,7 +269,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
         getattr(args, "weights", None),
     )
     return RunConfig(
-        data=DataConfig(dataset, args.data_dir, args.download, args.train_size, args.test_size),
+        data=_data_config(args, dataset),
         model=model,
         train=TrainConfig(
             epochs=getattr(args, "epochs", 0), lr=getattr(args, "lr", 0.05), batch_size=getattr(args, "batch_size", 128)
@@ -336,7 +354,7 @@ def _run_and_print(args: argparse.Namespace, cfg: Any, out: Path, include_nm_onl
 def cmd_train(args: argparse.Namespace) -> None:
     from .checkpoint import save_checkpoint
     from .outputs import check_output_file, environment
-    from .pipeline import new_model, prepare_data
+    from .pipeline import data_meta, new_model, prepare_data
     from .train import evaluate, fit, resolve_device
 
     check_output_file(args.out, args.overwrite)  # before the work, not after it
@@ -351,7 +369,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.out,
         model,
         None,
-        {"stage": "dense", "dataset": data.name, "accuracy": acc, "config": cfg.to_dict(), "environment": env},
+        {"stage": "dense", "dataset": data.name, "accuracy": acc, "config": cfg.to_dict(), "environment": env}
+        | data_meta(data),
         overwrite=args.overwrite,
     )
     print(f"test accuracy {acc:.2f}% on {data.name}; wrote {args.out}")
@@ -359,10 +378,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .checkpoint import load_checkpoint
-    from .config import DataConfig
     from .nm import satisfies_nm
     from .outputs import write_json
-    from .pipeline import check_fits, prepare_data_config
+    from .pipeline import check_classes, check_fits, prepare_data_config
     from .stats import model_stats
     from .train import evaluate, resolve_device
 
@@ -372,10 +390,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     broken = [n for n in masks if not satisfies_nm(model.get_submodule(n).weight, pattern)]
     if broken:
         raise HybridPruneError(f"{args.checkpoint}: layer {broken[0]} has an N:M mask but its weights break {pattern}")
-    data = prepare_data_config(
-        DataConfig(args.dataset, args.data_dir, args.download, args.train_size, args.test_size), args.seed
-    )
+    data = prepare_data_config(_data_config(args, args.dataset), args.seed)
     check_fits(model, data)
+    check_classes(meta, data, args.checkpoint)
     result = {
         "checkpoint": args.checkpoint,
         "dataset": data.name,

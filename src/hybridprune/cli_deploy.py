@@ -123,12 +123,12 @@ def cmd_export(args: argparse.Namespace) -> None:
         images = torch.rand(args.check_images, *model.input_shape, generator=torch.Generator().manual_seed(0))
         source = "random images (give --dataset for real test images)"
     else:
-        from .data import load_dataset
+        from .data import batches, load_dataset
         from .pipeline import check_fits
 
         data = load_dataset(args.dataset, args.data_dir)
         check_fits(model, data)
-        images = data.test.x[: args.check_images].float() / 255
+        images = next(batches(data.test, args.check_images))[0]  # in-memory or streamed alike
         source = f"{len(images)} {data.name} test images"
     path = export_onnx(model, args.out, args.opset)
     check = check_onnx(path, model, masks, images, pattern)

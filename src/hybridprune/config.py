@@ -153,14 +153,17 @@ class DataConfig(_Dict):
     download: bool = False
     train_size: int | None = None
     test_size: int | None = None
+    image_size: int | None = None  # class folders only: the side images are cropped to (default 224)
+    workers: int | None = None  # class folders only: decoding processes (default: from the CPU count)
+    strict: bool = False  # class folders only: an undecodable file is an error, not skipped
 
-    RANGES: ClassVar = {"train_size": (1, 10**9), "test_size": (1, 10**9)}
+    RANGES: ClassVar = {"train_size": (1, 10**9), "test_size": (1, 10**9), "image_size": (8, 4096), "workers": (0, 256)}
 
     def __post_init__(self) -> None:
         from .data import DATASETS
 
         self._check_fields()
-        if not self.dataset.startswith("npz:"):
+        if not self.dataset.startswith(("npz:", "folder:")):
             DATASETS.get(self.dataset)  # unknown names fail now, with the list of valid ones
         for name in ("train_size", "test_size"):
             value = getattr(self, name)

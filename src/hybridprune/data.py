@@ -71,17 +71,27 @@ class Dataset:
     """A named dataset: train and test splits and whether horizontal flips preserve labels."""
 
     name: str
-    train: ImageSet
+    train: ImageSet  # or a folders.FolderSet, streamed from disk
     test: ImageSet
     hflip: bool
+    note: str = ""  # something the run should say about how the data was read
 
 
 Loader = Callable[[Path, bool], Dataset]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
-    """Load a dataset by name: a registered one, or `npz:PATH` for a folder or file of arrays.
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    *,
+    image_size: int | None = None,
+    workers: int | None = None,
+    strict: bool = False,
+) -> Dataset:
+    """Load a dataset by name: a registered one, `npz:PATH` for a folder or file of arrays, or `folder:PATH`
+    for class folders streamed from disk (`image_size`, `workers` and `strict` apply to those; see folders.py).
 
     Example:
         >>> ds = load_dataset("digits")
@@ -89,6 +99,12 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         (torch.Size([1, 32, 32]), 10)
     """
     root = Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_DIR
+    if name.startswith("folder:"):
+        from .folders import DEFAULT_IMAGE_SIZE, load_folder
+
+        path = Path(name[7:]).expanduser()
+        train, test, note = load_folder(path, image_size or DEFAULT_IMAGE_SIZE, workers, strict)
+        return Dataset(f"folder:{path}", train, test, hflip=True, note=note)
     if name.startswith("npz:"):
         path = Path(name[4:]).expanduser()
         return check_dataset(load_npz(path), f"npz dataset {path}")
@@ -168,7 +184,7 @@ def _shape(x: torch.Tensor) -> str:
 
 
 def dataset_names() -> list[str]:
-    return DATASETS.names() + ["npz:PATH"]
+    return DATASETS.names() + ["npz:PATH", "folder:PATH"]
 
 
 # --- the datasets ---------------------------------------------------------------------------------
@@ -436,8 +452,12 @@ def _tv_download(class_name: str, root: Path, splits: tuple) -> None:
 # --- batches --------------------------------------------------------------------------------------
 
 
-def channel_stats(data: ImageSet) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the images in [0, 1], for the model's input normalisation."""
+def channel_stats(data: ImageSet, sample: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the images in [0, 1], for the model's input normalisation (a streamed
+    folder: of a seeded sample of `sample` images, as evaluation sees them)."""
+    if not hasattr(data, "x"):
+        x = next(batches(data.subset(sample, seed=0), sample))[0]
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
     x = data.x.float().div_(255)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
@@ -459,6 +479,9 @@ def batches(
         >>> [x.shape[0] for x, _ in batches(s, 2)]
         [2, 2, 1]
     """
+    if hasattr(data, "batches"):  # streamed from disk: the split brings its own loader
+        yield from data.batches(batch_size, shuffle=shuffle, seed=seed, augment=augment, hflip=hflip, device=device)
+        return
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)) if shuffle else None
     gen = torch.Generator().manual_seed(seed + 1)
     for start in range(0, len(data), batch_size):

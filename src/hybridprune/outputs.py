@@ -90,26 +90,27 @@ def _cusparselt_version() -> int | None:
         return None
 
 
-def write_json(path: str | Path, obj: Any, *, record: bool = True) -> Path:
+def write_json(path: str | Path, obj: Any, *, record: bool = False) -> Path:
     """Write JSON atomically: readers see the old file or the new one, never half of one.
 
     Example:
         >>> tmp = getfixture("tmp_path")
-        >>> write_json(tmp / "result.json", {"accuracy": 0.9}).name
+        >>> write_json(tmp / "result.json", {"accuracy": 0.9}, record=True).name
         'result.json'
     """
     return write_text(path, json.dumps(obj, indent=2, default=str) + "\n", record=record)
 
 
-def write_text(path: str | Path, text: str, *, record: bool = True) -> Path:
-    """Write a text file atomically (and list it in its folder's manifest unless record is False)."""
+def write_text(path: str | Path, text: str, *, record: bool = False) -> Path:
+    """Write a text file atomically (and, with `record`, list it in its folder's manifest: run folders only,
+    so a single --json or checkpoint file leaves no hidden file beside it)."""
     with atomic_target(path, record=record) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
 @contextmanager
-def atomic_target(path: str | Path, *, record: bool = True) -> Iterator[Path]:
+def atomic_target(path: str | Path, *, record: bool = False) -> Iterator[Path]:
     """A temporary path beside `path`, renamed onto it when the block succeeds and removed when it fails:
     readers see the old file or the new one, never half of one.
 
@@ -119,7 +120,7 @@ def atomic_target(path: str | Path, *, record: bool = True) -> Iterator[Path]:
 
     Example:
         >>> tmp = getfixture("tmp_path")
-        >>> with atomic_target(tmp / "weights.bin") as t:
+        >>> with atomic_target(tmp / "weights.bin", record=True) as t:
         ...     n = t.write_bytes(b"...")
         >>> (tmp / "weights.bin").read_bytes()
         b'...'
@@ -150,7 +151,7 @@ def written_files(folder: str | Path) -> list[Path]:
 
     Example:
         >>> tmp = getfixture("tmp_path")
-        >>> _ = write_json(tmp / "a.json", {})
+        >>> _ = write_json(tmp / "a.json", {}, record=True)
         >>> [p.name for p in written_files(tmp)]
         ['a.json']
     """
@@ -164,7 +165,7 @@ def remove_written_files(folder: str | Path) -> list[Path]:
 
     Example:
         >>> tmp = getfixture("tmp_path")
-        >>> _ = write_json(tmp / "results.json", {}), (tmp / "settings.json").write_text("{}")
+        >>> _ = write_json(tmp / "results.json", {}, record=True), (tmp / "settings.json").write_text("{}")
         >>> [p.name for p in remove_written_files(tmp)], (tmp / "settings.json").exists()
         (['results.json'], True)
     """

@@ -46,8 +46,23 @@ def prepare_data(cfg: RunConfig) -> Dataset:
 
 
 def prepare_data_config(d: DataConfig, seed: int) -> Dataset:
-    ds = load_dataset(d.dataset, d.data_dir, d.download)
-    return Dataset(ds.name, ds.train.subset(d.train_size, seed), ds.test.subset(d.test_size, seed + 1), ds.hflip)
+    ds = load_dataset(d.dataset, d.data_dir, d.download, image_size=d.image_size, workers=d.workers, strict=d.strict)
+    train, test = ds.train.subset(d.train_size, seed), ds.test.subset(d.test_size, seed + 1)
+    return Dataset(ds.name, train, test, ds.hflip, ds.note)
+
+
+def data_meta(data: Dataset) -> dict[str, Any]:
+    """What a checkpoint records of its data: the class names, in label order, when the data has them."""
+    classes = getattr(data.train, "classes", None)
+    return {"classes": list(classes)} if classes else {}
+
+
+def check_classes(meta: dict[str, Any], data: Dataset, path: str | Path) -> None:
+    """A checkpoint that records class names only takes data with those classes, in that order."""
+    recorded, given = meta.get("classes"), getattr(data.train, "classes", None)
+    if recorded is not None and given is not None and list(recorded) != list(given):
+        diff = sorted(set(recorded) ^ set(given))[:3] or ["(same names, another order)"]
+        raise HybridPruneError(f"{path} was trained on other classes than {data.name} has (e.g. {', '.join(diff)})")
 
 
 def check_fits(model: nn.Module, data: Dataset) -> None:
@@ -212,7 +227,11 @@ class Job:
         if masks and not all(satisfies_nm(m.weight, p.pattern) for n, m in model.named_modules() if n in masks):
             raise RuntimeError("N:M pattern broken during fine-tuning")  # an internal bug, not bad input
         ckpt = save_checkpoint(
-            self.out / f"{name}.safetensors", model, masks, {"stage": name, "nm": p.nm}, overwrite=True
+            self.out / f"{name}.safetensors",
+            model,
+            masks,
+            {"stage": name, "nm": p.nm, **data_meta(self.data)},
+            overwrite=True,
         )
         f = self.cfg.finetune
         return {
@@ -253,13 +272,14 @@ class Job:
         return self._record_dense(model, record)
 
     def _record_dense(self, model: nn.Module, record: Path) -> tuple[nn.Module, dict[str, Any]]:
-        ckpt = save_checkpoint(self.out / "dense.safetensors", model, None, {"stage": "dense"}, overwrite=True)
+        meta = {"stage": "dense", **data_meta(self.data)}
+        ckpt = save_checkpoint(self.out / "dense.safetensors", model, None, meta, overwrite=True, record=True)
         result = {
             "accuracy": evaluate(model, self.data.test, self.device),
             **model_stats(model),
             "checkpoint": str(ckpt),
         }
-        write_json(record, result)
+        write_json(record, result, record=True)
         return model, result
 
     def _load_dense(self, record: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -274,7 +294,7 @@ class Job:
             **model_stats(model),
             "checkpoint": str(self.dense_checkpoint),
         }
-        write_json(record, result)
+        write_json(record, result, record=True)
         return model, result
 
     def nm_only(self, dense: nn.Module) -> dict[str, Any]:
@@ -323,16 +343,17 @@ class Job:
             self.log(f"{name}: reusing the finished result in the output folder")
             return json.loads(record.read_text())
         result = compute()
-        write_json(record, result)
+        write_json(record, result, record=True)
         return result
 
 
 def load_dense_checkpoint(path: str | Path, data: Dataset, user_model: str | None = None) -> nn.Module:
     """A dense checkpoint that fits the dataset; anything else is bad input."""
-    model, masks, _ = load_checkpoint(path, user_model)
+    model, masks, meta = load_checkpoint(path, user_model)
     if masks:
         raise HybridPruneError(f"{path} is already N:M-pruned; pruning starts from a dense checkpoint")
     check_fits(model, data)
+    check_classes(meta, data, path)
     return model
 
 
@@ -365,7 +386,7 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) ->
             raise HybridPruneError(f"{out} holds no hybridprune run to resume (no config.json); choose another --out")
         elif json.loads(config_file.read_text()) != json.loads(json.dumps(cfg.to_dict())):  # tuples as lists
             raise HybridPruneError(f"{out} holds a run with another configuration; use another --out or --overwrite")
-    write_json(out / "config.json", cfg.to_dict())
+    write_json(out / "config.json", cfg.to_dict(), record=True)
 
 
 def run(
@@ -398,6 +419,8 @@ def run(
             f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "
             f"{data.train.channels}x{data.train.image_size}x{data.train.image_size}, {data.train.num_classes} classes"
         )
+        if data.note:
+            log(f"data: {data.note}")
         if device.type == "cpu":
             log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
         job = Job(cfg, data, device, out, log, progress, dense_checkpoint, dense_model)
@@ -416,5 +439,9 @@ def run(
         }
         if include_nm_only:
             result["nm"] = job.nm_only(dense)
-        write_json(out / "results.json", result)
+        skipped = sum(getattr(s, "skipped", None).count for s in (data.train, data.test) if hasattr(s, "skipped"))
+        if hasattr(data.train, "skipped"):
+            result["dataset"]["unreadable_files_skipped"] = skipped
+            log(f"data: {skipped} unreadable image file(s) skipped (pass --strict to stop at the first)")
+        write_json(out / "results.json", result, record=True)
     return result
