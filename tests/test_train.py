@@ -83,3 +83,38 @@ def test_distilling_pulls_the_student_to_its_teacher_with_masks_held():
     fit(student, data, cfg, torch.device("cpu"), masks=masks, progress=False, teacher=teacher)
     assert gap() < 0.5 * before
     assert all(satisfies_nm(student.get_submodule(n).weight) for n in masks)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_masks_hold_exactly_under_every_precision_the_cpu_runs(precision):
+    torch.manual_seed(0)
+    model = build_model("zoo:depthwise_net", in_channels=1, num_classes=2, image_size=16)
+    masks = nm_prune_(model)
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in masks}
+    cfg = TrainConfig(epochs=2, batch_size=16, precision=precision)
+    fit(model, _toy_data(), cfg, torch.device("cpu"), masks=masks, progress=False)
+    for name in masks:
+        weight = model.get_submodule(name).weight
+        assert weight.dtype == torch.float32 and satisfies_nm(weight)
+        assert not weight[~masks[name]].any() and not torch.equal(weight, before[name])
+
+
+def test_fp16_and_unknown_precisions_are_refused_on_the_cpu():
+    from hybridprune.errors import HybridPruneError
+
+    model = build_model("zoo:plain_net", in_channels=1, num_classes=2, image_size=16)
+    with pytest.raises(HybridPruneError, match="fp16 training needs a CUDA GPU"):
+        fit(model, _toy_data(), TrainConfig(epochs=1, precision="fp16"), torch.device("cpu"), progress=False)
+    with pytest.raises(HybridPruneError, match="unknown precision 'fp8'; valid: auto, fp32, bf16, fp16"):
+        TrainConfig(precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_masks_hold_exactly_under_mixed_precision(precision):
+    torch.manual_seed(0)
+    model = build_model("resnet20", in_channels=1, num_classes=2, image_size=16, width=0.5)
+    masks = nm_prune_(model)
+    fit(model, _toy_data(), TrainConfig(epochs=2, batch_size=16, precision=precision), torch.device("cuda"),
+        masks=masks, progress=False)  # fmt: skip
+    assert all(satisfies_nm(model.get_submodule(n).weight) for n in masks)

@@ -82,6 +82,18 @@ def _ratio(text: str) -> float:
         ) from None
 
 
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from .config import PRECISIONS
+
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="training arithmetic: auto = bf16 autocast on GPUs that have it, else fp16 with a gradient scaler; "
+        "fp32 on CPUs",
+    )
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order, subsets and random scores")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
@@ -195,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p),
         _add_data(p),
         _add_train(p),
+        _add_precision(p),
         _add_prune(p, f"comma-separated metrics (default: {','.join(DEFAULT_METRICS)})"),
     )
     p.add_argument("--checkpoint", default=None, help="start from this dense checkpoint instead of training one")
@@ -204,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the result object to this JSON file")
 
     p = sub.add_parser("train", help="train a dense model and save it as a checkpoint")
-    _add_common(p), _add_data(p), _add_train(p)
+    _add_common(p), _add_data(p), _add_train(p), _add_precision(p)
     p.add_argument("--out", default="runs/dense.safetensors", help="checkpoint file to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     p = sub.add_parser("prune", help="prune a dense checkpoint with one metric: filter-pruned and filter+N:M models")
     p.add_argument("checkpoint", help="dense checkpoint (from `hybridprune train`)")
-    _add_common(p), _add_data(p), _add_prune(p, "metric (default: hybrid)"), _add_user_model(p)
+    _add_common(p), _add_data(p), _add_prune(p, "metric (default: hybrid)"), _add_user_model(p), _add_precision(p)
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, named by metric)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prune in --out")
     p.add_argument("--overwrite", action="store_true", help="redo a prune whose --out folder exists")
@@ -272,7 +285,10 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
         data=_data_config(args, dataset),
         model=model,
         train=TrainConfig(
-            epochs=getattr(args, "epochs", 0), lr=getattr(args, "lr", 0.05), batch_size=getattr(args, "batch_size", 128)
+            epochs=getattr(args, "epochs", 0),
+            lr=getattr(args, "lr", 0.05),
+            batch_size=getattr(args, "batch_size", 128),
+            precision=getattr(args, "precision", "auto"),
         ),
         finetune=TrainConfig(
             epochs=getattr(args, "finetune_epochs", 0),
@@ -281,6 +297,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             distill_weight=args.distill_weight if getattr(args, "distill", False) else 0.0,
             distill_temperature=getattr(args, "distill_temperature", 4.0),
             batch_size=getattr(args, "batch_size", 128),
+            precision=getattr(args, "precision", "auto"),
         ),
         prune=PruneConfig(
             metric=names[0],

@@ -10,6 +10,7 @@ from .errors import HybridPruneError
 from .nm import NMPattern
 from .prune import DEFAULT_ROUND_TO, validate_ratio
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
 
 
@@ -77,6 +78,8 @@ class TrainConfig(_Dict):
     # loss = (1 - w) * CE + w * T^2 * KL(teacher || student at temperature T); w = 0 turns it off.
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
+    # auto: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on other GPUs, fp32 on CPUs
+    precision: str = "auto"
 
     RANGES: ClassVar = {
         "epochs": (0, 100_000),
@@ -90,6 +93,8 @@ class TrainConfig(_Dict):
 
     def __post_init__(self) -> None:
         self._check_fields()
+        if self.precision not in PRECISIONS:
+            raise HybridPruneError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.epochs < 0 or self.batch_size < 1:
             raise HybridPruneError(f"epochs must be >= 0 and batch size >= 1, got {self.epochs} and {self.batch_size}")
         if self.lr <= 0 or not (0 <= self.warmup < 1) or not (0 <= self.label_smoothing < 1):

@@ -54,6 +54,29 @@ def distillation_loss(
     return (1 - cfg.distill_weight) * hard + cfg.distill_weight * soft
 
 
+LOG_EVERY = 25  # steps between progress updates that read the loss (a device sync)
+
+
+def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """The autocast dtype (None: float32) and a gradient scaler (active for fp16 only)."""
+    from .errors import HybridPruneError
+
+    if name == "auto":
+        name = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name == "fp16" and device.type != "cuda":
+        raise HybridPruneError("fp16 training needs a CUDA GPU; use fp32 (or bf16) on the CPU")
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return dtype, torch.amp.GradScaler(device.type, enabled=name == "fp16")
+
+
+def _loss(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig):
+    if cfg.distill_weight > 0:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        return distillation_loss(model(x), teacher_logits, y, cfg)
+    return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -80,7 +103,10 @@ def fit(
         raise ValueError("distillation needs a teacher model")
     if teacher is not None:
         teacher = teacher.to(device).eval()
+    autocast_dtype, scaler = _precision(cfg.precision, device)
     model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # tensor-core convs want NHWC
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]  # BatchNorm and biases: no weight decay
     opt = torch.optim.SGD(
@@ -105,20 +131,20 @@ def fit(
         ):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg)
-            if cfg.distill_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-                loss = distillation_loss(model(x), teacher_logits, y, cfg)
-            else:
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = _loss(model, teacher, x, y, cfg)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)  # the weights stay float32: masks re-zero them exactly under every precision
+            scaler.update()
             if masks:
                 apply_masks_(model, masks)
             step += 1
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+            if step % LOG_EVERY == 0 or step == total:  # reading the loss waits for the GPU: not every step
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
     bar.close()
     return model.eval()
 
