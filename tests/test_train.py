@@ -118,3 +118,19 @@ def test_gpu_masks_hold_exactly_under_mixed_precision(precision):
     fit(model, _toy_data(), TrainConfig(epochs=2, batch_size=16, precision=precision), torch.device("cuda"),
         masks=masks, progress=False)  # fmt: skip
     assert all(satisfies_nm(model.get_submodule(n).weight) for n in masks)
+
+
+def test_compile_falls_back_to_eager_with_one_line_where_it_fails(monkeypatch, capsys):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("no compiler for this layer\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", lambda model: Broken())
+    torch.manual_seed(0)
+    data = _toy_data()
+    model = build_model("zoo:plain_net", in_channels=1, num_classes=2, image_size=16)
+    fit(model, data, TrainConfig(epochs=3, batch_size=16, augment=False, compile=True), torch.device("cpu"),
+        progress=False)  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch.compile failed (RuntimeError: no compiler for this layer" in err[0]
+    assert evaluate(model, data.test, torch.device("cpu")) == 100.0  # trained eagerly all the same

@@ -92,6 +92,9 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
         help="training arithmetic: auto = bf16 autocast on GPUs that have it, else fp16 with a gradient scaler; "
         "fp32 on CPUs",
     )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model for training (falls back where it fails)"
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -289,6 +292,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             lr=getattr(args, "lr", 0.05),
             batch_size=getattr(args, "batch_size", 128),
             precision=getattr(args, "precision", "auto"),
+            compile=getattr(args, "compile", False),
         ),
         finetune=TrainConfig(
             epochs=getattr(args, "finetune_epochs", 0),
@@ -298,6 +302,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             distill_temperature=getattr(args, "distill_temperature", 4.0),
             batch_size=getattr(args, "batch_size", 128),
             precision=getattr(args, "precision", "auto"),
+            compile=getattr(args, "compile", False),
         ),
         prune=PruneConfig(
             metric=names[0],

@@ -80,6 +80,7 @@ class TrainConfig(_Dict):
     distill_temperature: float = 4.0
     # auto: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on other GPUs, fp32 on CPUs
     precision: str = "auto"
+    compile: bool = False  # torch.compile the model for training; falls back to eager, with one line, where it fails
 
     RANGES: ClassVar = {
         "epochs": (0, 100_000),

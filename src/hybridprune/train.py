@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +71,31 @@ def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, tor
     return dtype, torch.amp.GradScaler(device.type, enabled=name == "fp16")
 
 
+def _compile_failed(e: Exception) -> None:
+    first = (str(e).strip().splitlines() or [""])[0][:100]
+    print(f"note: torch.compile failed ({type(e).__name__}: {first}); training without it", file=sys.stderr)
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    try:
+        return torch.compile(model)
+    except Exception as e:  # noqa: BLE001 - any failure: train eagerly, and say so
+        _compile_failed(e)
+        return model
+
+
+def _step_loss(forward: nn.Module, model: nn.Module, teacher: nn.Module | None, x, y, cfg: TrainConfig):
+    """The loss through `forward` (the compiled model, or the model); a compiled model that fails on its
+    first step is dropped for the eager one, said in one line."""
+    if forward is model:
+        return _loss(model, teacher, x, y, cfg), model
+    try:
+        return _loss(forward, teacher, x, y, cfg), forward
+    except Exception as e:  # noqa: BLE001 - compilers fail in many ways; the run must not
+        _compile_failed(e)
+        return _loss(model, teacher, x, y, cfg), model
+
+
 def _loss(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig):
     if cfg.distill_weight > 0:
         with torch.no_grad():
@@ -107,6 +134,7 @@ def fit(
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # tensor-core convs want NHWC
+    forward = _compiled(model) if cfg.compile else model
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]  # BatchNorm and biases: no weight decay
     opt = torch.optim.SGD(
@@ -134,7 +162,7 @@ def fit(
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = _loss(model, teacher, x, y, cfg)
+                loss, forward = _step_loss(forward, model, teacher, x, y, cfg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)  # the weights stay float32: masks re-zero them exactly under every precision
