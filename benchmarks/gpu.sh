@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one script, for a machine with an NVIDIA GPU and PyTorch already installed.
-# Installs nothing, needs no network; its timeouts sum to 550 s (under the 600 s of one device call).
+# Installs nothing, needs no network; its timeouts sum to 590 s (under the 600 s of one device call).
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default OUT_DIR: docs/results/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,4 +36,6 @@ run 50 $py -m hybridprune.cli bench --synthetic --channels 1 --image-size 28 --b
 run 90 $py -m hybridprune.cli bench --synthetic --model torchvision:resnet50 --image-size 224 --batch-sizes 1,32,128 \
     --dtypes float16 --kernels fastest --rounds 5 --calls 3 --no-progress \
     --json "$out/bench-gpu-resnet50-224.json" --overwrite
+# 5. fine-tuning speed per precision (fit with 2:4 masks held) against a plain PyTorch loop
+run 40 $py benchmarks/finetune.py --device cuda --images 4096 --rounds 3 --out "$out/finetune-gpu.json"
 exit $status
