@@ -236,7 +236,10 @@ def load_weights_(model: Classifier, path: str | Path) -> Classifier:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HybridPruneError(f"{path} must hold a state dict: parameter names mapped to tensors")
-    state = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
+    expected = set(model.net.state_dict())
+    if set(state) != expected:  # saved from a DDP wrapper or from a hybridprune model: take the prefix off
+        stripped = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
+        state = stripped if set(stripped) == expected else state
     try:
         model.net.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -146,7 +146,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
-    from .config import DEFAULT_FINETUNE, PruneConfig
+    from .config import DEFAULT_FINETUNE, PruneConfig, TrainConfig
     from .prune import DEFAULT_ROUND_TO
 
     defaults = PruneConfig()
@@ -175,7 +175,12 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
         "--distill", action="store_true", help="fine-tune pruned stages against the dense model's logits (KD)"
     )
     p.add_argument("--distill-weight", type=float, default=0.9, help="with --distill: weight of the KD term (rest: CE)")
-    p.add_argument("--distill-temperature", type=float, default=4.0, help="with --distill: softmax temperature")
+    p.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=TrainConfig.distill_temperature,
+        help="with --distill: softmax temperature",
+    )
     p.add_argument(
         "--calib-batches", type=int, default=defaults.calib_batches, help="unlabeled batches for output_l1 scores"
     )
@@ -270,7 +275,15 @@ def _width(model: str | None, width: float | None) -> float | None:
 
 
 def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> Any:
-    from .config import DEFAULT_METRICS, DEFAULT_MODEL, ModelConfig, PruneConfig, RunConfig, TrainConfig
+    from .config import (
+        DEFAULT_FINETUNE,
+        DEFAULT_METRICS,
+        DEFAULT_MODEL,
+        ModelConfig,
+        PruneConfig,
+        RunConfig,
+        TrainConfig,
+    )
     from .metrics import METRICS
 
     names = tuple(
@@ -289,18 +302,18 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
         model=model,
         train=TrainConfig(
             epochs=getattr(args, "epochs", 0),
-            lr=getattr(args, "lr", 0.05),
-            batch_size=getattr(args, "batch_size", 128),
+            lr=getattr(args, "lr", TrainConfig.lr),
+            batch_size=getattr(args, "batch_size", TrainConfig.batch_size),
             precision=getattr(args, "precision", "auto"),
             compile=getattr(args, "compile", False),
         ),
         finetune=TrainConfig(
             epochs=getattr(args, "finetune_epochs", 0),
-            lr=getattr(args, "finetune_lr", 0.01),
+            lr=getattr(args, "finetune_lr", DEFAULT_FINETUNE.lr),
             warmup=0.0,
             distill_weight=args.distill_weight if getattr(args, "distill", False) else 0.0,
-            distill_temperature=getattr(args, "distill_temperature", 4.0),
-            batch_size=getattr(args, "batch_size", 128),
+            distill_temperature=getattr(args, "distill_temperature", TrainConfig.distill_temperature),
+            batch_size=getattr(args, "batch_size", TrainConfig.batch_size),
             precision=getattr(args, "precision", "auto"),
             compile=getattr(args, "compile", False),
         ),
@@ -328,7 +341,22 @@ def _print_result(result: dict[str, Any], json_path: str | None) -> None:
         print(f"\nwrote {json_path}")
 
 
+def _model_of_checkpoint(args: argparse.Namespace) -> None:
+    """With a dense checkpoint, the run's model is the checkpoint's (its config and output folder name it);
+    a --model or --width that says otherwise is bad input, and user code must be named again."""
+    from .checkpoint import checkpoint_source
+
+    source = checkpoint_source(args.checkpoint)
+    if source.kind == "user" and args.model != source.name:
+        raise HybridPruneError(f"{args.checkpoint} holds user code {source.name!r}; pass --model {source.name}")
+    if args.model not in (None, source.name, source.label) or getattr(args, "width", None) is not None:
+        raise HybridPruneError(f"{args.checkpoint} holds {source.label}; drop --model/--width, the checkpoint decides")
+    args.model = source.label
+
+
 def cmd_run(args: argparse.Namespace) -> None:
+    if args.checkpoint:
+        _model_of_checkpoint(args)
     cfg = _run_config(args, args.metric, args.dataset)
     slug = f"{cfg.data.dataset}-{cfg.model.label}".replace(":", "_").replace("/", "_")
     _run_and_print(
@@ -340,13 +368,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
-    from .checkpoint import checkpoint_source
-
     metric = "hybrid" if args.metric is None else args.metric
-    source = checkpoint_source(args.checkpoint)
-    if source.kind == "user" and args.model != source.name:
-        raise HybridPruneError(f"{args.checkpoint} holds user code {source.name!r}; pass --model {source.name}")
-    args.model = source.label  # the run's config names the checkpoint's model, whatever it is
+    _model_of_checkpoint(args)
     if "," in metric:
         raise HybridPruneError("prune takes one --metric; use `hybridprune run` to compare several")
     cfg = _run_config(args, metric, args.dataset)

@@ -6,6 +6,8 @@ Registered by `cli.build_parser`; the shared flag helpers live in `cli.py`.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from .cli import _add_user_model, _check_json_target, _checkpoint_pattern, _ratio
 from .errors import HybridPruneError
@@ -50,9 +52,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     x = torch.rand(batch, *input_shape(model), device=device, dtype=dtype)
     pattern = _checkpoint_pattern(args.checkpoint, meta)
     inference = to_inference_model(model, masks, device, dtype, choose=args.kernels, pattern=pattern, example=x)
-    reference = to_inference_model(model, masks, device, dtype, choose="dense", pattern=pattern)
+    reference = model.to(device=device, dtype=dtype).eval()  # unconverted: BN folding is checked too
     with torch.inference_mode():
-        out, ref = inference.model(x).float(), reference.model(x).float()
+        out, ref = inference.model(x).float(), reference(x).float()
     diff = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     if inference.notice:
         print(f"note: {inference.notice}")
@@ -130,18 +132,24 @@ def cmd_export(args: argparse.Namespace) -> None:
         check_fits(model, data)
         images = next(batches(data.test, args.check_images))[0]  # in-memory or streamed alike
         source = f"{len(images)} {data.name} test images"
-    path = export_onnx(model, args.out, args.opset)
-    check = check_onnx(path, model, masks, images, pattern)
+    out = Path(args.out)
+    staged = out.with_name(f".{out.name}.unchecked")  # renamed over --out only once it passes the check
+    try:
+        check = check_onnx(export_onnx(model, staged, args.opset), model, masks, images, pattern)
+        if check.ok:
+            os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
     print(
-        f"wrote {path} (opset {args.opset}, dynamic batch, BatchNorm folded, normalisation inside)\n"
+        f"{'wrote' if check.ok else 'checked, did not write'} {out} (opset {args.opset}, dynamic batch, "
+        "BatchNorm folded, normalisation inside)\n"
         f"check on {source}: largest logit difference {check.max_abs_diff:.2e} (largest logit "
         f"{check.max_abs_logit:.2f}), top-1 agreement {100 * check.top1_agreement:.2f}%\n"
         f"N:M layers found in the file: {check.nm_layers_found} of {check.nm_layers}; groups breaking {pattern}: "
         f"{check.broken_groups}"
     )
     if not check.ok:
-        path.unlink(missing_ok=True)
-        raise HybridPruneError(f"the exported file does not match the checkpoint; {path} removed")
+        raise HybridPruneError(f"the exported graph does not match the checkpoint; {out} left as it was")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

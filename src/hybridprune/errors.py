@@ -10,3 +10,14 @@ class HybridPruneError(ValueError):
         ...
         hybridprune.errors.HybridPruneError: filter ratio 1.5 is outside [0, 1)
     """
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    r"""`Type: first line of the message`, for one-line errors made from a library's exception.
+
+    Example:
+        >>> first_line(ValueError("bad value\nmore detail"))
+        'ValueError: bad value'
+    """
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__

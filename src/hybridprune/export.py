@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import HybridPruneError
+from .errors import HybridPruneError, first_line
 from .nm import NMPattern
 from .outputs import atomic_target
 from .sparse import fold_batchnorm_
@@ -63,10 +63,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
                 dynamo=False,  # the TorchScript exporter: fast and complete for CNNs, no onnxscript needed
             )
         except Exception as e:  # noqa: BLE001 - an operator ONNX lacks, in any of the user's layers
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise HybridPruneError(
-                f"ONNX export of {model.source.label} failed ({type(e).__name__}: {first})"
-            ) from None
+            raise HybridPruneError(f"ONNX export of {model.source.label} failed ({first_line(e)})") from None
     return Path(path)
 
 

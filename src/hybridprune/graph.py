@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import HybridPruneError
+from .errors import HybridPruneError, first_line
 
 ACTIVATIONS = (
     nn.ReLU,
@@ -72,9 +72,8 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways; the user needs one line either way
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HybridPruneError(
-            f"Torch-Pruning cannot trace {type(model).__name__} ({type(e).__name__}: {first[:200]}); "
+            f"Torch-Pruning cannot trace {type(model).__name__} ({first_line(e)}); "
             "filter pruning needs a model built from nn.Module layers that runs on one image tensor"
         ) from None
     finally:

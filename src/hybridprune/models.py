@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .architectures import BUILTIN
-from .errors import HybridPruneError
+from .errors import HybridPruneError, first_line
 from .registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -164,8 +164,13 @@ def build_model(
 
 def _check_size(source: ModelSource, in_channels: int, num_classes: int, image_size: int) -> None:
     """Refuse a model larger than MAX_PARAMS, counted on the meta device (shapes only, no memory)."""
-    with torch.device("meta"):
-        net = _build_net(source, in_channels, num_classes, image_size)
+    try:
+        with torch.device("meta"):
+            net = _build_net(source, in_channels, num_classes, image_size)
+    except HybridPruneError:
+        raise
+    except Exception:  # noqa: BLE001 - some inits read tensor values (RegNet): count on the real build instead
+        return
     count = sum(p.numel() for p in net.parameters())
     if count > MAX_PARAMS:
         raise HybridPruneError(
@@ -219,8 +224,7 @@ def _user_net(spec: str, shape: dict[str, int], args: dict[str, Any]) -> nn.Modu
     try:
         net = factory(**kwargs)
     except Exception as e:  # noqa: BLE001 - the user's code may fail in any way; say so in one line
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise HybridPruneError(f"model factory {spec!r} failed ({type(e).__name__}: {first})") from None
+        raise HybridPruneError(f"model factory {spec!r} failed ({first_line(e)})") from None
     if not isinstance(net, nn.Module):
         raise HybridPruneError(f"{spec!r} returned {type(net).__name__}, not an nn.Module")
     return net
@@ -251,8 +255,7 @@ def _check_forward(model: Classifier) -> None:
         out = model(torch.zeros(1, *model.input_shape))
     except Exception as e:  # noqa: BLE001 - a model that cannot take the data's images, whatever the reason
         c, h, w = model.input_shape
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise HybridPruneError(f"{model.source.label} cannot take {c}x{h}x{w} images ({first})") from None
+        raise HybridPruneError(f"{model.source.label} cannot take {c}x{h}x{w} images ({first_line(e)})") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.shape != (1, model.num_classes):

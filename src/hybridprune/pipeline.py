@@ -226,12 +226,15 @@ class Job:
         )
         if masks and not all(satisfies_nm(m.weight, p.pattern) for n, m in model.named_modules() if n in masks):
             raise RuntimeError("N:M pattern broken during fine-tuning")  # an internal bug, not bad input
+        accuracy, stats = evaluate(model, test, self.device), model_stats(model, set(masks), p.pattern)
+        # saved last, so the step's record follows the checkpoint at once: an interrupt between them is short
         ckpt = save_checkpoint(
             self.out / f"{name}.safetensors",
             model,
             masks,
             {"stage": name, "nm": p.nm, **data_meta(self.data)},
             overwrite=True,
+            record=True,
         )
         f = self.cfg.finetune
         return {
@@ -243,8 +246,8 @@ class Job:
             ),
             "accuracy_oneshot_raw": raw,
             "accuracy_oneshot": oneshot,
-            "accuracy": evaluate(model, test, self.device),
-            **model_stats(model, set(masks), p.pattern),
+            "accuracy": accuracy,
+            **stats,
             "nm_layers": sorted(masks),
             "checkpoint": str(ckpt),
         }
@@ -254,7 +257,7 @@ class Job:
         if record.is_file():
             self.log("dense model: reusing the finished one in the output folder")
             model = load_checkpoint(self.out / "dense.safetensors", self.cfg.model.name)[0].to(self.device)
-            return model, json.loads(record.read_text())
+            return model, _read_json(record)
         if self.dense_checkpoint:
             return self._load_dense(record)
         model = new_model(self.cfg, self.data, self.log)
@@ -271,14 +274,15 @@ class Job:
         )
         return self._record_dense(model, record)
 
-    def _record_dense(self, model: nn.Module, record: Path) -> tuple[nn.Module, dict[str, Any]]:
+    def _record_dense(
+        self, model: nn.Module, record: Path, source: str | None = None
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        result = {"accuracy": evaluate(model, self.data.test, self.device), **model_stats(model)}
         meta = {"stage": "dense", **data_meta(self.data)}
         ckpt = save_checkpoint(self.out / "dense.safetensors", model, None, meta, overwrite=True, record=True)
-        result = {
-            "accuracy": evaluate(model, self.data.test, self.device),
-            **model_stats(model),
-            "checkpoint": str(ckpt),
-        }
+        result["checkpoint"] = str(ckpt)
+        if source:
+            result["loaded_from"] = source
         write_json(record, result, record=True)
         return model, result
 
@@ -288,14 +292,8 @@ class Job:
             if self.dense_model is not None
             else load_dense_checkpoint(self.dense_checkpoint, self.data, self.cfg.model.name)
         )
-        model = model.to(self.device)
-        result = {
-            "accuracy": evaluate(model, self.data.test, self.device),
-            **model_stats(model),
-            "checkpoint": str(self.dense_checkpoint),
-        }
-        write_json(record, result, record=True)
-        return model, result
+        # a copy in the run folder, so --resume and bench find it there whatever happens to the original
+        return self._record_dense(model.to(self.device), record, source=str(self.dense_checkpoint))
 
     def nm_only(self, dense: nn.Module) -> dict[str, Any]:
         """The 2:4-only model: dense width, N:M masks, fine-tuned the same way."""
@@ -341,7 +339,7 @@ class Job:
         record = self.out / f"{name}.json"
         if record.is_file():
             self.log(f"{name}: reusing the finished result in the output folder")
-            return json.loads(record.read_text())
+            return _read_json(record)
         result = compute()
         write_json(record, result, record=True)
         return result
@@ -360,6 +358,13 @@ def load_dense_checkpoint(path: str | Path, data: Dataset, user_model: str | Non
 def _nm_copy(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     nm_model = copy.deepcopy(model)
     return nm_model, nm_prune_(nm_model, cfg.prune.pattern)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise HybridPruneError(f"{path} is not readable JSON ({e}); use another --out or --overwrite") from None
 
 
 def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
@@ -384,7 +389,7 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) ->
             remove_written_files(out)
         elif not config_file.is_file():
             raise HybridPruneError(f"{out} holds no hybridprune run to resume (no config.json); choose another --out")
-        elif json.loads(config_file.read_text()) != json.loads(json.dumps(cfg.to_dict())):  # tuples as lists
+        elif _read_json(config_file) != json.loads(json.dumps(cfg.to_dict())):  # tuples as lists
             raise HybridPruneError(f"{out} holds a run with another configuration; use another --out or --overwrite")
     write_json(out / "config.json", cfg.to_dict(), record=True)
 

@@ -131,9 +131,12 @@ class GemmConv2d(nn.Module):
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of the conv with eval-mode BatchNorm folded in."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
+    """Weight and bias of the conv with eval-mode BatchNorm folded in (a BN without affine terms scales by 1
+    and shifts by 0)."""
+    weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    shift = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    scale = weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = shift - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     return (conv.weight * scale.view(-1, 1, 1, 1)).detach(), bias.detach()
@@ -149,8 +152,8 @@ def fold_batchnorm_(model: nn.Module) -> nn.Module:
     graph = dependency_graph(model, example)
     pairs = followers(model, example).bn
     for conv_name, bn_name in pairs.items():
-        if not sole_consumer(graph, model, conv_name, bn_name):
-            continue
+        if not sole_consumer(graph, model, conv_name, bn_name) or not model.get_submodule(bn_name).track_running_stats:
+            continue  # another layer reads the raw conv output, or the BN normalises with batch statistics
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         weight, bias = fold_bn(conv, bn)
         fused = copy.deepcopy(conv)

@@ -72,8 +72,9 @@ def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, tor
 
 
 def _compile_failed(e: Exception) -> None:
-    first = (str(e).strip().splitlines() or [""])[0][:100]
-    print(f"note: torch.compile failed ({type(e).__name__}: {first}); training without it", file=sys.stderr)
+    from .errors import first_line
+
+    print(f"note: torch.compile failed ({first_line(e, 100)}); training without it", file=sys.stderr)
 
 
 def _compiled(model: nn.Module) -> nn.Module:

@@ -1,0 +1,127 @@
+"""Bugs found in review of the any-CNN and bad-input work, one test each (each fails on the code before its fix)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from hybridprune.checkpoint import load_checkpoint, load_weights_
+from hybridprune.cli import main
+from hybridprune.models import build_model
+from hybridprune.outputs import written_files
+
+TINY = ["--train-size", "64", "--test-size", "32", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+PRUNE = ["--train-size", "64", "--test-size", "32", "--finetune-epochs", "1", "--round-to", "4", "--no-progress"]
+
+
+@pytest.fixture
+def dense(tmp_path):
+    path = tmp_path / "dense.safetensors"
+    assert main(["train", *TINY, "--model", "resnet20", "--width", "0.5", "--out", str(path)]) == 0
+    return path
+
+
+def test_prune_resumes_after_an_interrupt(dense, tmp_path, monkeypatch, capsys):
+    from hybridprune import pipeline
+
+    out = tmp_path / "pruned"
+    real = pipeline.nm_prune_
+    monkeypatch.setattr(pipeline, "nm_prune_", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["prune", str(dense), *PRUNE, "--metric", "l1", "--out", str(out)]) == 130
+    monkeypatch.setattr(pipeline, "nm_prune_", real)
+    assert main(["prune", str(dense), *PRUNE, "--metric", "l1", "--out", str(out), "--resume"]) == 0
+    assert (out / "dense.safetensors").is_file()  # a copy in the run folder: resume and bench find it there
+    names = {p.name for p in written_files(out)}
+    assert {"dense.safetensors", "l1-filter.safetensors", "l1-hybrid.safetensors"} <= names  # --overwrite's list
+
+
+def test_run_from_a_checkpoint_names_its_model_and_refuses_another(dense, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--checkpoint", str(dense), *PRUNE, "--metric", "l1", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["name"] == "resnet20"
+    bench = ["bench", str(out), "--batch-sizes", "2", "--rounds", "1", "--calls", "1", "--no-progress"]
+    assert main(bench) == 0  # the dense variant is found in the run folder, not beside the original
+    assert main(["run", "--checkpoint", str(dense), "--model", "vgg16", *PRUNE, "--out", str(tmp_path / "x")]) == 2
+    assert "holds resnet20; drop --model/--width" in capsys.readouterr().err
+
+
+def test_every_torchvision_classifier_builds_even_if_its_init_reads_values():
+    model = build_model("torchvision:regnet_x_400mf", image_size=32)  # RegNet's init fails on the meta device
+    assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+class _PlainBN(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8, affine=False)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8, track_running_stats=False)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))).mean(dim=(2, 3)))
+
+
+def test_batchnorm_without_affine_terms_folds_and_one_without_running_stats_is_left_alone():
+    from hybridprune.sparse import fold_batchnorm_
+
+    model = build_model("test_regressions:_PlainBN", image_size=8).eval()
+    with torch.no_grad():
+        model.net.bn1.running_mean.uniform_(-1, 1)
+    x = torch.rand(4, 3, 8, 8)
+    folded = fold_batchnorm_(__import__("copy").deepcopy(model))
+    assert isinstance(folded.net.bn1, nn.Identity) and isinstance(folded.net.bn2, nn.BatchNorm2d)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class _Wrapped(nn.Module):
+    """A network whose own top-level submodule is called `net`."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.net(x))
+
+
+def test_weights_of_a_network_with_its_own_net_module_load(tmp_path):
+    trained = build_model("test_regressions:_Wrapped", image_size=8)
+    path = tmp_path / "w.pt"
+    torch.save(trained.net.state_dict(), path)  # keys: net.0.weight, ..., fc.weight
+    fresh = load_weights_(build_model("test_regressions:_Wrapped", image_size=8), path)
+    assert torch.equal(fresh.net.net[0].weight, trained.net.net[0].weight)
+
+
+def test_a_failed_export_check_leaves_the_previous_file(tmp_path, monkeypatch, capsys):
+    from hybridprune import export
+    from hybridprune.checkpoint import save_checkpoint
+
+    pytest.importorskip("onnxruntime")
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", build_model("resnet20", width=0.5))
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"the user's earlier export")
+    real = export.check_onnx
+
+    def failing(*args, **kwargs):
+        check = real(*args, **kwargs)
+        check.broken_groups = 1
+        return check
+
+    monkeypatch.setattr(export, "check_onnx", failing)
+    assert main(["export", str(ckpt), "--out", str(out), "--overwrite", "--check-images", "4"]) == 2
+    assert out.read_bytes() == b"the user's earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.safetensors"]
+
+
+def test_a_tampered_run_config_is_one_line_on_resume(dense, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--checkpoint", str(dense), *PRUNE, "--metric", "l1", "--out", str(out)]) == 0
+    (out / "config.json").write_text("{not json")
+    assert main(["run", "--checkpoint", str(dense), *PRUNE, "--metric", "l1", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json is not readable JSON" in err[0]
+    load_checkpoint(out / "l1-hybrid.safetensors")  # the finished work is still there
