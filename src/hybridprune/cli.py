@@ -378,38 +378,45 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def _run_and_print(args: argparse.Namespace, cfg: Any, out: Path, include_nm_only: bool) -> None:
+    from .distributed import world_from_env
     from .pipeline import run
-    from .train import resolve_device
 
     _check_json_target(args.json, args.overwrite)
+    world, device = world_from_env(args.device)  # several ranks under torchrun, else this process alone
     result = run(
         cfg,
         out,
-        resolve_device(args.device),
+        device,
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
         dense_checkpoint=args.checkpoint,
         include_nm_only=include_nm_only,
+        world=world,
     )
-    _print_result(result, args.json)
-    print(f"checkpoints and results.json in {out}")
+    if world.main:
+        _print_result(result, args.json)
+        print(f"checkpoints and results.json in {out}" + (f" ({world.size} processes)" if world.active else ""))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .checkpoint import save_checkpoint
+    from .distributed import world_from_env
     from .outputs import check_output_file, environment
     from .pipeline import data_meta, new_model, prepare_data
-    from .train import evaluate, fit, resolve_device
+    from .train import evaluate, fit
 
     check_output_file(args.out, args.overwrite)  # before the work, not after it
     cfg = _run_config(args, None, args.dataset)
-    device, env = resolve_device(args.device), environment()
-    data = prepare_data(cfg)
+    world, device = world_from_env(args.device)
+    env, data = environment(), prepare_data(cfg)
+    progress = not args.no_progress and world.main
     model = fit(
-        new_model(cfg, data), data, cfg.train, device, seed=cfg.seed, desc="train", progress=not args.no_progress
+        new_model(cfg, data), data, cfg.train, device, seed=cfg.seed, desc="train", progress=progress, world=world
     )
     acc = evaluate(model, data.test, device)
+    if not world.main:
+        return
     save_checkpoint(
         args.out,
         model,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import World, shard
 from .errors import HybridPruneError
 from .registry import Registry
 
@@ -471,8 +472,10 @@ def batches(
     augment: bool = False,
     hflip: bool = False,
     device: torch.device | str = "cpu",
+    world: World | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `(images in [0, 1] as float, labels)` batches; augmentation is a random shift (and flip).
+    With a `world` of several ranks, only this rank's shard of the (seeded, shared) order.
 
     Example:
         >>> s = ImageSet(torch.zeros(5, 1, 8, 8, dtype=torch.uint8), torch.zeros(5, dtype=torch.long), 2)
@@ -480,11 +483,15 @@ def batches(
         [2, 2, 1]
     """
     if hasattr(data, "batches"):  # streamed from disk: the split brings its own loader
-        yield from data.batches(batch_size, shuffle=shuffle, seed=seed, augment=augment, hflip=hflip, device=device)
+        yield from data.batches(
+            batch_size, shuffle=shuffle, seed=seed, augment=augment, hflip=hflip, device=device, world=world
+        )
         return
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)) if shuffle else None
+    if world is not None and world.active:
+        order = shard(order if order is not None else torch.arange(len(data)), world)
     gen = torch.Generator().manual_seed(seed + 1)
-    for start in range(0, len(data), batch_size):
+    for start in range(0, len(data) if order is None else len(order), batch_size):
         idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
         x = data.x[idx].to(device, non_blocking=True).float().div_(255)
         if augment:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from .distributed import World, shard
 from .errors import HybridPruneError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -107,9 +108,15 @@ class FolderSet:
         augment: bool = False,
         hflip: bool = False,
         device: torch.device | str = "cpu",
+        world: World | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Stream `(images, labels)`; undecodable files are counted in `skipped` (or refused when strict)."""
+        """Stream `(images, labels)`; undecodable files are counted in `skipped` (or refused when strict).
+        With a `world` of several ranks, only this rank's shard of the (seeded, shared) order."""
         data = _Images(self.samples, self._transform(augment, hflip))
+        if world is not None and world.active:
+            gen = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(data), generator=gen) if shuffle else torch.arange(len(data))
+            data, shuffle = Subset(data, shard(order, world).tolist()), False
         loader = DataLoader(
             data,
             batch_size=batch_size,

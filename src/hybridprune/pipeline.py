@@ -6,6 +6,7 @@ an interrupted run resumed with the same folder redoes only the step that was in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Callable
@@ -19,10 +20,11 @@ from torch import nn
 from .checkpoint import load_checkpoint, load_weights_, save_checkpoint
 from .config import DataConfig, PruneConfig, RunConfig
 from .data import Dataset, channel_stats, load_dataset
+from .distributed import World, barrier, broadcast, check_batch
 from .errors import HybridPruneError
 from .metrics import ScoringContext, score_filters
 from .models import Classifier, build_model
-from .nm import nm_eligibility, nm_prune_, satisfies_nm
+from .nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
 from .outputs import (
     LOCK_NAME,
     MANIFEST_NAME,
@@ -108,6 +110,7 @@ def prune_filters_(
     seed: int = 0,
     labels: list[torch.Tensor] | None = None,
     between: Callable[[nn.Module, int], None] | None = None,
+    world: World = World(),
 ) -> FilterPlan:
     """Score filters with `cfg.metric`, plan the removal, and remove them physically, in place.
 
@@ -134,6 +137,7 @@ def prune_filters_(
     for step, counts in enumerate(schedule, 1):
         ctx = ctx if step == 1 else context()  # rescored on the weights as they are now
         plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to, ctx.groups, counts)
+        plan = broadcast(plan, world)  # rank 0 decides
         apply_filter_plan_(model, plan)
         for g in plan.groups:
             alive[g.name] = [alive[g.name][k] for k in g.keep]
@@ -195,6 +199,18 @@ class Job:
     dense_checkpoint: str | None = None
     dense_model: nn.Module | None = None  # the loaded `dense_checkpoint`
     teacher: nn.Module | None = None  # the dense model, when fine-tuning distils from it
+    world: World = World()  # the ranks of a torchrun job: all compute, rank 0 writes
+
+    def _save(self, name: str, model: nn.Module, masks: dict[str, torch.Tensor] | None, meta: dict) -> Path:
+        path = self.out / f"{name}.safetensors"
+        if self.world.main:
+            save_checkpoint(path, model, masks, meta, overwrite=True, record=True)
+        return path
+
+    def _write(self, path: Path, obj: Any) -> None:
+        if self.world.main:
+            write_json(path, obj, record=True)
+        barrier(self.world)  # no rank reads the folder again before rank 0 has written to it
 
     def stage(
         self,
@@ -223,19 +239,13 @@ class Job:
             desc=desc,
             progress=self.progress,
             teacher=self.teacher,
+            world=self.world,
         )
         if masks and not all(satisfies_nm(m.weight, p.pattern) for n, m in model.named_modules() if n in masks):
             raise RuntimeError("N:M pattern broken during fine-tuning")  # an internal bug, not bad input
         accuracy, stats = evaluate(model, test, self.device), model_stats(model, set(masks), p.pattern)
         # saved last, so the step's record follows the checkpoint at once: an interrupt between them is short
-        ckpt = save_checkpoint(
-            self.out / f"{name}.safetensors",
-            model,
-            masks,
-            {"stage": name, "nm": p.nm, **data_meta(self.data)},
-            overwrite=True,
-            record=True,
-        )
+        ckpt = self._save(name, model, masks, {"stage": name, "nm": p.nm, **data_meta(self.data)})
         f = self.cfg.finetune
         return {
             "finetune_loss": (
@@ -271,6 +281,7 @@ class Job:
             seed=self.cfg.seed,
             desc="train dense",
             progress=self.progress,
+            world=self.world,
         )
         return self._record_dense(model, record)
 
@@ -279,11 +290,10 @@ class Job:
     ) -> tuple[nn.Module, dict[str, Any]]:
         result = {"accuracy": evaluate(model, self.data.test, self.device), **model_stats(model)}
         meta = {"stage": "dense", **data_meta(self.data)}
-        ckpt = save_checkpoint(self.out / "dense.safetensors", model, None, meta, overwrite=True, record=True)
-        result["checkpoint"] = str(ckpt)
+        result["checkpoint"] = str(self._save("dense", model, None, meta))
         if source:
             result["loaded_from"] = source
-        write_json(record, result, record=True)
+        self._write(record, result)
         return model, result
 
     def _load_dense(self, record: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -297,7 +307,7 @@ class Job:
 
     def nm_only(self, dense: nn.Module) -> dict[str, Any]:
         """The 2:4-only model: dense width, N:M masks, fine-tuned the same way."""
-        return self._cached("nm", lambda: self.stage(*_nm_copy(dense, self.cfg), "nm", "fine-tune nm-only"))
+        return self._cached("nm", lambda: self.stage(*_nm_copy(dense, self.cfg, self.world), "nm", "fine-tune nm-only"))
 
     def metric(
         self, dense: nn.Module, metric: str, calibration: list[torch.Tensor], labels: list[torch.Tensor] | None = None
@@ -316,9 +326,9 @@ class Job:
                 if self.cfg.filter_finetune:
                     fit(m, self.data, replace(self.cfg.finetune, epochs=epochs[step - 1]), self.device,
                         seed=self.cfg.seed + step, desc=f"fine-tune {metric} step {step}", progress=self.progress,
-                        teacher=self.teacher)  # fmt: skip
+                        teacher=self.teacher, world=self.world)  # fmt: skip
 
-            plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels, between)
+            plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels, between, self.world)
             name, desc = f"{metric}-filter", f"fine-tune {metric} filter"
             filt = self.stage(model, {}, name, desc, self.cfg.filter_finetune, epochs[-1])
             return {"plan": plan.to_dict(), "prune_steps": prune_cfg.steps, "step_epochs": epochs, "filter": filt}
@@ -329,7 +339,7 @@ class Job:
             # from the saved filter checkpoint, not from memory: a resumed run takes exactly the same path
             model = load_checkpoint(self.out / f"{metric}-filter.safetensors", self.cfg.model.name)[0]
             return self.stage(
-                *_nm_copy(model.to(self.device), self.cfg), f"{metric}-hybrid", f"fine-tune {metric} hybrid"
+                *_nm_copy(model.to(self.device), self.cfg, self.world), f"{metric}-hybrid", f"fine-tune {metric} hybrid"
             )
 
         hybrid = self._cached(f"step-{metric}-hybrid", hybrid_step)
@@ -341,7 +351,7 @@ class Job:
             self.log(f"{name}: reusing the finished result in the output folder")
             return _read_json(record)
         result = compute()
-        write_json(record, result, record=True)
+        self._write(record, result)
         return result
 
 
@@ -355,9 +365,10 @@ def load_dense_checkpoint(path: str | Path, data: Dataset, user_model: str | Non
     return model
 
 
-def _nm_copy(model: nn.Module, cfg: RunConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _nm_copy(model: nn.Module, cfg: RunConfig, world: World = World()) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     nm_model = copy.deepcopy(model)
-    return nm_model, nm_prune_(nm_model, cfg.prune.pattern)
+    masks = broadcast(nm_prune_(nm_model, cfg.prune.pattern), world)  # rank 0's masks, on every rank
+    return apply_masks_(nm_model, masks), masks
 
 
 def _read_json(path: Path) -> Any:
@@ -405,21 +416,29 @@ def run(
     progress: bool = True,
     dense_checkpoint: str | None = None,
     include_nm_only: bool = True,
+    world: World = World(),
 ) -> dict[str, Any]:
     """The whole job: train (or reuse) the dense model, then prune it with every metric.
 
-    Returns the result object (see docs/results-format.md) and writes it to OUT/results.json.
+    Returns the result object (see docs/results-format.md) and writes it to OUT/results.json. Under torchrun
+    (`world` of several ranks) every rank computes and returns the same result; rank 0 alone locks the
+    folder, writes and logs.
     """
+    for batch_size in (cfg.train.batch_size, cfg.finetune.batch_size):
+        check_batch(batch_size, world)
+    log = log if world.main else _silent
     out = check_output_dir(Path(out))
     env = environment()  # now, not at the end: the checkout may change while a long run goes on
     data = prepare_data(cfg)
     # loaded before anything is written, so a bad checkpoint leaves no output folder behind
     dense_model = load_dense_checkpoint(dense_checkpoint, data, cfg.model.name) if dense_checkpoint else None
     check_prunable(dense_model if dense_model is not None else new_model(cfg, data, log=lambda _: None), cfg.prune)
-    with FolderLock(out) as lock:  # one run per folder; released however the run ends
-        if lock.replaced_stale:
+    with FolderLock(out) if world.main else contextlib.nullcontext() as lock:  # one run per folder
+        if lock is not None and lock.replaced_stale:
             log(f"output folder: replaced the lock of a process that is gone ({lock.replaced_stale})")
-        prepare_out_dir(out, cfg, resume, overwrite)
+        if world.main:
+            prepare_out_dir(out, cfg, resume, overwrite)
+        barrier(world)
         log(
             f"data: {data.name}, {len(data.train)} train / {len(data.test)} test images, "
             f"{data.train.channels}x{data.train.image_size}x{data.train.image_size}, {data.train.num_classes} classes"
@@ -428,7 +447,7 @@ def run(
             log(f"data: {data.note}")
         if device.type == "cpu":
             log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
-        job = Job(cfg, data, device, out, log, progress, dense_checkpoint, dense_model)
+        job = Job(cfg, data, device, out, log, progress and world.main, dense_checkpoint, dense_model, world=world)
         dense, dense_result = job.dense()
         job.teacher = dense if cfg.finetune.distill_weight > 0 else None
         images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
@@ -448,5 +467,9 @@ def run(
         if hasattr(data.train, "skipped"):
             result["dataset"]["unreadable_files_skipped"] = skipped
             log(f"data: {skipped} unreadable image file(s) skipped (pass --strict to stop at the first)")
-        write_json(out / "results.json", result, record=True)
+        job._write(out / "results.json", result)
     return result
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0: they compute what rank 0 reports."""

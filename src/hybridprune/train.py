@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import Dataset, ImageSet, batches
+from .distributed import World, check_batch, ddp, sync_model_
 from .nm import apply_masks_
 
 
@@ -116,9 +117,12 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     teacher: nn.Module | None = None,
+    world: World = World(),
 ) -> nn.Module:
     """Train in place; with `masks`, zeroed weights are re-zeroed after every optimizer step, so the
-    N:M pattern holds exactly throughout.
+    N:M pattern holds exactly throughout. With a `world` of several ranks (torchrun), each rank trains on
+    its shard of every epoch under DistributedDataParallel with `cfg.batch_size / ranks` images a step, and
+    the ranks end with identical weights and BatchNorm statistics.
 
     Example:
         >>> from hybridprune.data import load_dataset
@@ -135,7 +139,9 @@ def fit(
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # tensor-core convs want NHWC
-    forward = _compiled(model) if cfg.compile else model
+    check_batch(cfg.batch_size, world)
+    trained = ddp(model, world, device)  # gradients averaged over the ranks; the model itself when alone
+    forward = _compiled(trained) if cfg.compile else trained
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]  # BatchNorm and biases: no weight decay
     opt = torch.optim.SGD(
@@ -144,26 +150,28 @@ def fit(
         momentum=cfg.momentum,
         nesterov=True,
     )
-    steps_per_epoch = -(-len(data.train) // cfg.batch_size)
+    batch = cfg.batch_size // world.size
+    steps_per_epoch = -(-(len(data.train) // world.size) // batch)
     total, step = cfg.epochs * steps_per_epoch, 0
     # disable=None: no bar when stderr is not a terminal (logs stay readable)
     bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for epoch in range(cfg.epochs):
         for x, y in batches(
             data.train,
-            cfg.batch_size,
+            batch,
             shuffle=True,
             seed=seed * 1000 + epoch,
             augment=cfg.augment,
             hflip=data.hflip,
             device=device,
+            world=world,
         ):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, total, cfg)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, forward = _step_loss(forward, model, teacher, x, y, cfg)
+                loss, forward = _step_loss(forward, trained, teacher, x, y, cfg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)  # the weights stay float32: masks re-zero them exactly under every precision
@@ -175,6 +183,7 @@ def fit(
             if step % LOG_EVERY == 0 or step == total:  # reading the loss waits for the GPU: not every step
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
     bar.close()
+    sync_model_(model, world)  # BatchNorm statistics were gathered on each rank's own shard
     return model.eval()
 
 
