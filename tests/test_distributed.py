@@ -129,3 +129,33 @@ def test_a_job_killed_mid_run_leaves_no_corrupt_file_and_resumes(tmp_path):
                           timeout=300, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "reusing" in proc.stdout and json.loads((out / "results.json").read_text())["results"]
+
+
+def test_sync_batchnorm_is_refused_on_cpus_with_one_line():
+    from hybridprune.distributed import synced_batchnorm
+    from hybridprune.models import build_model
+
+    model = build_model("zoo:residual_net", image_size=16)
+    with pytest.raises(HybridPruneError, match="--sync-bn needs GPUs"):
+        with synced_batchnorm(model, World(rank=0, size=2), torch.device("cpu")):
+            pass
+
+
+def test_sync_batchnorm_layers_turn_back_into_the_original_types_sharing_their_tensors():
+    from torch import nn
+
+    from conftest import make_model
+    from hybridprune.distributed import _as_plain, _set_module
+
+    model = make_model("zoo:residual_net")
+    x = torch.rand(2, *model.input_shape)
+    before = model(x)
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert all(isinstance(synced.get_submodule(n), nn.SyncBatchNorm) for n in kinds)
+    tensors = {n: synced.get_submodule(n).running_mean.data_ptr() for n in kinds}
+    for name, kind in kinds.items():
+        _set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
+    assert {n: type(synced.get_submodule(n)) for n in kinds} == kinds
+    assert {n: synced.get_submodule(n).running_mean.data_ptr() for n in kinds} == tensors
+    torch.testing.assert_close(synced.eval()(x), before)

@@ -95,6 +95,9 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model for training (falls back where it fails)"
     )
+    p.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over every rank's batch"
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -306,6 +309,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             batch_size=getattr(args, "batch_size", TrainConfig.batch_size),
             precision=getattr(args, "precision", "auto"),
             compile=getattr(args, "compile", False),
+            sync_bn=getattr(args, "sync_bn", False),
         ),
         finetune=TrainConfig(
             epochs=getattr(args, "finetune_epochs", 0),
@@ -316,6 +320,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             batch_size=getattr(args, "batch_size", TrainConfig.batch_size),
             precision=getattr(args, "precision", "auto"),
             compile=getattr(args, "compile", False),
+            sync_bn=getattr(args, "sync_bn", False),
         ),
         prune=PruneConfig(
             metric=names[0],

@@ -81,6 +81,7 @@ class TrainConfig(_Dict):
     # auto: bf16 autocast on GPUs that have it, fp16 with a gradient scaler on other GPUs, fp32 on CPUs
     precision: str = "auto"
     compile: bool = False  # torch.compile the model for training; falls back to eager, with one line, where it fails
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over every rank's batch
 
     RANGES: ClassVar = {
         "epochs": (0, 100_000),

@@ -9,6 +9,8 @@ One process (no torchrun) is the default: `World()` with size 1, and nothing her
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -111,3 +113,36 @@ def ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:
             p.data = p.data.clone(memory_format=torch.contiguous_format)
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextmanager
+def synced_batchnorm(model: nn.Module, world: World, device: torch.device) -> Iterator[nn.Module]:
+    """Within the block, the model's BatchNorm layers are SyncBatchNorm (statistics over every rank's batch:
+    GPUs only, as in PyTorch); after it, the original layer types again, holding the trained tensors."""
+    if not world.active:
+        yield model
+        return
+    if device.type != "cuda":
+        raise HybridPruneError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); drop it on CPUs")
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    try:
+        yield synced
+    finally:
+        for name, kind in kinds.items():
+            _set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
+
+
+def _as_plain(bn: nn.Module, kind: type) -> nn.Module:
+    """A BatchNorm of `kind` sharing `bn`'s parameters and running statistics."""
+    plain = kind(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    plain.weight, plain.bias = bn.weight, bn.bias
+    if bn.track_running_stats:
+        plain.running_mean, plain.running_var = bn.running_mean, bn.running_var
+        plain.num_batches_tracked = bn.num_batches_tracked
+    return plain.train(bn.training)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import Dataset, ImageSet, batches
-from .distributed import World, check_batch, ddp, sync_model_
+from .distributed import World, check_batch, ddp, sync_model_, synced_batchnorm
 from .nm import apply_masks_
 
 
@@ -106,40 +107,20 @@ def _loss(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch
     return F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
 
 
-def fit(
+def _train(
     model: nn.Module,
     data: Dataset,
     cfg: TrainConfig,
     device: torch.device,
-    *,
-    seed: int = 0,
-    masks: dict[str, torch.Tensor] | None = None,
-    desc: str = "train",
-    progress: bool = True,
-    teacher: nn.Module | None = None,
-    world: World = World(),
-) -> nn.Module:
-    """Train in place; with `masks`, zeroed weights are re-zeroed after every optimizer step, so the
-    N:M pattern holds exactly throughout. With a `world` of several ranks (torchrun), each rank trains on
-    its shard of every epoch under DistributedDataParallel with `cfg.batch_size / ranks` images a step, and
-    the ranks end with identical weights and BatchNorm statistics.
-
-    Example:
-        >>> from hybridprune.data import load_dataset
-        >>> from hybridprune.models import build_model
-        >>> ds = load_dataset("digits")
-        >>> m = build_model("resnet20", in_channels=1, width=0.5)
-        >>> m = fit(m, ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)
-    """
-    if cfg.distill_weight > 0 and teacher is None:
-        raise ValueError("distillation needs a teacher model")
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
+    seed: int,
+    masks: dict[str, torch.Tensor] | None,
+    desc: str,
+    progress: bool,
+    teacher: nn.Module | None,
+    world: World,
+) -> None:
+    """The epochs of `fit`: one optimizer step per batch, masks re-applied after each."""
     autocast_dtype, scaler = _precision(cfg.precision, device)
-    model.to(device).train()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)  # tensor-core convs want NHWC
-    check_batch(cfg.batch_size, world)
     trained = ddp(model, world, device)  # gradients averaged over the ranks; the model itself when alone
     forward = _compiled(trained) if cfg.compile else trained
     decay = [p for p in model.parameters() if p.dim() > 1]
@@ -183,6 +164,44 @@ def fit(
             if step % LOG_EVERY == 0 or step == total:  # reading the loss waits for the GPU: not every step
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
     bar.close()
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    masks: dict[str, torch.Tensor] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    teacher: nn.Module | None = None,
+    world: World = World(),
+) -> nn.Module:
+    """Train in place; with `masks`, zeroed weights are re-zeroed after every optimizer step, so the
+    N:M pattern holds exactly throughout. With a `world` of several ranks (torchrun), each rank trains on
+    its shard of every epoch under DistributedDataParallel with `cfg.batch_size / ranks` images a step, and
+    the ranks end with identical weights and BatchNorm statistics.
+
+    Example:
+        >>> from hybridprune.data import load_dataset
+        >>> from hybridprune.models import build_model
+        >>> ds = load_dataset("digits")
+        >>> m = build_model("resnet20", in_channels=1, width=0.5)
+        >>> m = fit(m, ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)
+    """
+    if cfg.distill_weight > 0 and teacher is None:
+        raise ValueError("distillation needs a teacher model")
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    _precision(cfg.precision, device)  # refuse a precision the device lacks before any work
+    model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # tensor-core convs want NHWC
+    check_batch(cfg.batch_size, world)
+    with synced_batchnorm(model, world, device) if cfg.sync_bn else contextlib.nullcontext(model) as net:
+        _train(net, data, cfg, device, seed, masks, desc, progress, teacher, world)
     sync_model_(model, world)  # BatchNorm statistics were gathered on each rank's own shard
     return model.eval()
 
