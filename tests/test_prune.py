@@ -219,3 +219,37 @@ def test_iterative_pruning_spends_the_same_fine_tuning_epochs(monkeypatch, tmp_p
     args += ["--finetune-epochs", "3", "--prune-steps", "2", "--round-to", "4", "--metric", "l1", "--no-progress"]
     assert main([*args, "--batch-size", "32", "--out", str(tmp_path / "run")]) == 0
     assert epochs == [2, 1]  # after step 1, then the stage's own fine-tune: 3 in all, as with one step
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("target", [0.3, 0.6])
+def test_a_mac_target_is_met_within_one_rounding_step(zoo_model, allocation, target):
+    from hybridprune.stats import layer_macs
+
+    dense = sum(layer_macs(zoo_model).values())
+    cfg = PruneConfig(metric="l1", round_to=4, allocation=allocation, target_macs=target)
+    try:
+        plan = prune_filters_(zoo_model, cfg, [])
+    except HybridPruneError as e:  # a model too small to reach the target says so in one line
+        assert "cannot be reached" in str(e) and target == 0.3
+        return
+    macs = sum(layer_macs(zoo_model).values())
+    assert macs <= target * dense
+    step_up = max(g.original - g.kept for g in plan.groups)  # what one more rounding step per group could add
+    assert macs > 0.5 * target * dense or step_up == 0, (macs / dense, target)
+
+
+def test_global_allocation_prunes_the_groups_that_matter_less_more():
+    from hybridprune.allocate import counts_at
+
+    model = make_model("zoo:plain_net")
+    ctx = ScoringContext(model)
+    scores = score_filters("l1", ctx)
+    quiet = ctx.groups[1].name
+    scores[quiet] = scores[quiet] * torch.linspace(0.01, 1, len(scores[quiet]))  # spread: many weak channels
+    uniform = counts_at(0.4, "uniform", ctx.groups, scores, 4)
+    global_ = counts_at(0.4, "global", ctx.groups, scores, 4)
+    assert global_[quiet] < uniform[quiet]
+    assert sum(global_.values()) == pytest.approx(sum(uniform.values()), abs=3 * 4)
+    with pytest.raises(HybridPruneError, match="unknown allocation 'greedy'; valid: uniform, global"):
+        PruneConfig(allocation="greedy")

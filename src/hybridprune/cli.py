@@ -34,6 +34,7 @@ NUMERIC_FLAGS: dict[str, tuple[type, float, float]] = {
     "--threads": (int, 1, 1024),
     "--opset": (int, 13, 20),
     "--prune-steps": (int, 1, 20),
+    "--target-macs": (float, 0.01, 1.0),
     "--distill-weight": (float, 0.0, 1.0),
     "--distill-temperature": (float, 0.05, 100.0),
     "--check-images": (int, 1, 100_000),
@@ -201,6 +202,19 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
         help="remove the ratio in this many steps, rescoring and fine-tuning between them (same total epochs)",
     )
     p.add_argument(
+        "--allocation",
+        default=defaults.allocation,
+        choices=["uniform", "global"],
+        help="uniform: the same fraction of every channel group; global: one ranking of all channels "
+        "(scores normalised per group), so groups that matter less lose more",
+    )
+    p.add_argument(
+        "--target-macs",
+        type=float,
+        default=None,
+        help="instead of --filter-ratio: keep this fraction of the dense model's MACs (e.g. 0.36)",
+    )
+    p.add_argument(
         "--ignore",
         default="",
         help="comma-separated module names whose output channels are never pruned (the head never is)",
@@ -326,6 +340,8 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             metric=names[0],
             ignore=ignore,
             steps=getattr(args, "prune_steps", 1),
+            allocation=getattr(args, "allocation", "uniform"),
+            target_macs=getattr(args, "target_macs", None),
             **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)},
         ),
         metrics=names,

@@ -123,6 +123,8 @@ class PruneConfig(_Dict):
     bn_recalib_batches: int = 8
     ignore: tuple[str, ...] = ()
     steps: int = 1  # remove the ratio in this many steps, rescoring and fine-tuning in between
+    allocation: str = "uniform"  # uniform: the same fraction of every group; global: one ranking over all
+    target_macs: float | None = None  # instead of the ratio: keep this fraction of the dense model's MACs
 
     RANGES: ClassVar = {
         "round_to": (1, 4096),
@@ -130,12 +132,16 @@ class PruneConfig(_Dict):
         "calib_batch_size": (1, 65_536),
         "bn_recalib_batches": (0, 10_000),
         "steps": (1, 20),
+        "target_macs": (0.01, 1.0),
     }
 
     def __post_init__(self) -> None:
+        from .allocate import ALLOCATIONS
         from .metrics import METRICS
 
         self._check_fields()
+        if self.allocation not in ALLOCATIONS:
+            raise HybridPruneError(f"unknown allocation {self.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not all(isinstance(n, str) and n.strip() for n in self.ignore):
             raise HybridPruneError(f"ignore must list module names, got {list(self.ignore)}")

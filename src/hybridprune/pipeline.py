@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .allocate import counts_at, counts_for_target
 from .checkpoint import load_checkpoint, load_weights_, save_checkpoint
 from .config import DataConfig, PruneConfig, RunConfig
 from .data import Dataset, channel_stats, load_dataset
@@ -35,7 +36,7 @@ from .outputs import (
     write_json,
     written_files,
 )
-from .prune import FilterPlan, GroupPlan, apply_filter_plan_, kept_count, plan_filter_pruning, step_counts
+from .prune import FilterPlan, GroupPlan, apply_filter_plan_, plan_filter_pruning, step_counts
 from .stats import model_stats
 from .train import calibration_data, evaluate, fit, recalibrate_bn_
 
@@ -131,12 +132,15 @@ def prune_filters_(
 
     ctx = context()
     groups = {g.name: g for g in ctx.groups}
-    final = {n: kept_count(g.size, cfg.filter_ratio, cfg.round_to) for n, g in groups.items()}
+    scores = score_filters(cfg.metric, ctx)
+    final = _final_counts(model, ctx.groups, scores, cfg)
     alive = {n: list(range(g.size)) for n, g in groups.items()}  # original index of every channel left
     schedule = step_counts({n: g.size for n, g in groups.items()}, final, cfg.steps, cfg.round_to)
     for step, counts in enumerate(schedule, 1):
-        ctx = ctx if step == 1 else context()  # rescored on the weights as they are now
-        plan = plan_filter_pruning(score_filters(cfg.metric, ctx), cfg.filter_ratio, cfg.round_to, ctx.groups, counts)
+        if step > 1:  # rescored on the weights as they are now
+            ctx = context()
+            scores = score_filters(cfg.metric, ctx)
+        plan = plan_filter_pruning(scores, cfg.filter_ratio, cfg.round_to, ctx.groups, counts)
         plan = broadcast(plan, world)  # rank 0 decides
         apply_filter_plan_(model, plan)
         for g in plan.groups:
@@ -148,6 +152,16 @@ def prune_filters_(
         cfg.round_to,
         tuple(GroupPlan(n, g.size, tuple(alive[n]), tuple(p.name for p in g.producers)) for n, g in groups.items()),
     )
+
+
+def _final_counts(model: nn.Module, groups: list, scores: dict, cfg: PruneConfig) -> dict[str, int]:
+    """Channels each group keeps in the end: `cfg.allocation` at `cfg.filter_ratio`, or at `cfg.target_macs`."""
+    if cfg.target_macs is not None:
+        return counts_for_target(model, groups, scores, cfg.allocation, cfg.target_macs, cfg.round_to)
+    counts = counts_at(cfg.filter_ratio, cfg.allocation, groups, scores, cfg.round_to)
+    if cfg.allocation == "uniform":
+        plan_filter_pruning(scores, cfg.filter_ratio, cfg.round_to, groups)  # refuses a plan that prunes nothing
+    return counts
 
 
 def _ignored(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
