@@ -53,7 +53,7 @@ def _rank_worker(rank: int, size: int, port: int, folder: str) -> None:
     images = calibration_batches(data.train, 1, 16)
     prune_filters_(model, PruneConfig(metric="hybrid_output", filter_ratio=0.5, round_to=4), images, world=world)
     cfg = RunConfig(prune=PruneConfig(metric="hybrid"))
-    model, masks = _nm_copy(model, cfg, world)
+    model, masks, _ = _nm_copy(model, cfg, world)
     fit(model, data, TrainConfig(epochs=1, batch_size=16, lr=0.01), device, masks=masks, progress=False, world=world)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state |= {f"mask.{k}": v.to(torch.uint8) for k, v in masks.items()}

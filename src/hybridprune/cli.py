@@ -209,6 +209,11 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
         "(scores normalised per group), so groups that matter less lose more",
     )
     p.add_argument(
+        "--permute",
+        action="store_true",
+        help="before N:M pruning, reorder each channel group's channels so more magnitude survives (same function)",
+    )
+    p.add_argument(
         "--target-macs",
         type=float,
         default=None,
@@ -342,6 +347,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             steps=getattr(args, "prune_steps", 1),
             allocation=getattr(args, "allocation", "uniform"),
             target_macs=getattr(args, "target_macs", None),
+            permute=getattr(args, "permute", False),
             **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)},
         ),
         metrics=names,

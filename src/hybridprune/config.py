@@ -125,6 +125,7 @@ class PruneConfig(_Dict):
     steps: int = 1  # remove the ratio in this many steps, rescoring and fine-tuning in between
     allocation: str = "uniform"  # uniform: the same fraction of every group; global: one ranking over all
     target_macs: float | None = None  # instead of the ratio: keep this fraction of the dense model's MACs
+    permute: bool = False  # reorder channels before N:M so more weight magnitude survives (same function)
 
     RANGES: ClassVar = {
         "round_to": (1, 4096),

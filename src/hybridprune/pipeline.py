@@ -10,7 +10,7 @@ import contextlib
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from .outputs import (
     write_json,
     written_files,
 )
+from .permute import PermutationReport, permute_for_nm_
 from .prune import FilterPlan, GroupPlan, apply_filter_plan_, plan_filter_pruning, step_counts
 from .stats import model_stats
 from .train import calibration_data, evaluate, fit, recalibrate_bn_
@@ -321,7 +322,14 @@ class Job:
 
     def nm_only(self, dense: nn.Module) -> dict[str, Any]:
         """The 2:4-only model: dense width, N:M masks, fine-tuned the same way."""
-        return self._cached("nm", lambda: self.stage(*_nm_copy(dense, self.cfg, self.world), "nm", "fine-tune nm-only"))
+        return self._cached("nm", lambda: self._nm_stage(dense, "nm", "fine-tune nm-only"))
+
+    def _nm_stage(self, model: nn.Module, name: str, desc: str) -> dict[str, Any]:
+        nm_model, masks, permuted = _nm_copy(model, self.cfg, self.world)
+        result = self.stage(nm_model, masks, name, desc)
+        if permuted:  # the magnitude that survives N:M in each group's reading layers, before and after
+            result["permutation"] = [asdict(r) for r in permuted]
+        return result
 
     def metric(
         self, dense: nn.Module, metric: str, calibration: list[torch.Tensor], labels: list[torch.Tensor] | None = None
@@ -352,9 +360,7 @@ class Job:
         def hybrid_step() -> dict[str, Any]:
             # from the saved filter checkpoint, not from memory: a resumed run takes exactly the same path
             model = load_checkpoint(self.out / f"{metric}-filter.safetensors", self.cfg.model.name)[0]
-            return self.stage(
-                *_nm_copy(model.to(self.device), self.cfg, self.world), f"{metric}-hybrid", f"fine-tune {metric} hybrid"
-            )
+            return self._nm_stage(model.to(self.device), f"{metric}-hybrid", f"fine-tune {metric} hybrid")
 
         hybrid = self._cached(f"step-{metric}-hybrid", hybrid_step)
         return {"metric": metric, **first, "hybrid": hybrid, "checkpoint": hybrid["checkpoint"]}
@@ -379,10 +385,14 @@ def load_dense_checkpoint(path: str | Path, data: Dataset, user_model: str | Non
     return model
 
 
-def _nm_copy(model: nn.Module, cfg: RunConfig, world: World = World()) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+def _nm_copy(
+    model: nn.Module, cfg: RunConfig, world: World = World()
+) -> tuple[nn.Module, dict[str, torch.Tensor], list[PermutationReport]]:
+    """An N:M-pruned copy, its masks, and (with `cfg.prune.permute`) the channel permutations made first."""
     nm_model = copy.deepcopy(model)
+    permuted = permute_for_nm_(nm_model, cfg.prune.pattern, seed=cfg.seed) if cfg.prune.permute else []
     masks = broadcast(nm_prune_(nm_model, cfg.prune.pattern), world)  # rank 0's masks, on every rank
-    return apply_masks_(nm_model, masks), masks
+    return apply_masks_(nm_model, masks), masks, permuted
 
 
 def _read_json(path: Path) -> Any:
