@@ -269,3 +269,21 @@ def test_a_grid_over_a_residual_and_a_users_network(tmp_path):
     for row in rows.values():
         groups = json.loads(row["result"])["plan"]["groups"]
         assert groups and all(len(g["keep"]) < g["original"] for g in groups if g["original"] >= 8)
+
+
+def test_iso_accuracy_takes_the_cheapest_filter_only_model_of_the_same_accuracy():
+    from hybridprune.report import _interpolate_macs, iso_accuracy
+
+    # accuracy 85 is met twice on a non-monotone curve: between 100M and 60M, and between 40M and 20M
+    curve = [(90.0, 100.0), (80.0, 60.0), (86.0, 40.0), (84.0, 20.0)]
+    assert _interpolate_macs(curve, 85.0) == pytest.approx(30.0)
+    assert _interpolate_macs(curve, 95.0) is None
+    rows = [
+        {"dataset": "d", "model": "m", "width": 1.0, "metric": "hybrid", "ratio": ratio, "filter_accuracy": fa,
+         "hybrid_accuracy": ha, "macs": hm, "effective_macs": hm / 2, "result": json.dumps({"filter": {"macs": fm}})}
+        for ratio, fa, fm, ha, hm in [(0.2, 90.0, 100.0, 89.0, 100.0), (0.6, 80.0, 50.0, 85.0, 50.0)]
+    ]  # fmt: skip
+    first, second = iso_accuracy(rows)
+    assert first["filter_macs_same_accuracy"] == pytest.approx(95.0) and first["macs_ratio"] == pytest.approx(0.95)
+    assert second["filter_macs_same_accuracy"] == pytest.approx(75.0)  # 85% costs a filter-only model 75 MACs ...
+    assert second["effective_macs_ratio"] == pytest.approx(3.0)  # ... 3x the hybrid model's 25 effective MACs

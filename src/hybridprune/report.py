@@ -252,6 +252,60 @@ def paired_differences(rows: list[dict[str, Any]], column: str, metric: str, bas
     return out
 
 
+def iso_accuracy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each hybrid point (a metric at a ratio, mean over seeds), the filter-only model of the same accuracy,
+    found by linear interpolation between the filter-only points of the other ratios, and how many times more
+    MACs it needs than the hybrid model (counting the hybrid's N:M layers in full, and at N/M).
+
+    Example:
+        >>> r = lambda ratio, fa, fm, ha: {"dataset": "d", "model": "m", "width": 1.0, "metric": "l1", "ratio": ratio,
+        ...     "filter_accuracy": fa, "hybrid_accuracy": ha, "macs": fm, "effective_macs": fm / 2,
+        ...     "result": '{"filter": {"macs": %d}}' % fm}
+        >>> [p["filter_macs_same_accuracy"] for p in iso_accuracy([r(0.2, 90, 80, 88), r(0.6, 80, 40, 75)])]
+        [72.0, None]
+    """
+    import json
+
+    setups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        setups.setdefault((row["dataset"], row["model"], row["width"], row["metric"]), []).append(row)
+    points = []
+    for (dataset, model, width, metric), group in sorted(setups.items()):
+        by_ratio: dict[float, list[dict[str, Any]]] = {}
+        for row in group:
+            by_ratio.setdefault(row["ratio"], []).append(row)
+
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values)
+
+        curve = [
+            (mean([r["filter_accuracy"] for r in rs]), mean([json.loads(r["result"])["filter"]["macs"] for r in rs]))
+            for _, rs in sorted(by_ratio.items())
+        ]
+        for ratio, rs in sorted(by_ratio.items()):
+            accuracy, macs = mean([r["hybrid_accuracy"] for r in rs]), mean([r["macs"] for r in rs])
+            effective = mean([r["effective_macs"] for r in rs])
+            same = _interpolate_macs(curve, accuracy)
+            points.append({
+                "dataset": dataset, "model": model, "width": width, "metric": metric, "ratio": ratio,
+                "hybrid_accuracy": accuracy, "hybrid_macs": macs, "hybrid_effective_macs": effective,
+                "filter_macs_same_accuracy": same,
+                "macs_ratio": None if same is None else same / macs,
+                "effective_macs_ratio": None if same is None else same / effective,
+            })  # fmt: skip
+    return points
+
+
+def _interpolate_macs(curve: list[tuple[float, float]], accuracy: float) -> float | None:
+    """MACs of the cheapest filter-only model of `accuracy` on the (accuracy, MACs) curve; None outside it."""
+    found = None
+    for (a1, m1), (a2, m2) in zip(curve, curve[1:], strict=False):
+        if min(a1, a2) <= accuracy <= max(a1, a2):
+            m = m1 if a1 == a2 else m1 + (accuracy - a1) * (m2 - m1) / (a2 - a1)
+            found = m if found is None else min(found, m)
+    return found
+
+
 def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: list[str] | None = None) -> list[Path]:
     """Markdown and CSV tables, paired differences, and PNG plots from store rows."""
     import csv
@@ -294,6 +348,43 @@ def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: 
                     for d in diffs
                 ],
             ),
+            "",
+        ]
+    iso = [p for p in iso_accuracy(rows) if p["filter_macs_same_accuracy"] is not None] if _has_results(rows) else []
+    if iso:
+        md += [
+            "## Iso-accuracy: the filter-only model of the same accuracy as each hybrid model",
+            "",
+            "Filter-only MACs at the hybrid model's accuracy, interpolated linearly between the filter-only models",
+            "of neighbouring ratios (same metric, mean over seeds); the ratios say how many times more MACs it needs",
+            "than the hybrid model, counting the hybrid's 2:4 layers in full (MACs) or at half (effective MACs).",
+            "Hybrid points outside the range of the filter-only accuracies are left out.",
+            "",
+            markdown_table(
+                [
+                    "dataset",
+                    "model",
+                    "metric",
+                    "ratio",
+                    "hybrid acc.",
+                    "filter-only MACs at that acc.",
+                    "x hybrid MACs",
+                    "x hybrid effective MACs",
+                ],
+                [
+                    [
+                        dataset_label(p["dataset"]),
+                        f"{p['model']} w{p['width']:g}",
+                        p["metric"],
+                        f"{p['ratio']:g}",
+                        f"{p['hybrid_accuracy']:.2f}",
+                        f"{p['filter_macs_same_accuracy'] / 1e6:.2f}M",
+                        f"{p['macs_ratio']:.2f}x",
+                        f"{p['effective_macs_ratio']:.2f}x",
+                    ]
+                    for p in iso
+                ],
+            ),  # fmt: skip
             "",
         ]
     written += _plots(rows, out, bench_files or [])
@@ -375,6 +466,16 @@ def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _has_results(rows: list[dict[str, Any]]) -> bool:
+    """Rows written by a grid carry their full result (with the filter stage's MACs); hand-made rows may not."""
+    import json
+
+    try:
+        return all(json.loads(r["result"])["filter"]["macs"] > 0 for r in rows)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def dataset_label(name: str) -> str:
