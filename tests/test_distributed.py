@@ -145,7 +145,8 @@ def test_sync_batchnorm_layers_turn_back_into_the_original_types_sharing_their_t
     from torch import nn
 
     from conftest import make_model
-    from hybridprune.distributed import _as_plain, _set_module
+    from hybridprune.distributed import _as_plain
+    from hybridprune.graph import set_module
 
     model = make_model("zoo:residual_net")
     x = torch.rand(2, *model.input_shape)
@@ -155,7 +156,7 @@ def test_sync_batchnorm_layers_turn_back_into_the_original_types_sharing_their_t
     assert all(isinstance(synced.get_submodule(n), nn.SyncBatchNorm) for n in kinds)
     tensors = {n: synced.get_submodule(n).running_mean.data_ptr() for n in kinds}
     for name, kind in kinds.items():
-        _set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
+        set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
     assert {n: type(synced.get_submodule(n)) for n in kinds} == kinds
     assert {n: synced.get_submodule(n).running_mean.data_ptr() for n in kinds} == tensors
     torch.testing.assert_close(synced.eval()(x), before)

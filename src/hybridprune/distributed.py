@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import HybridPruneError
+from .graph import set_module
 
 T = TypeVar("T")
 
@@ -130,7 +131,7 @@ def synced_batchnorm(model: nn.Module, world: World, device: torch.device) -> It
         yield synced
     finally:
         for name, kind in kinds.items():
-            _set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
+            set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
 
 
 def _as_plain(bn: nn.Module, kind: type) -> nn.Module:
@@ -141,8 +142,3 @@ def _as_plain(bn: nn.Module, kind: type) -> nn.Module:
         plain.running_mean, plain.running_var = bn.running_mean, bn.running_var
         plain.num_batches_tracked = bn.num_batches_tracked
     return plain.train(bn.training)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -114,6 +114,12 @@ def channel_groups(model: nn.Module, graph: tp.DependencyGraph, ignore: tuple[st
     return sorted(groups, key=lambda g: order.get(g.name, len(order)))
 
 
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at a dotted name."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def _within(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 

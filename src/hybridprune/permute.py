@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from .errors import HybridPruneError
@@ -65,11 +66,16 @@ def _reindex(member: torch.Tensor, root: torch.Tensor, perm: torch.Tensor, size:
     return src
 
 
-@torch.no_grad()
-def _apply(model: nn.Module, group: ChannelGroup, perm: torch.Tensor) -> None:
-    graph = dependency_graph(model)
+def _items(graph: tp.DependencyGraph, model: nn.Module, group: ChannelGroup) -> list:
+    """Torch-Pruning's items of a group: every member, its handler, and its indices of the group's channels."""
     root = model.get_submodule(group.name)
-    items = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, list(range(group.size)))
+    return list(
+        graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, list(range(group.size)))
+    )
+
+
+@torch.no_grad()
+def _apply(graph: tp.DependencyGraph, items: list, group: ChannelGroup, perm: torch.Tensor) -> None:
     for item in items:
         module, out = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
         if not isinstance(module, nn.Module) or not [*module.parameters(False), *module.buffers(False)]:
@@ -100,27 +106,26 @@ def permute_for_nm_(
         True
     """
     eligible = eligible_layers(model, pattern)
+    graph = dependency_graph(model)  # one graph for every group: a permutation changes no shape
     reports = []
-    for group in channel_groups(model, dependency_graph(model)):
-        readers = [n for n in _readers(model, group) if n in eligible]
+    for group in channel_groups(model, graph):
+        items = _items(graph, model, group)
+        readers = [n for n in _readers(graph, model, items, group) if n in eligible]
         weights = [model.get_submodule(n).weight.detach() for n in readers]
         if not weights:
             continue
         before = _kept(weights, pattern)
         perm = _search([w.cpu() for w in weights], pattern, tries_per_channel * group.size, seed)
         if not torch.equal(perm, torch.arange(group.size)):
-            _apply(model, group, perm)
+            _apply(graph, items, group, perm)
         after = _kept([model.get_submodule(n).weight.detach() for n in readers], pattern)
         reports.append(PermutationReport(group.name, tuple(readers), before, after))
     return reports
 
 
-def _readers(model: nn.Module, group: ChannelGroup) -> list[str]:
+def _readers(graph: tp.DependencyGraph, model: nn.Module, items: list, group: ChannelGroup) -> list[str]:
     """Convs (groups=1) whose input channels are exactly this group's, so their M-groups are group channels."""
-    graph = dependency_graph(model)
     names = {m: n for n, m in model.named_modules()}
-    root = model.get_submodule(group.name)
-    items = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, list(range(group.size)))
     return [
         names[item.dep.target.module]
         for item in items

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HybridPruneError
-from .graph import dependency_graph, followers, sole_consumer
+from .graph import dependency_graph, followers, set_module, sole_consumer
 from .nm import NMPattern, nm_eligibility, satisfies_nm
 from .timing import median_ms
 
@@ -159,8 +159,8 @@ def fold_batchnorm_(model: nn.Module) -> nn.Module:
         fused = copy.deepcopy(conv)
         fused.weight = nn.Parameter(weight)
         fused.bias = nn.Parameter(bias)
-        _set_module(model, conv_name, fused)
-        _set_module(model, bn_name, nn.Identity())
+        set_module(model, conv_name, fused)
+        set_module(model, bn_name, nn.Identity())
     return model
 
 
@@ -302,7 +302,7 @@ def _convert_layer(
         return info
     if choose == "gemm":
         if is_conv:
-            _set_module(model, name, GemmConv2d.from_conv(module))
+            set_module(model, name, GemmConv2d.from_conv(module))
             info.kernel = "gemm"
         return info
     info.reason = kernel_ineligibility(tuple(w2d.shape), backend, dtype, pattern)
@@ -315,7 +315,7 @@ def _convert_layer(
         if info.sparse_ms >= info.dense_ms:
             info.reason = f"dense measured faster ({info.dense_ms:.3f} vs {info.sparse_ms:.3f} ms)"
             return info
-    _set_module(model, name, sparse)
+    set_module(model, name, sparse)
     info.kernel = "sparse"
     return info
 
@@ -336,11 +336,6 @@ def _sparse_module(module: nn.Module, backend: str | None) -> nn.Module:
     linear = copy.deepcopy(module)
     linear.weight = nn.Parameter(_to_sparse(linear.weight.data, backend), requires_grad=False)
     return linear
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 @torch.no_grad()
