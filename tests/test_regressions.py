@@ -125,3 +125,31 @@ def test_a_tampered_run_config_is_one_line_on_resume(dense, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json is not readable JSON" in err[0]
     load_checkpoint(out / "l1-hybrid.safetensors")  # the finished work is still there
+
+
+def test_augmented_gray_batches_have_standard_strides():
+    from hybridprune.data import ImageSet, batches
+
+    images = ImageSet(torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8), torch.zeros(10, dtype=torch.long), 2)
+    for x, _ in batches(images, 4, shuffle=True, augment=True):
+        assert x.stride() == torch.empty(x.shape).stride()  # oneDNN convs corrupt memory on odd strides
+
+
+def test_training_a_residual_net_on_gray_images_at_an_odd_batch_size_does_not_crash():
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from hybridprune.data import load_dataset
+from hybridprune.models import build_model
+from hybridprune.config import TrainConfig
+from hybridprune.train import fit
+ds = load_dataset("digits")
+ds = type(ds)(ds.name, ds.train.subset(350, 0), ds.test, ds.hflip)
+fit(build_model("resnet20", in_channels=1, width=0.5), ds, TrainConfig(epochs=1, batch_size=35), torch.device("cpu"),
+    progress=False)
+print("trained")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-500:]  # was SIGSEGV / double free

@@ -510,4 +510,7 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     rows = (torch.arange(h, device=x.device)[None] + dy[:, None])[:, :, None]  # [N, H, 1]
     cols = (torch.arange(w, device=x.device)[None] + dx[:, None])[:, None, :]  # [N, 1, W]
     batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    shifted = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    # clone, not .contiguous(): with one channel the permuted view already counts as contiguous but keeps an odd
+    # stride on the channel dim, and oneDNN's CPU convolutions corrupt memory on such inputs (torch 2.14)
+    return shifted.clone(memory_format=torch.contiguous_format)
