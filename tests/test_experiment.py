@@ -86,9 +86,10 @@ def test_ray_backend_with_a_local_instance(tmp_path):
     assert len(store.rows()) == 1
 
 
-def _row(metric, ratio, seed, acc, dataset="cifar10"):
+def _row(metric, ratio, seed, acc, dataset="cifar10", recipe="plain"):
     return {c: None for c in experiment.ROW_COLUMNS} | {
-        "key": f"{dataset}-{metric}-{ratio}-{seed}",
+        "key": f"{dataset}-{metric}-{recipe}-{ratio}-{seed}",
+        "recipe": recipe,
         "experiment": "fixture",
         "dataset": dataset,
         "model": "alexnet",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from .errors import HybridPruneError
@@ -227,6 +227,7 @@ class RunConfig(_Dict):
     metrics: tuple[str, ...] = DEFAULT_METRICS
     seed: int = 0
     filter_finetune: bool = True  # fine-tune between filter pruning and N:M pruning (the paper does)
+    recipe: str = "plain"  # the name of the recovery recipe these settings came from (a label only)
 
     RANGES: ClassVar = {"seed": (0, 2**32 - 1)}
 
@@ -235,6 +236,7 @@ class RunConfig(_Dict):
 
         self._check_fields()
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        check_recipe_name(self.recipe)
         if not self.metrics:
             raise HybridPruneError("give at least one metric")
         for m in self.metrics:
@@ -249,10 +251,68 @@ class RunConfig(_Dict):
             "finetune": TrainConfig,
             "prune": PruneConfig,
         }
-        unknown = sorted(set(values) - set(parts) - {"metrics", "seed", "filter_finetune"})
+        unknown = sorted(set(values) - set(parts) - {"metrics", "seed", "filter_finetune", "recipe"})
         if unknown:
             raise HybridPruneError(f"unknown RunConfig key(s) {', '.join(unknown)}")
         kwargs = {k: parts[k].from_dict(v) for k, v in values.items() if k in parts}
         if "metrics" in values:
             kwargs["metrics"] = tuple(values["metrics"])
-        return cls(**kwargs, seed=values.get("seed", 0), filter_finetune=values.get("filter_finetune", True))
+        return cls(
+            **kwargs,
+            seed=values.get("seed", 0),
+            filter_finetune=values.get("filter_finetune", True),
+            recipe=values.get("recipe", "plain"),
+        )
+
+    def with_recipe(self, name: str, recipe: dict[str, Any] | None = None) -> RunConfig:
+        """These settings with a recipe's overrides (a named one from RECIPES, or `recipe` itself) applied.
+
+        Example:
+            >>> cfg = RunConfig().with_recipe("distill", {"finetune": {"distill_weight": 0.9}})
+            >>> cfg.recipe, cfg.finetune.distill_weight, cfg.finetune.epochs
+            ('distill', 0.9, 3)
+        """
+        recipe = check_recipe(name, RECIPES[name] if recipe is None and name in RECIPES else recipe)
+        prune = PruneConfig.from_dict({**self.prune.to_dict(), **recipe.get("prune", {})})
+        finetune = TrainConfig.from_dict({**self.finetune.to_dict(), **recipe.get("finetune", {})})
+        return replace(self, prune=prune, finetune=finetune, recipe=name)
+
+
+# Recovery recipes: named overrides of the pruning and fine-tuning settings, with the total fine-tuning
+# epochs unchanged (so a recipe is compared with plain fine-tuning at the same cost in epochs). `best` is
+# the combination measured best on CIFAR-10 (docs/results/recipes-cifar10/).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "plain": {},
+    "distill": {"finetune": {"distill_weight": 0.9}},
+    "steps2": {"prune": {"steps": 2}},
+    "global": {"prune": {"allocation": "global"}},
+    "sensitivity": {"prune": {"allocation": "sensitivity"}},
+    "permute": {"prune": {"permute": True}},
+    "best": {"finetune": {"distill_weight": 0.9}, "prune": {"steps": 2, "permute": True}},
+}
+_RECIPE_PARTS = {"prune": PruneConfig, "finetune": TrainConfig}
+
+
+def check_recipe_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or not all(c.isalnum() or c in "-_." for c in name):
+        raise HybridPruneError(f"a recipe name must be a word of letters, digits, - _ or ., got {name!r}")
+    return name
+
+
+def check_recipe(name: str, recipe: Any) -> dict[str, dict[str, Any]]:
+    """A recipe is a mapping with `prune` and/or `finetune` settings; the metric and ratio are not its to set."""
+    check_recipe_name(name)
+    if recipe is None:
+        raise HybridPruneError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    if not isinstance(recipe, dict) or set(recipe) - set(_RECIPE_PARTS):
+        raise HybridPruneError(f"recipe {name} must map prune and/or finetune to settings, got {recipe!r}")
+    for part, settings in recipe.items():
+        if not isinstance(settings, dict):
+            raise HybridPruneError(f"recipe {name}: {part} must be a mapping of settings, got {settings!r}")
+        bad = sorted(set(settings) & {"metric", "filter_ratio", "epochs"})
+        if bad:
+            raise HybridPruneError(
+                f"recipe {name}: {part}.{bad[0]} is not a recipe's to set (it would change the comparison)"
+            )
+        _RECIPE_PARTS[part].from_dict({**_RECIPE_PARTS[part]().to_dict(), **settings})  # validates now
+    return recipe

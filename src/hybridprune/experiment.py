@@ -28,12 +28,22 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import DEFAULT_FINETUNE, DEFAULT_METRICS, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+from .config import (
+    DEFAULT_FINETUNE,
+    DEFAULT_METRICS,
+    RECIPES,
+    DataConfig,
+    ModelConfig,
+    PruneConfig,
+    RunConfig,
+    TrainConfig,
+    check_recipe,
+)
 from .errors import HybridPruneError
 from .metrics import METRICS
 from .prune import validate_ratio
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2 added the recipe column; a version-1 store is upgraded in place (its runs: plain)
 GRID_KEYS = {
     "name",
     "datasets",
@@ -45,6 +55,7 @@ GRID_KEYS = {
     "finetune",
     "prune",
     "filter_finetune",
+    "recipes",
     "description",
 }
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -67,12 +78,16 @@ class Grid:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01, warmup=0.0))
     prune: dict[str, Any] = field(default_factory=dict)
     filter_finetune: bool = True
+    # recovery recipes (name -> overrides, see config.RECIPES), one more axis of the grid
+    recipes: tuple[tuple[str, dict[str, Any]], ...] = (("plain", {}),)
 
     def runs(self) -> list[RunConfig]:
         """Every grid point as a one-metric RunConfig."""
         return [
-            self._run(d, m, metric, ratio, seed)
-            for d, m, seed, ratio, metric in product(self.datasets, self.models, self.seeds, self.ratios, self.metrics)
+            self._run(d, m, metric, ratio, seed).with_recipe(name, recipe)
+            for d, m, seed, (name, recipe), ratio, metric in product(
+                self.datasets, self.models, self.seeds, self.recipes, self.ratios, self.metrics
+            )
         ]
 
     def _run(self, data: DataConfig, model: ModelConfig, metric: str, ratio: float, seed: int) -> RunConfig:
@@ -135,6 +150,22 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
         TrainConfig.from_dict(finetune),
         prune,
         _flag(raw, "filter_finetune", True),
+        _recipes(raw),
+    )
+
+
+def _recipes(raw: dict[str, Any]) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """The recipes axis: a list of named recipes (config.RECIPES), or a mapping of names to overrides."""
+    value = raw.get("recipes", ["plain"])
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = {name: RECIPES.get(name) for name in value}
+    if not isinstance(value, dict) or not value:
+        raise HybridPruneError(
+            f"recipes must be a non-empty list of names ({', '.join(RECIPES)}) or a mapping of names to "
+            f"prune/finetune settings, got {value!r}"
+        )
+    return tuple(
+        (name, check_recipe(name, (recipe or {}) if name in RECIPES else recipe)) for name, recipe in value.items()
     )
 
 
@@ -201,7 +232,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY, experiment TEXT NOT NULL, dataset TEXT NOT NULL, model TEXT NOT NULL,
-    width REAL NOT NULL, metric TEXT NOT NULL, ratio REAL NOT NULL, seed INTEGER NOT NULL,
+    width REAL NOT NULL, metric TEXT NOT NULL, recipe TEXT NOT NULL DEFAULT 'plain', ratio REAL NOT NULL,
+    seed INTEGER NOT NULL,
     dense_accuracy REAL, filter_oneshot_raw REAL, filter_oneshot REAL, filter_accuracy REAL,
     hybrid_oneshot_raw REAL, hybrid_oneshot REAL, hybrid_accuracy REAL,
     params INTEGER, nonzero_params INTEGER, macs INTEGER, effective_macs INTEGER,
@@ -215,6 +247,7 @@ ROW_COLUMNS = (
     "model",
     "width",
     "metric",
+    "recipe",
     "ratio",
     "seed",
     "dense_accuracy",
@@ -264,12 +297,21 @@ class Store:
                 row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
         except sqlite3.DatabaseError as e:
             raise HybridPruneError(f"{self.path} is not a hybridprune store ({e}); it was left untouched") from None
+        if row is not None and row[0] == "1":
+            self._upgrade_from_v1()
+            return
         if row is None or row[0] != str(STORE_VERSION):
             found = row[0] if row else "none"
             raise HybridPruneError(
                 f"{self.path} was written by store version {found}; this hybridprune reads "
                 f"version {STORE_VERSION}; it was left untouched"
             )
+
+    def _upgrade_from_v1(self) -> None:
+        """Version 1 had no recipes: every run in it was plain fine-tuning. One transaction."""
+        with self._connect() as db:
+            db.execute("ALTER TABLE runs ADD COLUMN recipe TEXT NOT NULL DEFAULT 'plain'")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(STORE_VERSION),))
 
     def finished_keys(self) -> set[str]:
         with self._connect() as db:
@@ -287,7 +329,9 @@ class Store:
     def rows(self) -> list[dict[str, Any]]:
         with self._connect() as db:
             db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY dataset, model, metric, ratio, seed")]
+            return [
+                dict(r) for r in db.execute("SELECT * FROM runs ORDER BY dataset, model, metric, recipe, ratio, seed")
+            ]
 
 
 # --- executing runs -----------------------------------------------------------------------------------
@@ -356,6 +400,7 @@ def _row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: dic
         "model": cfg.model.name,
         "width": 1.0 if cfg.model.width is None else cfg.model.width,  # 1.0: the model's own widths
         "metric": cfg.prune.metric,
+        "recipe": cfg.recipe,
         "ratio": cfg.prune.filter_ratio,
         "seed": cfg.seed,
         "dense_accuracy": dense["accuracy"],
@@ -521,6 +566,6 @@ def pending_summary(grid: Grid, store: Store) -> Iterable[str]:
     finished = store.finished_keys()
     for cfg in grid.runs():
         yield (
-            f"{'done' if run_key(cfg) in finished else 'todo'} {cfg.data.dataset} {cfg.prune.metric} "
+            f"{'done' if run_key(cfg) in finished else 'todo'} {cfg.data.dataset} {cfg.prune.metric} {cfg.recipe} "
             f"{cfg.prune.filter_ratio} seed {cfg.seed}"
         )

@@ -172,11 +172,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def run_label(row: dict[str, Any]) -> str:
+    """A run's metric, and its recovery recipe unless that is plain fine-tuning: `hybrid`, `hybrid+distill`."""
+    recipe = row.get("recipe", "plain")
+    return row["metric"] if recipe == "plain" else f"{row['metric']}+{recipe}"
+
+
 def group_rows(rows: list[dict[str, Any]], column: str) -> dict[tuple, dict[int, float]]:
-    """(dataset, model, width, metric, ratio) -> {seed: value}."""
+    """(dataset, model, width, metric[+recipe], ratio) -> {seed: value}."""
     groups: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        key = (r["dataset"], r["model"], r["width"], r["metric"], r["ratio"])
+        key = (r["dataset"], r["model"], r["width"], run_label(r), r["ratio"])
         groups.setdefault(key, {})[r["seed"]] = r[column]
     return groups
 
@@ -209,9 +215,10 @@ def dense_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(["dataset", "model", "dense accuracy"], body)
 
 
-def _metric_order(metric: str) -> tuple[int, str]:
+def _metric_order(label: str) -> tuple[int, str]:
     order = ["l1", "l2", "output_l1", "fpgm", "taylor", "hybrid", "hybrid_output", "random"]
-    return (order.index(metric) if metric in order else len(order), metric)
+    metric = label.split("+")[0]
+    return (order.index(metric) if metric in order else len(order), label)
 
 
 def paired_differences(rows: list[dict[str, Any]], column: str, metric: str, baseline: str) -> list[dict[str, Any]]:
@@ -252,6 +259,49 @@ def paired_differences(rows: list[dict[str, Any]], column: str, metric: str, bas
     return out
 
 
+def recipe_comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each recovery recipe against plain fine-tuning of the same metric, ratio and seeds: the final (filter +
+    N:M, fine-tuned) accuracy, its gap to the dense model, the paired difference with a t-test, and the wall
+    time as a multiple of plain's.
+
+    Example:
+        >>> r = lambda recipe, seed, acc, wall: {"dataset": "d", "model": "m", "width": 1.0, "metric": "l1",
+        ...     "recipe": recipe, "ratio": 0.4, "seed": seed, "hybrid_accuracy": acc, "dense_accuracy": 90.0,
+        ...     "wall_time_s": wall}
+        >>> rows = [r("plain", 0, 80, 10), r("plain", 1, 82, 10), r("kd", 0, 83, 15), r("kd", 1, 84, 15)]
+        >>> [c] = recipe_comparison(rows)
+        >>> c["recipe"], c["mean_diff"], c["gap_to_dense"], c["time_ratio"]
+        ('kd', 2.5, -6.5, 1.5)
+    """
+    plain = [r for r in rows if r.get("recipe", "plain") == "plain"]
+    out = []
+    for recipe in sorted({r.get("recipe", "plain") for r in rows} - {"plain"}):
+        chosen = [r for r in rows if r.get("recipe") == recipe]
+        for metric in sorted({r["metric"] for r in chosen}):
+            label = f"{metric}+{recipe}"
+            for d in paired_differences(plain + chosen, "hybrid_accuracy", label, metric):
+                where = (d["dataset"], d["model"], d["width"], d["ratio"], metric)
+                mine = [r for r in chosen if _setup(r) == where]
+                base = [r for r in plain if _setup(r) == where]
+                accuracy, std = mean_std([r["hybrid_accuracy"] for r in mine])
+                dense = mean_std([r["dense_accuracy"] for r in mine])[0]
+                out.append({
+                    **d, "recipe": recipe, "metric": metric, "accuracy": accuracy, "std": std,
+                    "plain_accuracy": mean_std([r["hybrid_accuracy"] for r in base])[0],
+                    "gap_to_dense": accuracy - dense,
+                    "time_ratio": _mean_wall(mine) / _mean_wall(base) if _mean_wall(base) > 0 else float("nan"),
+                })  # fmt: skip
+    return out
+
+
+def _setup(row: dict[str, Any]) -> tuple:
+    return row["dataset"], row["model"], row["width"], row["ratio"], row["metric"]
+
+
+def _mean_wall(rows: list[dict[str, Any]]) -> float:
+    return sum(r["wall_time_s"] for r in rows) / len(rows)
+
+
 def iso_accuracy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each hybrid point (a metric at a ratio, mean over seeds), the filter-only model of the same accuracy,
     found by linear interpolation between the filter-only points of the other ratios, and how many times more
@@ -268,7 +318,7 @@ def iso_accuracy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     setups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        setups.setdefault((row["dataset"], row["model"], row["width"], row["metric"]), []).append(row)
+        setups.setdefault((row["dataset"], row["model"], row["width"], run_label(row)), []).append(row)
     points = []
     for (dataset, model, width, metric), group in sorted(setups.items()):
         by_ratio: dict[float, list[dict[str, Any]]] = {}
@@ -346,6 +396,33 @@ def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: 
                         "n/a" if d["p_value"] != d["p_value"] else f"{d['p_value']:.3f}",
                     ]
                     for d in diffs
+                ],
+            ),
+            "",
+        ]
+    recipes = recipe_comparison(rows)
+    if recipes:
+        md += [
+            "## Recovery recipes against plain fine-tuning (filter + N:M, fine-tuned), paired by seed",
+            "",
+            "Each recipe keeps the total fine-tuning epochs; time is the run's wall time over plain's (same machine).",
+            "",
+            markdown_table(
+                ["dataset", "model", "ratio", "recipe", "accuracy", "- dense", "- plain (paired)", "n", "p", "time"],
+                [
+                    [
+                        dataset_label(c["dataset"]),
+                        f"{c['model']} w{c['width']:g}",
+                        f"{c['ratio']:g}",
+                        f"{c['metric']}+{c['recipe']}",
+                        f"{c['accuracy']:.2f} ± {c['std']:.2f}",
+                        f"{c['gap_to_dense']:+.2f}",
+                        f"{c['mean_diff']:+.2f} ± {c['std_diff']:.2f}",
+                        str(c["n"]),
+                        "n/a" if c["p_value"] != c["p_value"] else f"{c['p_value']:.3f}",
+                        f"{c['time_ratio']:.2f}x",
+                    ]
+                    for c in recipes
                 ],
             ),
             "",
