@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from hybridprune.checkpoint import load_checkpoint
-from hybridprune.cli import main
+from hybridprune.cli import _run_config, build_parser, main
+from hybridprune.config import RECIPES
 from hybridprune.models import build_model
 from hybridprune.nm import satisfies_nm
 
@@ -124,3 +125,17 @@ def test_run_with_distillation_records_the_loss_it_used(tmp_path):
     assert result["config"]["finetune"]["distill_weight"] == 0.9
     for stage in (result["results"][0]["filter"], result["results"][0]["hybrid"], result["nm"]):
         assert stage["finetune_loss"] == "0.1 * CE + 0.9 * T^2 * KL(dense teacher), T=2"
+
+
+def test_a_recipe_sets_its_options_and_explicit_flags_win(tmp_path):
+    out = tmp_path / "best"
+    args = ["run", *SMALL, "--model", "zoo:residual_net", "--metric", "l1", "--recipe", "best", "--no-permute"]
+    assert main([*args, "--allocation", "sensitivity", "--out", str(out)]) == 0
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    best = RECIPES["best"]
+    assert cfg["recipe"] == "best"
+    assert cfg["finetune"]["distill_weight"] == best["finetune"].get("distill_weight", 0.0)
+    assert cfg["prune"]["steps"] == best["prune"].get("steps", 1)
+    assert cfg["prune"]["permute"] is False and cfg["prune"]["allocation"] == "sensitivity"  # given: they win
+    plain = _run_config(build_parser().parse_args(["run", "--distill-weight", "0.5"]), None, "digits")
+    assert plain.finetune.distill_weight == 0.0 and plain.prune.steps == 1 and not plain.prune.permute  # no --distill

@@ -221,15 +221,26 @@ def test_iterative_pruning_spends_the_same_fine_tuning_epochs(monkeypatch, tmp_p
     assert epochs == [2, 1]  # after step 1, then the stage's own fine-tune: 3 in all, as with one step
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def _self_labelled(model: nn.Module, batches: int = 2) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Random images labelled with the model's own predictions: its accuracy starts at 100%, and a drop
+    measures how much pruning changes its answers."""
+    torch.manual_seed(0)
+    images = [torch.randn(32, *model.input_shape) for _ in range(batches)]
+    with torch.no_grad():
+        labels = [model.eval()(x).argmax(1) for x in images]
+    return images, labels
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
 @pytest.mark.parametrize("target", [0.3, 0.6])
 def test_a_mac_target_is_met_within_one_rounding_step(zoo_model, allocation, target):
     from hybridprune.stats import layer_macs
 
     dense = sum(layer_macs(zoo_model).values())
     cfg = PruneConfig(metric="l1", round_to=4, allocation=allocation, target_macs=target)
+    images, labels = _self_labelled(zoo_model)
     try:
-        plan = prune_filters_(zoo_model, cfg, [])
+        plan = prune_filters_(zoo_model, cfg, images, labels=labels)
     except HybridPruneError as e:  # a model too small to reach the target says so in one line
         assert "cannot be reached" in str(e) and target == 0.3
         return
@@ -251,5 +262,38 @@ def test_global_allocation_prunes_the_groups_that_matter_less_more():
     global_ = counts_at(0.4, "global", ctx.groups, scores, 4)
     assert global_[quiet] < uniform[quiet]
     assert sum(global_.values()) == pytest.approx(sum(uniform.values()), abs=3 * 4)
-    with pytest.raises(HybridPruneError, match="unknown allocation 'greedy'; valid: uniform, global"):
+    with pytest.raises(HybridPruneError, match="unknown allocation 'greedy'; valid: uniform, global, sensitivity"):
         PruneConfig(allocation="greedy")
+
+
+def test_sensitivity_allocation_spares_the_sensitive_group_and_takes_from_the_robust_one():
+    from hybridprune.allocate import counts_at, measure_sensitivity
+
+    model = make_model("zoo:plain_net")
+    ctx = ScoringContext(model)
+    robust = ctx.groups[1]
+    kill_channels(model, robust, list(range(robust.size * 3 // 4)))  # 3/4 of it computes nothing
+    images, labels = _self_labelled(model)
+    scores = score_filters("l1", ScoringContext(model))  # the dead channels score 0: they go first
+    curves = measure_sensitivity(model, ctx.groups, scores, images, labels, round_to=4)
+    assert [d for r, d in curves[robust.name] if r <= 0.6] == [0.0] * 4  # dead channels cost nothing
+    assert any(d > 0 for c in curves.values() for _, d in c)  # and other groups do cost something
+    uniform = counts_at(0.4, "uniform", ctx.groups, scores, 4)
+    sensitive = counts_at(0.4, "sensitivity", ctx.groups, scores, 4, curves)
+    assert sensitive[robust.name] < uniform[robust.name]
+    assert sum(sensitive.values()) <= sum(uniform.values()) + 4  # the same overall ratio, within rounding
+    others = [g.name for g in ctx.groups if g.name != robust.name]
+    assert sum(sensitive[n] for n in others) > sum(uniform[n] for n in others)
+
+
+def test_sensitivity_tolerance_is_the_smallest_that_reaches_the_ratio():
+    from hybridprune.allocate import counts_at, tolerated_ratio
+    from hybridprune.graph import ChannelGroup
+
+    groups = [ChannelGroup("a", 10, (), ()), ChannelGroup("b", 10, (), ())]
+    curves = {"a": [(0, 0), (0.5, 1.0), (0.8, 2.0)], "b": [(0, 0), (0.2, 10.0), (0.8, 20.0)]}
+    assert counts_at(0.4, "sensitivity", groups, {}, 1, curves) == {"a": 2, "b": 10}  # a alone gives 0.8 of itself
+    assert counts_at(0.5, "sensitivity", groups, {}, 1, curves) == {"a": 2, "b": 8}  # then b, as little as needed
+    assert tolerated_ratio([(0, 0), (0.4, 5.0), (0.8, 1.0)], 2.0) == pytest.approx(
+        0.16, abs=1e-3
+    )  # a dip is no licence

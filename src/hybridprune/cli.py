@@ -150,7 +150,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
-    from .config import DEFAULT_FINETUNE, PruneConfig, TrainConfig
+    from .allocate import ALLOCATIONS
+    from .config import DEFAULT_FINETUNE, RECIPES, PruneConfig, TrainConfig
     from .prune import DEFAULT_ROUND_TO
 
     defaults = PruneConfig()
@@ -176,9 +177,21 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
     )
     p.add_argument("--finetune-lr", type=float, default=DEFAULT_FINETUNE.lr, help="peak learning rate of fine-tuning")
     p.add_argument(
-        "--distill", action="store_true", help="fine-tune pruned stages against the dense model's logits (KD)"
+        "--recipe",
+        default="plain",
+        choices=list(RECIPES),
+        help="a named set of the recovery options below (plain: none of them; best: the combination measured "
+        "best on CIFAR-10, see the README); options given explicitly win over the recipe's",
     )
-    p.add_argument("--distill-weight", type=float, default=0.9, help="with --distill: weight of the KD term (rest: CE)")
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune pruned stages against the dense model's logits (KD)",
+    )
+    p.add_argument(
+        "--distill-weight", type=float, default=None, help="with --distill: weight of the KD term, rest CE (0.9)"
+    )
     p.add_argument(
         "--distill-temperature",
         type=float,
@@ -198,19 +211,22 @@ def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
     p.add_argument(
         "--prune-steps",
         type=int,
-        default=defaults.steps,
-        help="remove the ratio in this many steps, rescoring and fine-tuning between them (same total epochs)",
+        default=None,
+        help=f"remove the ratio in this many steps, rescoring and fine-tuning between them (same total epochs; "
+        f"default {defaults.steps})",
     )
     p.add_argument(
         "--allocation",
-        default=defaults.allocation,
-        choices=["uniform", "global"],
-        help="uniform: the same fraction of every channel group; global: one ranking of all channels "
-        "(scores normalised per group), so groups that matter less lose more",
+        default=None,
+        choices=list(ALLOCATIONS),
+        help="uniform (default): the same fraction of every channel group; global: one ranking of all channels "
+        "(scores normalised per group); sensitivity: per-group ratios from each group's measured one-shot "
+        "accuracy drop, so groups that matter less lose more",
     )
     p.add_argument(
         "--permute",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="before N:M pruning, reorder each channel group's channels so more magnitude survives (same function)",
     )
     p.add_argument(
@@ -308,6 +324,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
     )
     from .metrics import METRICS
 
+    recipe_prune, recipe_finetune = _recipe_settings(args)
     names = tuple(
         m.strip() for m in (",".join(DEFAULT_METRICS) if metrics is None else metrics).split(",") if m.strip()
     )
@@ -334,7 +351,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
             epochs=getattr(args, "finetune_epochs", 0),
             lr=getattr(args, "finetune_lr", DEFAULT_FINETUNE.lr),
             warmup=0.0,
-            distill_weight=args.distill_weight if getattr(args, "distill", False) else 0.0,
+            distill_weight=recipe_finetune.get("distill_weight", 0.0),
             distill_temperature=getattr(args, "distill_temperature", TrainConfig.distill_temperature),
             batch_size=getattr(args, "batch_size", TrainConfig.batch_size),
             precision=getattr(args, "precision", "auto"),
@@ -344,15 +361,40 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
         prune=PruneConfig(
             metric=names[0],
             ignore=ignore,
-            steps=getattr(args, "prune_steps", 1),
-            allocation=getattr(args, "allocation", "uniform"),
             target_macs=getattr(args, "target_macs", None),
-            permute=getattr(args, "permute", False),
+            **recipe_prune,
             **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)},
         ),
         metrics=names,
         seed=args.seed,
+        recipe=getattr(args, "recipe", "plain"),
     )
+
+
+def _recipe_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The prune and fine-tune settings of `--recipe`, with every recovery option given explicitly winning.
+
+    Example:
+        >>> args = argparse.Namespace(recipe="best", permute=False, prune_steps=None, allocation=None,
+        ...     distill=None, distill_weight=0.5)
+        >>> prune, finetune = _recipe_settings(args)
+        >>> prune["permute"], finetune["distill_weight"]
+        (False, 0.5)
+    """
+    from .config import RECIPES
+
+    recipe = RECIPES[getattr(args, "recipe", "plain")]
+    prune = dict(recipe.get("prune", {}))
+    for key, flag in (("steps", "prune_steps"), ("allocation", "allocation"), ("permute", "permute")):
+        if getattr(args, flag, None) is not None:
+            prune[key] = getattr(args, flag)
+    finetune = dict(recipe.get("finetune", {}))
+    distill = getattr(args, "distill", None)
+    if distill is None:
+        distill = finetune.get("distill_weight", 0.0) > 0
+    weight = getattr(args, "distill_weight", None)
+    finetune["distill_weight"] = (finetune.get("distill_weight", 0.9) if weight is None else weight) if distill else 0.0
+    return prune, finetune
 
 
 def _print_result(result: dict[str, Any], json_path: str | None) -> None:

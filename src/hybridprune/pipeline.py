@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocate import counts_at, counts_for_target
+from .allocate import counts_at, counts_for_target, measure_sensitivity
 from .checkpoint import load_checkpoint, load_weights_, save_checkpoint
 from .config import DataConfig, PruneConfig, RunConfig
 from .data import Dataset, channel_stats, load_dataset
@@ -134,7 +134,7 @@ def prune_filters_(
     ctx = context()
     groups = {g.name: g for g in ctx.groups}
     scores = score_filters(cfg.metric, ctx)
-    final = _final_counts(model, ctx.groups, scores, cfg)
+    final = _final_counts(model, ctx.groups, scores, cfg, calibration, labels or [])
     alive = {n: list(range(g.size)) for n, g in groups.items()}  # original index of every channel left
     schedule = step_counts({n: g.size for n, g in groups.items()}, final, cfg.steps, cfg.round_to)
     for step, counts in enumerate(schedule, 1):
@@ -155,11 +155,21 @@ def prune_filters_(
     )
 
 
-def _final_counts(model: nn.Module, groups: list, scores: dict, cfg: PruneConfig) -> dict[str, int]:
+def _final_counts(
+    model: nn.Module,
+    groups: list,
+    scores: dict,
+    cfg: PruneConfig,
+    images: list[torch.Tensor],
+    labels: list[torch.Tensor],
+) -> dict[str, int]:
     """Channels each group keeps in the end: `cfg.allocation` at `cfg.filter_ratio`, or at `cfg.target_macs`."""
+    curves = None
+    if cfg.allocation == "sensitivity":
+        curves = measure_sensitivity(model, groups, scores, images, labels, cfg.round_to)
     if cfg.target_macs is not None:
-        return counts_for_target(model, groups, scores, cfg.allocation, cfg.target_macs, cfg.round_to)
-    counts = counts_at(cfg.filter_ratio, cfg.allocation, groups, scores, cfg.round_to)
+        return counts_for_target(model, groups, scores, cfg.allocation, cfg.target_macs, cfg.round_to, curves)
+    counts = counts_at(cfg.filter_ratio, cfg.allocation, groups, scores, cfg.round_to, curves)
     if cfg.allocation == "uniform":
         plan_filter_pruning(scores, cfg.filter_ratio, cfg.round_to, groups)  # refuses a plan that prunes nothing
     return counts
