@@ -288,3 +288,45 @@ def test_iso_accuracy_takes_the_cheapest_filter_only_model_of_the_same_accuracy(
     assert first["filter_macs_same_accuracy"] == pytest.approx(95.0) and first["macs_ratio"] == pytest.approx(0.95)
     assert second["filter_macs_same_accuracy"] == pytest.approx(75.0)  # 85% costs a filter-only model 75 MACs ...
     assert second["effective_macs_ratio"] == pytest.approx(3.0)  # ... 3x the hybrid model's 25 effective MACs
+
+
+def test_recipes_are_an_axis_whose_runs_share_the_dense_baseline(tmp_path):
+    grid = grid_from_dict(
+        {
+            **FAST,
+            "metrics": ["l1"],
+            "ratios": [0.5],
+            "recipes": {"plain": {}, "kd": {"finetune": {"distill_weight": 0.5}}},
+        }
+    )
+    plain, kd = grid.runs()
+    assert (plain.recipe, kd.recipe) == ("plain", "kd")
+    assert (plain.finetune.distill_weight, kd.finetune.distill_weight) == (0.0, 0.5)
+    assert kd.finetune.epochs == plain.finetune.epochs and kd.prune == plain.prune
+    assert experiment.baseline_key(plain) == experiment.baseline_key(kd) and run_key(plain) != run_key(kd)
+    named = grid_from_dict({**FAST, "recipes": ["plain", "steps2"]}).runs()
+    assert {(c.recipe, c.prune.steps) for c in named} == {("plain", 1), ("steps2", 2)}
+    store = Store(tmp_path / "r.sqlite")
+    assert run_grid(grid, store, progress=False, log=lambda _: None)["done"] == 2
+    rows = store.rows()
+    assert sorted(r["recipe"] for r in rows) == ["kd", "plain"]
+    assert len({r["dense_accuracy"] for r in rows}) == 1  # one baseline, trained once
+    report = (tmp_path / "report").joinpath("report.md")
+    write_grid_report(rows, tmp_path / "report")
+    assert "| l1+kd " in report.read_text() and "Recovery recipes against plain" in report.read_text()
+
+
+def test_a_version_1_store_is_upgraded_in_place_its_runs_plain(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old_schema = experiment.SCHEMA.replace("recipe TEXT NOT NULL DEFAULT 'plain', ", "")
+    old_columns = [c for c in experiment.ROW_COLUMNS if c != "recipe"]
+    row = _row("l1", 0.4, 0, 80.0)
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO meta VALUES ('version', '1')")
+        db.execute(f"INSERT INTO runs ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})",
+                   [row[c] for c in old_columns])  # fmt: skip
+    [upgraded] = Store(path).rows()
+    assert upgraded["recipe"] == "plain" and upgraded["hybrid_accuracy"] == 80.0
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0] == str(experiment.STORE_VERSION)

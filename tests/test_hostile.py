@@ -698,6 +698,9 @@ GRID_VALUES = {
     "prune": [[1], {"round_to": "8"}, {"calib_batches": 0}, {"nm": "2:0"}, {"metric": "l1"}, {"round_to": NAN}],
     "filter_finetune": ["no", 2, None],
     "name": [[1], 5, None],
+    "recipes": [[], ["nosuch"], "plain", [1], {"kd": None}, {"kd": {"bogus": {}}}, {"kd": {"prune": {"steps": 0}}},
+                {"kd": {"prune": {"metric": "l1"}}}, {"kd": {"finetune": {"epochs": 9}}}, {"kd": {"prune": [1]}},
+                {"kd": {"finetune": {"distill_weight": NAN}}}, {"a b": {}}, {"kd": {"prune": {"allocation": "x"}}}],
 }  # fmt: skip
 GRID_TEXTS = {
     "a list, not a mapping": "- a\n- b\n",
