@@ -311,9 +311,14 @@ def test_recipes_are_an_axis_whose_runs_share_the_dense_baseline(tmp_path):
     rows = store.rows()
     assert sorted(r["recipe"] for r in rows) == ["kd", "plain"]
     assert len({r["dense_accuracy"] for r in rows}) == 1  # one baseline, trained once
-    report = (tmp_path / "report").joinpath("report.md")
-    write_grid_report(rows, tmp_path / "report")
-    assert "| l1+kd " in report.read_text() and "Recovery recipes against plain" in report.read_text()
+    [nm] = store.nm_only_rows()  # and its 2:4-only model, with plain fine-tuning
+    assert nm["dense_accuracy"] == rows[0]["dense_accuracy"] and nm["effective_macs"] < nm["macs"]
+    assert json.loads(nm["config"])["finetune"]["distill_weight"] == 0.0
+    written = write_grid_report(rows, tmp_path / "report", nm_rows=store.nm_only_rows())
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| l1+kd " in report and "Recovery recipes against plain" in report and "2:4-only, fine-tuned" in report
+    assert any(p.name.startswith("frontier-digits-alexnet") for p in written)
+    assert run_grid(grid, store, progress=False, log=lambda _: None) == {"done": 0, "skipped": 2, "failed": 0}
 
 
 def test_a_version_1_store_is_upgraded_in_place_its_runs_plain(tmp_path):
@@ -326,7 +331,8 @@ def test_a_version_1_store_is_upgraded_in_place_its_runs_plain(tmp_path):
         db.execute("INSERT INTO meta VALUES ('version', '1')")
         db.execute(f"INSERT INTO runs ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})",
                    [row[c] for c in old_columns])  # fmt: skip
-    [upgraded] = Store(path).rows()
+    [upgraded] = Store(path, create=False).rows()
     assert upgraded["recipe"] == "plain" and upgraded["hybrid_accuracy"] == 80.0
+    assert Store(path, create=False).nm_only_rows() == []
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0] == str(experiment.STORE_VERSION)

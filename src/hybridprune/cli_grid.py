@@ -64,10 +64,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     from .report import write_grid_report
 
     check_output_dir(Path(args.out))
-    rows = Store(args.store, create=False).rows()
+    store = Store(args.store, create=False)
+    rows = store.rows()
     if not rows:
         raise HybridPruneError(f"{args.store} holds no finished runs yet")
-    for path in write_grid_report(rows, args.out, args.bench):
+    for path in write_grid_report(rows, args.out, args.bench, store.nm_only_rows()):
         print(f"wrote {path}")
 
 

@@ -56,6 +56,7 @@ GRID_KEYS = {
     "prune",
     "filter_finetune",
     "recipes",
+    "nm_only",
     "description",
 }
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -80,6 +81,7 @@ class Grid:
     filter_finetune: bool = True
     # recovery recipes (name -> overrides, see config.RECIPES), one more axis of the grid
     recipes: tuple[tuple[str, dict[str, Any]], ...] = (("plain", {}),)
+    nm_only: bool = True  # also the 2:4-only model of every baseline (plain fine-tuning), for the frontier plot
 
     def runs(self) -> list[RunConfig]:
         """Every grid point as a one-metric RunConfig."""
@@ -88,6 +90,15 @@ class Grid:
             for d, m, seed, (name, recipe), ratio, metric in product(
                 self.datasets, self.models, self.seeds, self.recipes, self.ratios, self.metrics
             )
+        ]
+
+    def nm_only_runs(self) -> list[RunConfig]:
+        """One 2:4-only run per dense baseline, with the grid's own (plain) fine-tuning."""
+        if not self.nm_only:
+            return []
+        return [
+            self._run(d, m, self.metrics[0], self.ratios[0], seed)
+            for d, m, seed in product(self.datasets, self.models, self.seeds)
         ]
 
     def _run(self, data: DataConfig, model: ModelConfig, metric: str, ratio: float, seed: int) -> RunConfig:
@@ -151,6 +162,7 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
         prune,
         _flag(raw, "filter_finetune", True),
         _recipes(raw),
+        _flag(raw, "nm_only", True),
     )
 
 
@@ -226,6 +238,13 @@ def baseline_key(cfg: RunConfig) -> str:
     return config_key({"data": d["data"], "model": d["model"], "train": d["train"], "seed": d["seed"]})
 
 
+def nm_only_key(cfg: RunConfig) -> str:
+    """The 2:4-only model depends on the baseline, the fine-tuning and the N:M settings, not on the metric."""
+    p = cfg.prune
+    nm = {"nm": p.nm, "permute": p.permute, "bn": p.bn_recalib_batches, "batch": p.calib_batch_size}
+    return config_key({"baseline": baseline_key(cfg), "finetune": cfg.finetune.to_dict(), "prune": nm})
+
+
 # --- the store ----------------------------------------------------------------------------------------
 
 SCHEMA = """
@@ -239,7 +258,31 @@ CREATE TABLE IF NOT EXISTS runs (
     params INTEGER, nonzero_params INTEGER, macs INTEGER, effective_macs INTEGER,
     wall_time_s REAL, finished_at TEXT NOT NULL, config TEXT NOT NULL, result TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nm_only (
+    key TEXT PRIMARY KEY, experiment TEXT NOT NULL, dataset TEXT NOT NULL, model TEXT NOT NULL,
+    width REAL NOT NULL, seed INTEGER NOT NULL, dense_accuracy REAL, accuracy REAL,
+    params INTEGER, nonzero_params INTEGER, macs INTEGER, effective_macs INTEGER,
+    wall_time_s REAL, finished_at TEXT NOT NULL, config TEXT NOT NULL, result TEXT NOT NULL
+);
 """
+NM_ONLY_COLUMNS = (
+    "key",
+    "experiment",
+    "dataset",
+    "model",
+    "width",
+    "seed",
+    "dense_accuracy",
+    "accuracy",
+    "params",
+    "nonzero_params",
+    "macs",
+    "effective_macs",
+    "wall_time_s",
+    "finished_at",
+    "config",
+    "result",
+)
 ROW_COLUMNS = (
     "key",
     "experiment",
@@ -311,20 +354,34 @@ class Store:
         """Version 1 had no recipes: every run in it was plain fine-tuning. One transaction."""
         with self._connect() as db:
             db.execute("ALTER TABLE runs ADD COLUMN recipe TEXT NOT NULL DEFAULT 'plain'")
+            db.execute(SCHEMA.split(";")[2])  # the 2:4-only table
             db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(STORE_VERSION),))
 
     def finished_keys(self) -> set[str]:
         with self._connect() as db:
             return {k for (k,) in db.execute("SELECT key FROM runs")}
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], table: str = "runs") -> None:
         """Write one finished run in one transaction (a rerun of the same key replaces nothing)."""
-        values = [row[c] for c in ROW_COLUMNS]
+        columns = ROW_COLUMNS if table == "runs" else NM_ONLY_COLUMNS
         with self._connect() as db:
             db.execute(
-                f"INSERT OR IGNORE INTO runs ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))})",
-                values,
+                f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                [row[c] for c in columns],
             )
+
+    def add_nm_only(self, row: dict[str, Any]) -> None:
+        self.add(row, "nm_only")
+
+    def finished_nm_only(self) -> set[str]:
+        with self._connect() as db:
+            return {k for (k,) in db.execute("SELECT key FROM nm_only")}
+
+    def nm_only_rows(self) -> list[dict[str, Any]]:
+        """The 2:4-only models of the baselines (tables of stores written before them: none)."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM nm_only ORDER BY dataset, model, seed")]
 
     def rows(self) -> list[dict[str, Any]]:
         with self._connect() as db:
@@ -358,6 +415,36 @@ def execute_baseline(
     base = Job(cfg, data, torch.device(device), _baseline_dir(artifacts, cfg), log=lambda _: None, progress=False)
     base.out.mkdir(parents=True, exist_ok=True)
     base.dense()
+
+
+def execute_nm_only(
+    cfg_dict: dict[str, Any], experiment: str, artifacts: str, device: str = "cpu", threads: int | None = None
+) -> dict[str, Any]:
+    """The 2:4-only model of one baseline (dense width, N:M masks, fine-tuned) and its store row."""
+    from .pipeline import Job
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = RunConfig.from_dict(cfg_dict)
+    start, data, dev = time.time(), _cached_data(cfg.data, cfg.seed), torch.device(device)
+    dense, dense_result = Job(cfg, data, dev, _baseline_dir(artifacts, cfg), log=lambda _: None, progress=False).dense()
+    job = Job(cfg, data, dev, Path(artifacts) / f"nm-only-{nm_only_key(cfg)}", log=lambda _: None, progress=False)
+    job.out.mkdir(parents=True, exist_ok=True)
+    nm = job.nm_only(dense)
+    return {
+        "key": nm_only_key(cfg),
+        "experiment": experiment,
+        "dataset": cfg.data.dataset,
+        "model": cfg.model.name,
+        "width": 1.0 if cfg.model.width is None else cfg.model.width,
+        "seed": cfg.seed,
+        "dense_accuracy": dense_result["accuracy"],
+        **{k: nm[k] for k in ("accuracy", "params", "nonzero_params", "macs", "effective_macs")},
+        "wall_time_s": time.time() - start,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": json.dumps(cfg.to_dict()),
+        "result": json.dumps({"dense": dense_result, "nm": nm, "dataset_name": data.name}),
+    }
 
 
 def _baseline_dir(artifacts: str, cfg: RunConfig) -> Path:
@@ -441,22 +528,27 @@ def run_grid(
     """
     runs, finished = grid.runs(), store.finished_keys()
     pending = [c for c in runs if run_key(c) not in finished]
+    nm_done = store.finished_nm_only()
+    nm_pending = list({nm_only_key(c): c for c in grid.nm_only_runs() if nm_only_key(c) not in nm_done}.values())
     total = len(runs)
     log(
-        f"{grid.name}: {total} runs, {total - len(pending)} finished earlier, {len(pending)} to do "
-        f"({workers} worker{'s' * (workers > 1)}, {backend})"
+        f"{grid.name}: {total} runs, {total - len(pending)} finished earlier, {len(pending)} to do, "
+        f"{len(nm_pending)} 2:4-only model(s) to do ({workers} worker{'s' * (workers > 1)}, {backend})"
     )
-    if not pending:
+    if not pending and not nm_pending:
         return {"done": 0, "skipped": total, "failed": 0}
-    baselines = list({baseline_key(c): c for c in pending}.values())
+    baselines = list({baseline_key(c): c for c in pending + nm_pending}.values())
     threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else None
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     devices = [f"cuda:{i}" for i in range(gpus)] if gpus > 1 else [device]
     args = (grid.name, str(store.artifacts), devices, threads)
     with _executor(backend, workers) as submit:
         _drain(submit, execute_baseline, [c.to_dict() for c in baselines], args, None, "baselines", progress, workers)
-        done = _drain(submit, execute_run, [c.to_dict() for c in pending], args, store, "runs", progress, workers)
-    return {"done": done, "skipped": total - len(pending), "failed": len(pending) - done}
+        nm = [c.to_dict() for c in nm_pending]
+        nm_done = _drain(submit, execute_nm_only, nm, args, store.add_nm_only, "2:4-only", progress, workers)
+        done = _drain(submit, execute_run, [c.to_dict() for c in pending], args, store.add, "runs", progress, workers)
+    failed = len(pending) - done + len(nm_pending) - nm_done
+    return {"done": done, "skipped": total - len(pending), "failed": failed}
 
 
 def _drain(
@@ -464,7 +556,7 @@ def _drain(
     fn: Callable[..., Any],
     cfgs: list[dict],
     args: tuple,
-    store: Store | None,
+    write: Callable[[dict[str, Any]], None] | None,
     desc: str,
     progress: bool,
     limit: int,
@@ -498,8 +590,8 @@ def _drain(
                 except Exception as e:  # one broken run must not lose the others
                     tqdm.write(f"run failed: {type(e).__name__}: {e}")
                     continue
-                if store is not None:
-                    store.add(row)
+                if write is not None:
+                    write(row)
                 done += 1
                 bar.update(1)
             top_up()
@@ -558,7 +650,7 @@ def _ray_submit(workers: int) -> Submit:
             include_dashboard=False,
             log_to_driver=False,
         )
-    remotes = {fn: ray.remote(num_cpus=1)(fn) for fn in (execute_baseline, execute_run)}
+    remotes = {fn: ray.remote(num_cpus=1)(fn) for fn in (execute_baseline, execute_nm_only, execute_run)}
     return lambda fn, *args: remotes[fn].remote(*args).future()
 
 

@@ -203,16 +203,25 @@ def accuracy_table(rows: list[dict[str, Any]], column: str) -> tuple[list[str], 
     return ["dataset", "model", "metric", *[f"ratio {r:g}" for r in ratios]], body
 
 
-def dense_table(rows: list[dict[str, Any]]) -> str:
-    """One line per (dataset, model): the dense baselines' accuracy over seeds."""
+def dense_table(rows: list[dict[str, Any]], nm_rows: list[dict[str, Any]] | None = None) -> str:
+    """One line per (dataset, model): the dense baselines' accuracy over seeds, and their 2:4-only models'."""
     per_seed: dict[tuple, dict[int, float]] = {}
     for r in rows:
         per_seed.setdefault((r["dataset"], r["model"], r["width"]), {})[r["seed"]] = r["dense_accuracy"]
+    nm: dict[tuple, list[dict[str, Any]]] = {}
+    for r in nm_rows or []:
+        nm.setdefault((r["dataset"], r["model"], r["width"]), []).append(r)
     body = []
-    for (ds, model, width), seeds in sorted(per_seed.items()):
+    for key, seeds in sorted(per_seed.items()):
         m, sd = mean_std(list(seeds.values()))
-        body.append([ds, f"{model} w{width:g}", f"{m:.2f} ± {sd:.2f} ({len(seeds)})"])
-    return markdown_table(["dataset", "model", "dense accuracy"], body)
+        row = [key[0], f"{key[1]} w{key[2]:g}", f"{m:.2f} ± {sd:.2f} ({len(seeds)})"]
+        if nm_rows is not None:
+            found = nm.get(key, [])
+            nm_mean, nm_sd = mean_std([r["accuracy"] for r in found]) if found else (None, None)
+            row.append("-" if nm_mean is None else f"{nm_mean:.2f} ± {nm_sd:.2f} ({len(found)})")
+        body.append(row)
+    headers = ["dataset", "model", "dense accuracy"] + (["2:4-only, fine-tuned"] if nm_rows is not None else [])
+    return markdown_table(headers, body)
 
 
 def _metric_order(label: str) -> tuple[int, str]:
@@ -356,8 +365,14 @@ def _interpolate_macs(curve: list[tuple[float, float]], accuracy: float) -> floa
     return found
 
 
-def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: list[str] | None = None) -> list[Path]:
-    """Markdown and CSV tables, paired differences, and PNG plots from store rows."""
+def write_grid_report(
+    rows: list[dict[str, Any]],
+    out: str | Path,
+    bench_files: list[str] | None = None,
+    nm_rows: list[dict[str, Any]] | None = None,
+) -> list[Path]:
+    """Markdown and CSV tables, paired differences, and PNG plots from store rows (and the baselines' 2:4-only
+    models, where the store has them)."""
     import csv
     import io
 
@@ -365,7 +380,7 @@ def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: 
 
     out = Path(out)
     written, md = [], ["# Experiment report", "", f"{len(rows)} finished runs, read from the store.", ""]
-    md += ["## Dense baselines: top-1 accuracy (%), mean ± std (seeds)", "", dense_table(rows), ""]
+    md += ["## Dense baselines: top-1 accuracy (%), mean ± std (seeds)", "", dense_table(rows, nm_rows or None), ""]
     for column, title in STAGE_COLUMNS.items():
         headers, body = accuracy_table(rows, column)
         md += [f"## Top-1 accuracy (%), {title}: mean ± std (seeds)", "", markdown_table(headers, body), ""]
@@ -464,13 +479,13 @@ def write_grid_report(rows: list[dict[str, Any]], out: str | Path, bench_files: 
             ),  # fmt: skip
             "",
         ]
-    written += _plots(rows, out, bench_files or [])
+    written += _plots(rows, out, bench_files or [], nm_rows or [])
     md += [f"![{p.stem}]({p.name})" for p in written if p.suffix == ".png"]
     written.append(write_text(out / "report.md", "\n".join(md) + "\n"))
     return written
 
 
-def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str]) -> list[Path]:
+def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str], nm_rows: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -508,9 +523,87 @@ def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str]) -> lis
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    if _has_results(rows):
+        for setup in sorted({(r["dataset"], r["model"], r["width"]) for r in rows}):
+            written.append(_frontier_plot(setup, rows, nm_rows, out, plt))
     for bench_file in bench_files:
         written.append(_pareto_plot(Path(bench_file), out, plt))
     return written
+
+
+def frontier_points(rows: list[dict[str, Any]], nm_rows: list[dict[str, Any]]) -> dict[str, list[tuple]]:
+    """The accuracy-versus-cost points of one setup: per run label a filter-only and a filter + N:M family,
+    (effective MACs, accuracy mean, accuracy std, ratio) sorted by cost, plus the dense and 2:4-only models.
+
+    Example:
+        >>> result = '{"filter": {"macs": 60}, "dense": {"macs": 100}}'
+        >>> row = {"metric": "l1", "ratio": 0.5, "seed": 0, "filter_accuracy": 80.0, "hybrid_accuracy": 79.0,
+        ...     "effective_macs": 30, "dense_accuracy": 85.0, "result": result}
+        >>> nm = {"accuracy": 84.0, "effective_macs": 51}
+        >>> p = frontier_points([row], [nm])
+        >>> p["l1 filter only"], p["l1 filter + 2:4"], p["dense"], p["2:4 only"]
+        ([(60.0, 80.0, 0.0, 0.5)], [(30.0, 79.0, 0.0, 0.5)], [(100.0, 85.0, 0.0, 0.0)], [(51.0, 84.0, 0.0, 0.0)])
+    """
+    import json
+
+    families: dict[str, list[tuple]] = {}
+    dense_macs = []
+    for label in sorted({run_label(r) for r in rows}, key=_metric_order):
+        by_ratio: dict[float, list[dict[str, Any]]] = {}
+        for r in rows:
+            if run_label(r) == label:
+                by_ratio.setdefault(r["ratio"], []).append(r)
+        filter_only, hybrid = [], []
+        for ratio, rs in sorted(by_ratio.items()):
+            results = [json.loads(r["result"]) for r in rs]
+            dense_macs += [res["dense"]["macs"] for res in results if "dense" in res]
+            filter_macs = sum(res["filter"]["macs"] for res in results) / len(rs)
+            filter_only.append((filter_macs, *mean_std([r["filter_accuracy"] for r in rs]), ratio))
+            cost = sum(r["effective_macs"] for r in rs) / len(rs)
+            hybrid.append((cost, *mean_std([r["hybrid_accuracy"] for r in rs]), ratio))
+        families[f"{label} filter only"] = sorted(filter_only)
+        families[f"{label} filter + 2:4"] = sorted(hybrid)
+    if dense_macs:
+        dense = mean_std(list({r["seed"]: r["dense_accuracy"] for r in rows}.values()))
+        families["dense"] = [(sum(dense_macs) / len(dense_macs), *dense, 0.0)]
+    if nm_rows:
+        cost = sum(r["effective_macs"] for r in nm_rows) / len(nm_rows)
+        families["2:4 only"] = [(cost, *mean_std([r["accuracy"] for r in nm_rows]), 0.0)]
+    return families
+
+
+def _frontier_plot(
+    setup: tuple, rows: list[dict[str, Any]], nm_rows: list[dict[str, Any]], out: Path, plt: Any
+) -> Path:
+    """Accuracy against effective MACs: filter-only and filter + 2:4 families, the dense and 2:4-only models."""
+    mine = [r for r in rows if (r["dataset"], r["model"], r["width"]) == setup]
+    nm = [r for r in nm_rows if (r["dataset"], r["model"], r["width"]) == setup]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in frontier_points(mine, nm).items():
+        single = name in ("dense", "2:4 only")
+        ax.errorbar(
+            [p[0] / 1e6 for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] for p in points],
+            marker="*" if single else "s" if "2:4" in name else "o",
+            markersize=12 if single else 6,
+            linestyle="none" if single else "--" if "filter only" in name else "-",
+            capsize=3,
+            label=name,
+        )
+    ds, model, width = setup
+    ax.set(
+        title=f"{dataset_label(ds)}, {model} w{width:g}: accuracy vs cost",
+        xlabel="effective MACs per image (millions; N:M layers counted at N/M)",
+        ylabel="top-1 accuracy (%), fine-tuned",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"frontier-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
