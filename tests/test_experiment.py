@@ -146,20 +146,28 @@ def test_report_writes_markdown_csv_and_valid_pngs(fixture_store, tmp_path):
     assert "86.00 ± 1.00 (3)" in text  # dense baselines 85, 86, 87
 
 
-def test_bench_results_give_a_pareto_plot(fixture_store, tmp_path):
-    bench = tmp_path / "bench.json"
-    bench.write_text(
-        json.dumps(
-            {
-                "runs": [
-                    {"variant": v, "throughput": t, "accuracy": a, "batch_size": 64, "device": "cpu"}
-                    for v, t, a in [("dense", 100, 85), ("filter", 160, 83), ("nm", 100, 84), ("hybrid", 160, 82)]
-                ]
-            }
-        )
+def _bench_file(path, variants):
+    run = {"mode": "eager", "dtype": "float16", "batch_size": 64, "device": "cuda (H200)"}
+    runs = [
+        {**run, "variant": v, "throughput": 6400 / ms, "latency_ms_median": ms, "accuracy": a} for v, ms, a in variants
+    ]
+    path.write_text(json.dumps({"runs": runs}))
+    return str(path)
+
+
+def test_bench_results_give_a_pareto_plot_and_latency_at_equal_accuracy(fixture_store, tmp_path):
+    ratio_a = _bench_file(
+        tmp_path / "bench.json", [("dense", 10, 85), ("filter", 6, 83), ("nm", 9, 84), ("hybrid", 5, 82)]
     )
-    written = write_grid_report(fixture_store.rows(), tmp_path / "r", [str(bench)])
+    ratio_b = _bench_file(tmp_path / "b.json", [("dense", 10, 85), ("filter", 4, 80), ("hybrid", 3, 79)])
+    written = write_grid_report(fixture_store.rows(), tmp_path / "r", [ratio_a, ratio_b])
     assert any(p.name == "pareto-bench.png" and p.stat().st_size > 1000 for p in written)
+    # hybrid at 82%: the filter-only curve (80%, 4 ms), (83%, 6 ms) gives 5.333 ms at 82%, 1.07x the hybrid's 5 ms;
+    # hybrid at 79% lies below every filter-only model: no number
+    rows = {line.split("|")[5].strip(): line for line in (tmp_path / "r" / "report.md").read_text().splitlines()
+            if line.startswith("| cuda (H200)")}  # fmt: skip
+    assert "| 5.333 " in rows["82.00"] and "| 1.07x " in rows["82.00"] and "| 1.80x" in rows["82.00"]  # 9 ms / 5 ms
+    assert "| - " in rows["79.00"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +342,9 @@ def iso_accuracy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             (mean([r["filter_accuracy"] for r in rs]), mean([json.loads(r["result"])["filter"]["macs"] for r in rs]))
             for _, rs in sorted(by_ratio.items())
         ]
+        dense_macs = [json.loads(r["result"]).get("dense", {}).get("macs") for r in group]
+        if all(dense_macs):  # the dense model is the filter-only model at ratio 0
+            curve.insert(0, (mean(list({r["seed"]: r["dense_accuracy"] for r in group}.values())), mean(dense_macs)))
         for ratio, rs in sorted(by_ratio.items()):
             accuracy, macs = mean([r["hybrid_accuracy"] for r in rs]), mean([r["macs"] for r in rs])
             effective = mean([r["effective_macs"] for r in rs])
@@ -351,6 +355,44 @@ def iso_accuracy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "filter_macs_same_accuracy": same,
                 "macs_ratio": None if same is None else same / macs,
                 "effective_macs_ratio": None if same is None else same / effective,
+            })  # fmt: skip
+    return points
+
+
+def latency_iso_accuracy(bench_results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measured latency at equal accuracy, from `bench` results (with accuracies) of one model pruned at several
+    ratios: for each hybrid variant, the latency of the filter-only model of the same accuracy, interpolated
+    over the filter-only variants and the dense model (ratio 0) of every result on the same device, mode,
+    dtype and batch size; and the 2:4-only model's latency and accuracy beside it.
+
+    Example:
+        >>> run = lambda v, acc, ms: {"variant": v, "accuracy": acc, "latency_ms_median": ms, "device": "gpu",
+        ...     "mode": "eager", "dtype": "float16", "batch_size": 64}
+        >>> runs = [run("dense", 90, 10.0), run("filter", 86, 6.0), run("nm", 89, 8.0), run("hybrid", 88, 4.0)]
+        >>> bench = {"runs": runs}
+        >>> [p] = latency_iso_accuracy([bench])
+        >>> p["filter_ms_same_accuracy"], p["speedup_over_filter"], p["speedup_over_nm"]
+        (8.0, 2.0, 2.0)
+    """
+    setups: dict[tuple, dict[str, list[tuple[float, float]]]] = {}
+    for result in bench_results:
+        for r in result["runs"]:
+            if r.get("accuracy") is None:
+                continue
+            key = (r["device"], r["mode"], r["dtype"], r["batch_size"])
+            setups.setdefault(key, {}).setdefault(r["variant"], []).append((r["accuracy"], r["latency_ms_median"]))
+    points = []
+    for (device, mode, dtype, batch), variants in sorted(setups.items(), key=str):
+        curve = sorted(variants.get("dense", []) + variants.get("filter", []), key=lambda p: p[1])
+        nm = variants.get("nm", [])
+        for accuracy, ms in sorted(variants.get("hybrid", [])):
+            same = _interpolate_macs(curve, accuracy)
+            nm_acc, nm_ms = max(nm) if nm else (None, None)
+            points.append({
+                "device": device, "mode": mode, "dtype": dtype, "batch_size": batch,
+                "hybrid_accuracy": accuracy, "hybrid_ms": ms, "filter_ms_same_accuracy": same,
+                "speedup_over_filter": None if same is None else same / ms,
+                "nm_accuracy": nm_acc, "nm_ms": nm_ms, "speedup_over_nm": None if nm_ms is None else nm_ms / ms,
             })  # fmt: skip
     return points
 
@@ -479,10 +521,65 @@ def write_grid_report(
             ),  # fmt: skip
             "",
         ]
+    if bench_files:
+        md += _latency_section([json.loads(Path(f).read_text()) for f in bench_files])
     written += _plots(rows, out, bench_files or [], nm_rows or [])
     md += [f"![{p.stem}]({p.name})" for p in written if p.suffix == ".png"]
     written.append(write_text(out / "report.md", "\n".join(md) + "\n"))
     return written
+
+
+def _latency_section(bench_results: list[dict[str, Any]]) -> list[str]:
+    points = latency_iso_accuracy(bench_results)
+    if not points:
+        return []
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    def times(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    return [
+        "## Iso-accuracy, measured: latency from `bench` results",
+        "",
+        "Median latency per batch as measured on the device named (a CPU runs N:M layers dense: no speedup from",
+        "2:4 there). The filter-only latency at the hybrid model's accuracy is interpolated between the bench's",
+        "filter-only models and the dense model; '-' where the hybrid accuracy lies outside them.",
+        "",
+        markdown_table(
+            [
+                "device",
+                "mode",
+                "dtype",
+                "batch",
+                "hybrid acc.",
+                "hybrid ms",
+                "filter-only ms at that acc.",
+                "speedup",
+                "2:4-only acc.",
+                "2:4-only ms",
+                "speedup over 2:4-only",
+            ],
+            [
+                [
+                    p["device"],
+                    p["mode"],
+                    p["dtype"],
+                    str(p["batch_size"]),
+                    f"{p['hybrid_accuracy']:.2f}",
+                    ms(p["hybrid_ms"]),
+                    ms(p["filter_ms_same_accuracy"]),
+                    times(p["speedup_over_filter"]),
+                    _fmt_acc(p["nm_accuracy"]),
+                    ms(p["nm_ms"]),
+                    times(p["speedup_over_nm"]),
+                ]
+                for p in points
+            ],
+        ),  # fmt: skip
+        "",
+    ]
 
 
 def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str], nm_rows: list[dict[str, Any]]) -> list[Path]:
