@@ -12,7 +12,7 @@ Example:
 __version__ = "0.1.0"
 
 from .checkpoint import load_checkpoint, load_weights_, rebuild, save_checkpoint
-from .config import DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+from .config import RECIPES, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
 from .data import Dataset, ImageSet, load_dataset
 from .errors import HybridPruneError
 from .metrics import METRICS, ScoringContext, score_filters
@@ -26,6 +26,7 @@ from .train import calibration_batches, evaluate, fit, recalibrate_bn_
 __all__ = [
     "METRICS",
     "MODELS",
+    "RECIPES",
     "DataConfig",
     "Dataset",
     "FilterPlan",
