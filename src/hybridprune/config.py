@@ -288,7 +288,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "global": {"prune": {"allocation": "global"}},
     "sensitivity": {"prune": {"allocation": "sensitivity"}},
     "permute": {"prune": {"permute": True}},
-    "best": {"finetune": {"distill_weight": 0.9}, "prune": {"steps": 2, "permute": True}},
+    # distillation, global allocation and permutations: the three that each beat plain on ResNet-20 (none of
+    # them lost more than 0.4 points on AlexNet); iterative pruning lost on both, sensitivity was measured after
+    "best": {"finetune": {"distill_weight": 0.9}, "prune": {"allocation": "global", "permute": True}},
 }
 _RECIPE_PARTS = {"prune": PruneConfig, "finetune": TrainConfig}
 
