@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         result["environment"] = environment()
         result["command"] = "python benchmarks/iso_latency.py " + " ".join(argv)
         result["variants"] = {v.name: {"source": v.source, "accuracy": v.accuracy} for v in variants}
-        result["ratio"] = ratio
+        result["model"], result["seed"], result["ratio"] = args.model, args.seed, ratio
         path = write_json(out / f"bench-{args.model}-ratio{ratio:g}-{device.type}.json", result)
         speed = {(s["batch_size"]): s["hybrid_over_filter"] for s in result["speedups"]}
         print(f"ratio {ratio:g}: wrote {path}; hybrid over filter (same ratio) by batch: {speed}")

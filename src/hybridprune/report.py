@@ -345,6 +345,8 @@ def iso_accuracy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         dense_macs = [json.loads(r["result"]).get("dense", {}).get("macs") for r in group]
         if all(dense_macs):  # the dense model is the filter-only model at ratio 0
             curve.insert(0, (mean(list({r["seed"]: r["dense_accuracy"] for r in group}.values())), mean(dense_macs)))
+        if len(by_ratio) < 2:  # one ratio is no curve (a recipe measured at one ratio only)
+            continue
         for ratio, rs in sorted(by_ratio.items()):
             accuracy, macs = mean([r["hybrid_accuracy"] for r in rs]), mean([r["macs"] for r in rs])
             effective = mean([r["effective_macs"] for r in rs])
@@ -376,20 +378,22 @@ def latency_iso_accuracy(bench_results: list[dict[str, Any]]) -> list[dict[str, 
     """
     setups: dict[tuple, dict[str, list[tuple[float, float]]]] = {}
     for result in bench_results:
+        # which model: named by benchmarks/iso_latency.py, else known by the dense checkpoint it was pruned from
+        model = result.get("model") or result.get("variants", {}).get("dense", {}).get("source", "")
         for r in result["runs"]:
             if r.get("accuracy") is None:
                 continue
-            key = (r["device"], r["mode"], r["dtype"], r["batch_size"])
+            key = (model, r["device"], r["mode"], r["dtype"], r["batch_size"])
             setups.setdefault(key, {}).setdefault(r["variant"], []).append((r["accuracy"], r["latency_ms_median"]))
     points = []
-    for (device, mode, dtype, batch), variants in sorted(setups.items(), key=str):
+    for (model, device, mode, dtype, batch), variants in sorted(setups.items(), key=str):
         curve = sorted(variants.get("dense", []) + variants.get("filter", []), key=lambda p: p[1])
         nm = variants.get("nm", [])
         for accuracy, ms in sorted(variants.get("hybrid", [])):
             same = _interpolate_macs(curve, accuracy)
             nm_acc, nm_ms = max(nm) if nm else (None, None)
             points.append({
-                "device": device, "mode": mode, "dtype": dtype, "batch_size": batch,
+                "model": model, "device": device, "mode": mode, "dtype": dtype, "batch_size": batch,
                 "hybrid_accuracy": accuracy, "hybrid_ms": ms, "filter_ms_same_accuracy": same,
                 "speedup_over_filter": None if same is None else same / ms,
                 "nm_accuracy": nm_acc, "nm_ms": nm_ms, "speedup_over_nm": None if nm_ms is None else nm_ms / ms,
@@ -549,6 +553,7 @@ def _latency_section(bench_results: list[dict[str, Any]]) -> list[str]:
         "",
         markdown_table(
             [
+                "model",
                 "device",
                 "mode",
                 "dtype",
@@ -563,6 +568,7 @@ def _latency_section(bench_results: list[dict[str, Any]]) -> list[str]:
             ],
             [
                 [
+                    p["model"],
                     p["device"],
                     p["mode"],
                     p["dtype"],
