@@ -636,7 +636,8 @@ def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str], nm_row
 
 def frontier_points(rows: list[dict[str, Any]], nm_rows: list[dict[str, Any]]) -> dict[str, list[tuple]]:
     """The accuracy-versus-cost points of one setup: per run label a filter-only and a filter + N:M family,
-    (effective MACs, accuracy mean, accuracy std, ratio) sorted by cost, plus the dense and 2:4-only models.
+    (effective MACs, accuracy mean, accuracy std, ratio) sorted by cost, plus the dense and 2:4-only models
+    (a recipe measured at one ratio only: its filter + N:M point alone).
 
     Example:
         >>> result = '{"filter": {"macs": 60}, "dense": {"macs": 100}}'
@@ -664,7 +665,8 @@ def frontier_points(rows: list[dict[str, Any]], nm_rows: list[dict[str, Any]]) -
             filter_only.append((filter_macs, *mean_std([r["filter_accuracy"] for r in rs]), ratio))
             cost = sum(r["effective_macs"] for r in rs) / len(rs)
             hybrid.append((cost, *mean_std([r["hybrid_accuracy"] for r in rs]), ratio))
-        families[f"{label} filter only"] = sorted(filter_only)
+        if "+" not in label or len(by_ratio) > 1:  # a recipe at one ratio: its final model only, less clutter
+            families[f"{label} filter only"] = sorted(filter_only)
         families[f"{label} filter + 2:4"] = sorted(hybrid)
     if dense_macs:
         dense = mean_std(list({r["seed"]: r["dense_accuracy"] for r in rows}.values()))
