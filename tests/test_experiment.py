@@ -314,6 +314,8 @@ def test_recipes_are_an_axis_whose_runs_share_the_dense_baseline(tmp_path):
     assert experiment.baseline_key(plain) == experiment.baseline_key(kd) and run_key(plain) != run_key(kd)
     named = grid_from_dict({**FAST, "recipes": ["plain", "steps2"]}).runs()
     assert {(c.recipe, c.prune.steps) for c in named} == {("plain", 1), ("steps2", 2)}
+    bare = grid_from_dict({**FAST, "recipes": {"steps2": None, "mine": {"prune": {"steps": 3}}}}).runs()
+    assert {(c.recipe, c.prune.steps) for c in bare} == {("steps2", 2), ("mine", 3)}  # a bare name: its settings
     store = Store(tmp_path / "r.sqlite")
     assert run_grid(grid, store, progress=False, log=lambda _: None)["done"] == 2
     rows = store.rows()

@@ -30,6 +30,13 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, help="SQLite result store written by `hybridprune experiment`")
     p.add_argument("--out", required=True, help="folder for report.md, CSV tables and PNG plots")
     p.add_argument("--bench", action="append", default=[], help="bench JSON with accuracies, for a Pareto plot")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        help="report only the runs of this experiment YAML (repeatable); needed when one store holds grids "
+        "that measure the same setup with different settings",
+    )
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
@@ -59,16 +66,21 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .experiment import Store
+    from .experiment import Store, load_grid, nm_only_key, run_key
     from .outputs import check_output_dir
     from .report import write_grid_report
 
     check_output_dir(Path(args.out))
     store = Store(args.store, create=False)
-    rows = store.rows()
+    rows, nm_rows = store.rows(), store.nm_only_rows()
+    if args.grid:
+        grids = [load_grid(g) for g in args.grid]
+        keys = {run_key(c) for g in grids for c in g.runs()}
+        nm_keys = {nm_only_key(c) for g in grids for c in g.nm_only_runs()}
+        rows, nm_rows = [r for r in rows if r["key"] in keys], [r for r in nm_rows if r["key"] in nm_keys]
     if not rows:
-        raise HybridPruneError(f"{args.store} holds no finished runs yet")
-    for path in write_grid_report(rows, args.out, args.bench, store.nm_only_rows()):
+        raise HybridPruneError(f"{args.store} holds no finished runs{' of those grids' if args.grid else ''} yet")
+    for path in write_grid_report(rows, args.out, args.bench, nm_rows):
         print(f"wrote {path}")
 
 

@@ -176,9 +176,8 @@ def _recipes(raw: dict[str, Any]) -> tuple[tuple[str, dict[str, Any]], ...]:
             f"recipes must be a non-empty list of names ({', '.join(RECIPES)}) or a mapping of names to "
             f"prune/finetune settings, got {value!r}"
         )
-    return tuple(
-        (name, check_recipe(name, (recipe or {}) if name in RECIPES else recipe)) for name, recipe in value.items()
-    )
+    # a named recipe given without settings (`distill:` or `distill: {}`) means its settings in RECIPES
+    return tuple((name, check_recipe(name, recipe or RECIPES.get(name, recipe))) for name, recipe in value.items())
 
 
 def _items(raw: dict[str, Any], key: str, default: list, kind: type) -> list:

@@ -411,6 +411,23 @@ def _interpolate_macs(curve: list[tuple[float, float]], accuracy: float) -> floa
     return found
 
 
+def _check_one_setting_per_point(rows: list[dict[str, Any]]) -> None:
+    """Rows of the same setup, label, ratio and seed with different settings (two grids in one store, e.g. other
+    fine-tuning epochs) would be averaged as one point: refuse, and say how to choose."""
+    from .errors import HybridPruneError
+
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        point = (r["dataset"], r["model"], r["width"], run_label(r), r["ratio"], r["seed"])
+        other = seen.setdefault(point, r)
+        if other["key"] != r["key"]:
+            raise HybridPruneError(
+                f"the store holds two runs of {run_label(r)} at ratio {r['ratio']:g}, seed {r['seed']} with different "
+                f"settings (experiments {other['experiment']} and {r['experiment']}); report one grid at a time: "
+                "--grid experiments/NAME.yaml"
+            )
+
+
 def write_grid_report(
     rows: list[dict[str, Any]],
     out: str | Path,
@@ -424,6 +441,7 @@ def write_grid_report(
 
     from .outputs import write_text
 
+    _check_one_setting_per_point(rows)
     out = Path(out)
     written, md = [], ["# Experiment report", "", f"{len(rows)} finished runs, read from the store.", ""]
     md += ["## Dense baselines: top-1 accuracy (%), mean ± std (seeds)", "", dense_table(rows, nm_rows or None), ""]
