@@ -130,12 +130,12 @@ def test_run_with_distillation_records_the_loss_it_used(tmp_path):
 def test_a_recipe_sets_its_options_and_explicit_flags_win(tmp_path):
     out = tmp_path / "best"
     args = ["run", *SMALL, "--model", "zoo:residual_net", "--metric", "l1", "--recipe", "best", "--no-permute"]
-    assert main([*args, "--allocation", "sensitivity", "--out", str(out)]) == 0
+    assert main([*args, "--allocation", "global", "--distill", "--out", str(out)]) == 0
     cfg = json.loads((out / "results.json").read_text())["config"]
     best = RECIPES["best"]
     assert cfg["recipe"] == "best"
-    assert cfg["finetune"]["distill_weight"] == best["finetune"].get("distill_weight", 0.0)
-    assert cfg["prune"]["steps"] == best["prune"].get("steps", 1)
-    assert cfg["prune"]["permute"] is False and cfg["prune"]["allocation"] == "sensitivity"  # given: they win
+    assert cfg["prune"]["steps"] == best["prune"].get("steps", 1)  # not given: the recipe's
+    assert best["prune"]["allocation"] == "sensitivity" and cfg["prune"]["allocation"] == "global"  # given: it wins
+    assert cfg["prune"]["permute"] is False and cfg["finetune"]["distill_weight"] == 0.9
     plain = _run_config(build_parser().parse_args(["run", "--distill-weight", "0.5"]), None, "digits")
     assert plain.finetune.distill_weight == 0.0 and plain.prune.steps == 1 and not plain.prune.permute  # no --distill

@@ -375,11 +375,11 @@ def _recipe_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     """The prune and fine-tune settings of `--recipe`, with every recovery option given explicitly winning.
 
     Example:
-        >>> args = argparse.Namespace(recipe="best", permute=False, prune_steps=None, allocation=None,
-        ...     distill=None, distill_weight=0.5)
+        >>> args = argparse.Namespace(recipe="best", permute=None, prune_steps=3, allocation=None,
+        ...     distill=True, distill_weight=0.5)
         >>> prune, finetune = _recipe_settings(args)
-        >>> prune["permute"], finetune["distill_weight"]
-        (False, 0.5)
+        >>> prune["allocation"], prune["steps"], finetune["distill_weight"]
+        ('sensitivity', 3, 0.5)
     """
     from .config import RECIPES
 
