@@ -264,6 +264,9 @@ def test_global_allocation_prunes_the_groups_that_matter_less_more():
     assert sum(global_.values()) == pytest.approx(sum(uniform.values()), abs=3 * 4)
     with pytest.raises(HybridPruneError, match="unknown allocation 'greedy'; valid: uniform, global, sensitivity"):
         PruneConfig(allocation="greedy")
+    with pytest.raises(HybridPruneError, match="at most 0.8 .its largest probe"):
+        PruneConfig(allocation="sensitivity", filter_ratio=0.85)
+    assert PruneConfig(allocation="sensitivity", filter_ratio=0.85, target_macs=0.2).target_macs == 0.2
 
 
 def test_sensitivity_allocation_spares_the_sensitive_group_and_takes_from_the_robust_one():

@@ -137,12 +137,17 @@ class PruneConfig(_Dict):
     }
 
     def __post_init__(self) -> None:
-        from .allocate import ALLOCATIONS
+        from .allocate import ALLOCATIONS, SENSITIVITY_PROBES
         from .metrics import METRICS
 
         self._check_fields()
         if self.allocation not in ALLOCATIONS:
             raise HybridPruneError(f"unknown allocation {self.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+        if self.allocation == "sensitivity" and self.target_macs is None and self.filter_ratio > SENSITIVITY_PROBES[-1]:
+            raise HybridPruneError(
+                f"--allocation sensitivity prunes a group by at most {SENSITIVITY_PROBES[-1]:g} (its largest probe), "
+                f"so it cannot remove {self.filter_ratio:g} of all channels; use a ratio up to that, or uniform/global"
+            )
         object.__setattr__(self, "ignore", tuple(self.ignore))
         if not all(isinstance(n, str) and n.strip() for n in self.ignore):
             raise HybridPruneError(f"ignore must list module names, got {list(self.ignore)}")
