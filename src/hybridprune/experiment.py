@@ -353,8 +353,8 @@ class Store:
         """Version 1 had no recipes: every run in it was plain fine-tuning. One transaction."""
         with self._connect() as db:
             db.execute("ALTER TABLE runs ADD COLUMN recipe TEXT NOT NULL DEFAULT 'plain'")
-            db.execute(SCHEMA.split(";")[2])  # the 2:4-only table
             db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(STORE_VERSION),))
+            db.executescript(SCHEMA)  # the tables version 1 lacked (every statement is IF NOT EXISTS)
 
     def finished_keys(self) -> set[str]:
         with self._connect() as db:

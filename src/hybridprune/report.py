@@ -324,8 +324,6 @@ def iso_accuracy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         >>> [p["filter_macs_same_accuracy"] for p in iso_accuracy([r(0.2, 90, 80, 88), r(0.6, 80, 40, 75)])]
         [72.0, None]
     """
-    import json
-
     setups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         setups.setdefault((row["dataset"], row["model"], row["width"], run_label(row)), []).append(row)
@@ -638,12 +636,9 @@ def _plots(rows: list[dict[str, Any]], out: Path, bench_files: list[str], nm_row
             ax.grid(alpha=0.3)
         if not single:
             axes[0].legend()
-        fig.tight_layout()
-        path = out / f"accuracy-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png"
-        out.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(
+            _save_figure(fig, plt, out / f"accuracy-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png")
+        )
     if _has_results(rows):
         for setup in sorted({(r["dataset"], r["model"], r["width"]) for r in rows}):
             written.append(_frontier_plot(setup, rows, nm_rows, out, plt))
@@ -666,8 +661,6 @@ def frontier_points(rows: list[dict[str, Any]], nm_rows: list[dict[str, Any]]) -
         >>> p["l1 filter only"], p["l1 filter + 2:4"], p["dense"], p["2:4 only"]
         ([(60.0, 80.0, 0.0, 0.5)], [(30.0, 79.0, 0.0, 0.5)], [(100.0, 85.0, 0.0, 0.0)], [(51.0, 84.0, 0.0, 0.0)])
     """
-    import json
-
     families: dict[str, list[tuple]] = {}
     dense_macs = []
     for label in sorted({run_label(r) for r in rows}, key=_metric_order):
@@ -722,17 +715,11 @@ def _frontier_plot(
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / f"frontier-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, plt, out / f"frontier-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png")
 
 
 def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
     """Accuracy versus best throughput of the four variants of one `bench` result."""
-    import json
-
     result = json.loads(bench_file.read_text())
     best: dict[str, dict[str, Any]] = {}
     for r in result["runs"]:
@@ -754,8 +741,12 @@ def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
         title=f"accuracy vs throughput ({next(iter(best.values()))['device'] if best else 'no accuracies'})",
     )
     ax.grid(alpha=0.3)
+    return _save_figure(fig, plt, out / f"pareto-{bench_file.stem}.png")
+
+
+def _save_figure(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
-    path = out / f"pareto-{bench_file.stem}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -763,8 +754,6 @@ def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
 
 def _has_results(rows: list[dict[str, Any]]) -> bool:
     """Rows written by a grid carry their full result (with the filter stage's MACs); hand-made rows may not."""
-    import json
-
     try:
         return all(json.loads(r["result"])["filter"]["macs"] > 0 for r in rows)
     except (KeyError, TypeError, ValueError):
