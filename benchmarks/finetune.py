@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from hybridprune.config import TrainConfig
-from hybridprune.data import Dataset, ImageSet, batches
-from hybridprune.models import build_model
-from hybridprune.nm import nm_prune_
+from hybridprune.data.datasets import Dataset, ImageSet, batches
+from hybridprune.experiments.report import markdown_table
+from hybridprune.models.sources import build_model
 from hybridprune.outputs import environment, write_json
-from hybridprune.report import markdown_table
-from hybridprune.train import fit
+from hybridprune.pruning.nm import nm_prune_
+from hybridprune.training.loop import fit
 
 
 def plain_loop(model: torch.nn.Module, data: Dataset, cfg: TrainConfig, device: torch.device) -> None:

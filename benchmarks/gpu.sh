@@ -24,16 +24,16 @@ run 120 $py benchmarks/layers.py --out "$out/layers-gpu.json"
 
 # 3. the four variants of the paper's AlexNet (CIFAR shape) and of a 4x wider one, synthetic weights
 for width in 1 4; do
-  run 100 $py -m hybridprune.cli bench --synthetic --width "$width" --batch-sizes 1,16,64,256,1024 \
+  run 100 $py -m hybridprune bench --synthetic --width "$width" --batch-sizes 1,16,64,256,1024 \
       --dtypes float16,bfloat16 --kernels fastest --rounds 8 --calls 5 --no-progress \
       --json "$out/bench-gpu-alexnet-w${width}.json" --overwrite
 done
 # MNIST shape (1x28x28), the paper's first dataset
-run 50 $py -m hybridprune.cli bench --synthetic --channels 1 --image-size 28 --batch-sizes 64,1024 \
+run 50 $py -m hybridprune bench --synthetic --channels 1 --image-size 28 --batch-sizes 64,1024 \
     --dtypes float16 --kernels fastest --rounds 8 --calls 5 --no-progress \
     --json "$out/bench-gpu-alexnet-mnist.json" --overwrite
 # 4. a real ImageNet-shape network (torchvision ResNet-50 at 224x224, random weights): where 2:4 convs are large
-run 90 $py -m hybridprune.cli bench --synthetic --model torchvision:resnet50 --image-size 224 --batch-sizes 1,32,128 \
+run 90 $py -m hybridprune bench --synthetic --model torchvision:resnet50 --image-size 224 --batch-sizes 1,32,128 \
     --dtypes float16 --kernels fastest --rounds 5 --calls 3 --no-progress \
     --json "$out/bench-gpu-resnet50-224.json" --overwrite
 # 5. fine-tuning speed per precision (fit with 2:4 masks held) against a plain PyTorch loop

@@ -15,11 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from hybridprune.bench import _variant_from_file, bench, parse_batch_sizes, parse_dtypes
+from hybridprune.deploy.bench import _variant_from_file, bench, parse_batch_sizes, parse_dtypes
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiment import Store
+from hybridprune.experiments.grid import Store
 from hybridprune.outputs import environment, write_json
-from hybridprune.train import resolve_device
+from hybridprune.world import resolve_device
 
 
 def variants_per_ratio(store: Store, model: str, seed: int, metric: str) -> dict[float, list]:

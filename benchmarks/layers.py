@@ -1,7 +1,7 @@
 """Microbenchmark: single conv and linear layers, dense versus 2:4 sparse, over channel counts and batch sizes.
 
 Draws the boundary where sparse tensor cores start to pay. A conv's sparse path is the unfold + sparse
-GEMM of hybridprune.sparse; its dense baseline is cuDNN (`F.conv2d`, channels-last, the same dtype),
+GEMM of hybridprune.deploy.sparse; its dense baseline is cuDNN (`F.conv2d`, channels-last, the same dtype),
 and the dense unfold + GEMM is timed too, so the cost of the lowering itself shows separately.
 
 On a CPU there is no sparse kernel: the script times the dense paths only and says so.
@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hybridprune.nm import nm_mask
+from hybridprune.deploy.sparse import GemmConv2d, _sparse_module, sparse_backend
+from hybridprune.deploy.timing import median_ms
+from hybridprune.experiments.report import markdown_table
 from hybridprune.outputs import environment, write_json
-from hybridprune.report import markdown_table
-from hybridprune.sparse import GemmConv2d, _sparse_module, sparse_backend
-from hybridprune.timing import median_ms
+from hybridprune.pruning.nm import nm_mask
 
 
 def time_dense_and_sparse(layer: nn.Module, x: torch.Tensor, row: dict, backend, repeats: int) -> dict:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hybridprune.data import ImageSet, batches
-from hybridprune.folders import FolderSet
+from hybridprune.data.datasets import ImageSet, batches
+from hybridprune.data.folders import FolderSet
+from hybridprune.experiments.report import markdown_table
 from hybridprune.outputs import environment, write_json
-from hybridprune.report import markdown_table
 
 
 def write_images(root: Path, count: int, side: int, classes: int = 10) -> list[tuple[str, int]]:

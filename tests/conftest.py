@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from hybridprune.models import build_model
+from hybridprune.models.sources import build_model
 from zoo import ZOO_SOURCES, randomize_batchnorm_
 
 # Every property test runs on these: four kinds of channel coupling written as plain user code, and the
@@ -43,7 +43,7 @@ def kill_channels(model: nn.Module, group, channels: list[int]) -> None:
     """Make group channels contribute nothing downstream: zero every producing conv's filters and every
     BatchNorm's affine terms and running mean at those channels, wherever in the group the BN sits (right
     after the conv, or after a concatenation in a pre-activation net), so each channel is exactly 0."""
-    from hybridprune.graph import dependency_graph
+    from hybridprune.pruning.graph import dependency_graph
 
     graph = dependency_graph(model)
     root = model.get_submodule(group.name)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hybridprune.checkpoint import load_checkpoint, save_checkpoint
 from hybridprune.config import PruneConfig
 from hybridprune.errors import HybridPruneError
-from hybridprune.nm import nm_prune_
-from hybridprune.pipeline import prune_filters_
+from hybridprune.experiments.job import prune_filters_
+from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
+from hybridprune.pruning.nm import nm_prune_
 
 
 def test_round_trip_of_a_pruned_model_gives_identical_logits(zoo_model, tmp_path):

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from hybridprune.checkpoint import load_checkpoint
 from hybridprune.cli import main
-from hybridprune.nm import satisfies_nm
+from hybridprune.pruning.checkpoint import load_checkpoint
+from hybridprune.pruning.nm import satisfies_nm
 
 TINY = [
     "--train-size",

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hybridprune.checkpoint import load_checkpoint
 from hybridprune.cli import _run_config, build_parser, main
 from hybridprune.config import RECIPES
-from hybridprune.models import build_model
-from hybridprune.nm import satisfies_nm
+from hybridprune.models.sources import build_model
+from hybridprune.pruning.checkpoint import load_checkpoint
+from hybridprune.pruning.nm import satisfies_nm
 
 SMALL = [
     *("--train-size", "96", "--test-size", "48", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32"),

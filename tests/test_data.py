@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from hybridprune.data import ImageSet, batches, channel_stats, load_dataset, random_shift
+from hybridprune.data.datasets import ImageSet, batches, channel_stats, load_dataset, random_shift
 from hybridprune.errors import HybridPruneError
 
 RNG = np.random.default_rng(0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from hybridprune.data import MAX_CLASSES, Dataset, ImageSet, check_dataset, load_dataset
+from hybridprune.data.datasets import MAX_CLASSES, Dataset, ImageSet, check_dataset, load_dataset
 from hybridprune.errors import HybridPruneError
 
 RNG = np.random.default_rng(0)

@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from hybridprune.config import PruneConfig, RunConfig, TrainConfig
-from hybridprune.distributed import World, shard
 from hybridprune.errors import HybridPruneError
-from hybridprune.nm import satisfies_nm
+from hybridprune.pruning.nm import satisfies_nm
+from hybridprune.world import World, shard
 
 
 def _free_port() -> int:
@@ -38,11 +38,11 @@ def _rank_worker(rank: int, size: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from hybridprune.data import load_dataset
-    from hybridprune.distributed import world_from_env
-    from hybridprune.models import build_model
-    from hybridprune.pipeline import _nm_copy, prune_filters_
-    from hybridprune.train import calibration_batches, fit
+    from hybridprune.data.datasets import load_dataset
+    from hybridprune.experiments.job import _nm_copy, prune_filters_
+    from hybridprune.models.sources import build_model
+    from hybridprune.training.loop import calibration_batches, fit
+    from hybridprune.world import world_from_env
 
     world, device = world_from_env("cpu")
     data = load_dataset("digits")
@@ -72,7 +72,7 @@ def test_two_ranks_end_with_identical_weights_and_masks(tmp_path):
 
 
 def test_a_batch_that_does_not_divide_over_the_ranks_is_refused_before_any_work(tmp_path):
-    from hybridprune.pipeline import run
+    from hybridprune.experiments.job import run
 
     cfg = RunConfig(train=TrainConfig(batch_size=33))
     with pytest.raises(HybridPruneError, match="batch size 33 does not divide over 2 processes"):
@@ -93,9 +93,9 @@ def test_torchrun_runs_the_whole_job_and_only_rank_0_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("checkpoints and results.json in") == 1 and "(2 processes)" in proc.stdout
     result = json.loads((out / "results.json").read_text())
-    from hybridprune.checkpoint import load_checkpoint
-    from hybridprune.data import load_dataset
-    from hybridprune.train import evaluate
+    from hybridprune.data.datasets import load_dataset
+    from hybridprune.pruning.checkpoint import load_checkpoint
+    from hybridprune.training.loop import evaluate
 
     model, masks, _ = load_checkpoint(out / "l1-hybrid.safetensors")
     test = load_dataset("digits").test.subset(48, 1)
@@ -121,7 +121,7 @@ def test_a_job_killed_mid_run_leaves_no_corrupt_file_and_resumes(tmp_path):
     os.killpg(job.pid, signal.SIGKILL)  # every rank at once, mid-run
     job.wait()
     assert not (out / "results.json").exists()
-    from hybridprune.checkpoint import load_checkpoint
+    from hybridprune.pruning.checkpoint import load_checkpoint
 
     for ckpt in out.glob("*.safetensors"):  # whatever was written is whole
         load_checkpoint(ckpt)
@@ -132,8 +132,8 @@ def test_a_job_killed_mid_run_leaves_no_corrupt_file_and_resumes(tmp_path):
 
 
 def test_sync_batchnorm_is_refused_on_cpus_with_one_line():
-    from hybridprune.distributed import synced_batchnorm
-    from hybridprune.models import build_model
+    from hybridprune.models.sources import build_model
+    from hybridprune.training.distributed import synced_batchnorm
 
     model = build_model("zoo:residual_net", image_size=16)
     with pytest.raises(HybridPruneError, match="--sync-bn needs GPUs"):
@@ -145,8 +145,8 @@ def test_sync_batchnorm_layers_turn_back_into_the_original_types_sharing_their_t
     from torch import nn
 
     from conftest import make_model
-    from hybridprune.distributed import _as_plain
-    from hybridprune.graph import set_module
+    from hybridprune.pruning.graph import set_module
+    from hybridprune.training.distributed import _as_plain
 
     model = make_model("zoo:residual_net")
     x = torch.rand(2, *model.input_shape)

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from hybridprune import experiment
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiment import Store, grid_from_dict, load_grid, run_grid, run_key
-from hybridprune.report import accuracy_table, paired_differences, write_grid_report
+from hybridprune.experiments import grid as experiment
+from hybridprune.experiments.grid import Store, grid_from_dict, load_grid, run_grid, run_key
+from hybridprune.experiments.report import accuracy_table, paired_differences, write_grid_report
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 FAST = {
@@ -227,7 +227,7 @@ def test_a_killed_grid_leaves_a_sound_store_and_resumes(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "hybridprune.cli",
+        "hybridprune",
         "experiment",
         str(config),
         "--store",
@@ -281,7 +281,7 @@ def test_a_grid_over_a_residual_and_a_users_network(tmp_path):
 
 
 def test_iso_accuracy_takes_the_cheapest_filter_only_model_of_the_same_accuracy():
-    from hybridprune.report import _interpolate_macs, iso_accuracy
+    from hybridprune.experiments.report import _interpolate_macs, iso_accuracy
 
     # accuracy 85 is met twice on a non-monotone curve: between 100M and 60M, and between 40M and 20M
     curve = [(90.0, 100.0), (80.0, 60.0), (86.0, 40.0), (84.0, 20.0)]

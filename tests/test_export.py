@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import make_model
-from hybridprune.checkpoint import save_checkpoint
 from hybridprune.cli import main
 from hybridprune.config import PruneConfig
-from hybridprune.export import _broken_groups, check_onnx, export_onnx
-from hybridprune.nm import NMPattern, nm_prune_
-from hybridprune.pipeline import prune_filters_
+from hybridprune.deploy.export import _broken_groups, check_onnx, export_onnx
+from hybridprune.experiments.job import prune_filters_
+from hybridprune.pruning.checkpoint import save_checkpoint
+from hybridprune.pruning.nm import NMPattern, nm_prune_
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -39,7 +39,7 @@ def test_the_batch_size_is_dynamic(batch, tmp_path):
 
 
 def test_a_torchvision_network_exports(tmp_path):
-    from hybridprune.models import build_model
+    from hybridprune.models.sources import build_model
 
     model = build_model("torchvision:mobilenet_v2", image_size=32).eval()
     masks = _hybrid(model)

@@ -31,13 +31,13 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hybridprune import pipeline
-from hybridprune import train as train_module
-from hybridprune.checkpoint import save_checkpoint
 from hybridprune.cli import NUMERIC_FLAGS, build_parser, main
-from hybridprune.models import build_model
-from hybridprune.nm import NMPattern, nm_prune_
+from hybridprune.experiments import job as pipeline
+from hybridprune.models.sources import build_model
 from hybridprune.outputs import write_json
+from hybridprune.pruning.checkpoint import save_checkpoint
+from hybridprune.pruning.nm import NMPattern, nm_prune_
+from hybridprune.training import loop as train_module
 from test_data_checks import (
     IDX_NAMES,
     cifar_entry,
@@ -598,7 +598,7 @@ def test_bad_data_file(tmp_path, capsys, tiny_checkpoint, command, fmt, index):
 
 @pytest.fixture(scope="module")
 def tiny_nm_checkpoint(tmp_path_factory, tiny_checkpoint):
-    from hybridprune.checkpoint import load_checkpoint
+    from hybridprune.pruning.checkpoint import load_checkpoint
 
     model = load_checkpoint(tiny_checkpoint)[0]
     path = tmp_path_factory.mktemp("ckpt") / "tiny-nm.safetensors"

@@ -3,7 +3,7 @@ import torch
 
 from conftest import make_model
 from hybridprune.errors import HybridPruneError
-from hybridprune.metrics import METRICS, ScoringContext, combine_hybrid, normalized_rank, score_filters
+from hybridprune.pruning.metrics import METRICS, ScoringContext, combine_hybrid, normalized_rank, score_filters
 
 
 def _ctx(model, batches=1, seed=0):
@@ -101,7 +101,7 @@ def test_hybrid_output_scores_the_nm_pruned_copy_and_leaves_the_model_untouched(
     hybrid = score_filters("hybrid_output", ctx)
     dense = score_filters("output_l1", ctx)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters(), strict=True))
-    from hybridprune.metrics import normalized_rank as rank
+    from hybridprune.pruning.metrics import normalized_rank as rank
 
     # a group after an N:M layer ranks differently once its inputs are 2:4-pruned
     assert any(not torch.equal(rank(dense[n]).argsort(), hybrid[n].argsort()) for n in list(dense)[1:])

@@ -9,15 +9,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import coupled_shapes_match, kill_channels
-from hybridprune.checkpoint import load_checkpoint, load_weights_, save_checkpoint
 from hybridprune.config import PruneConfig
+from hybridprune.deploy.sparse import to_inference_model
 from hybridprune.errors import HybridPruneError
-from hybridprune.graph import channel_groups, dependency_graph
-from hybridprune.models import build_model
-from hybridprune.nm import apply_masks_, nm_prune_, satisfies_nm
-from hybridprune.pipeline import prune_filters_
-from hybridprune.prune import FilterPlan, GroupPlan, apply_filter_plan_
-from hybridprune.sparse import to_inference_model
+from hybridprune.experiments.job import prune_filters_
+from hybridprune.models.sources import build_model
+from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_, save_checkpoint
+from hybridprune.pruning.graph import channel_groups, dependency_graph
+from hybridprune.pruning.nm import apply_masks_, nm_prune_, satisfies_nm
+from hybridprune.pruning.plan import FilterPlan, GroupPlan, apply_filter_plan_
 from zoo import randomize_batchnorm_
 
 REAL = [

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from hybridprune.errors import HybridPruneError
-from hybridprune.nm import (
+from hybridprune.pruning.nm import (
     NMPattern,
     apply_masks_,
     compute_masks,
@@ -79,7 +79,7 @@ class _StemRegisteredLast(nn.Module):
 
 
 def test_the_conv_that_reads_the_image_is_found_in_forward_order_not_registration_order():
-    from hybridprune.models import build_model
+    from hybridprune.models.sources import build_model
 
     model = build_model("test_nm:_StemRegisteredLast", in_channels=4, num_classes=3, image_size=8)
     report = {e.name: e for e in nm_eligibility(model)}

@@ -6,8 +6,8 @@ import torch
 
 from conftest import make_model
 from hybridprune.cli import main
-from hybridprune.nm import NMPattern, eligible_layers, nm_prune_weight
-from hybridprune.permute import _kept, permute_for_nm_
+from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_weight
+from hybridprune.pruning.permute import _kept, permute_for_nm_
 
 
 def _kept_everywhere(model) -> float:

@@ -7,12 +7,12 @@ from torch import nn
 from conftest import coupled_shapes_match, kill_channels, make_model
 from hybridprune.config import PruneConfig
 from hybridprune.errors import HybridPruneError
-from hybridprune.graph import channel_groups, dependency_graph
-from hybridprune.metrics import ScoringContext, score_filters
-from hybridprune.models import build_model
-from hybridprune.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
-from hybridprune.pipeline import prune_filters_
-from hybridprune.prune import FilterPlan, GroupPlan, apply_filter_plan_, kept_count, plan_filter_pruning
+from hybridprune.experiments.job import prune_filters_
+from hybridprune.models.sources import build_model
+from hybridprune.pruning.graph import channel_groups, dependency_graph
+from hybridprune.pruning.metrics import ScoringContext, score_filters
+from hybridprune.pruning.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
+from hybridprune.pruning.plan import FilterPlan, GroupPlan, apply_filter_plan_, kept_count, plan_filter_pruning
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_a_model_torch_pruning_cannot_trace_stops_with_one_line():
 def test_pruning_history_replays_to_the_same_model(zoo_model):
     reference = copy.deepcopy(zoo_model)
     prune_filters_(zoo_model, PruneConfig(metric="l1", filter_ratio=0.5, round_to=4), [])
-    from hybridprune.prune import replay_history_
+    from hybridprune.pruning.plan import replay_history_
 
     replayed = replay_history_(reference, zoo_model.pruning_history)
     assert [tuple(p.shape) for p in replayed.parameters()] == [tuple(p.shape) for p in zoo_model.parameters()]
@@ -171,7 +171,7 @@ def test_pruning_history_replays_to_the_same_model(zoo_model):
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 5])
 def test_the_step_schedule_shrinks_monotonically_to_the_one_step_counts(steps):
-    from hybridprune.prune import step_counts
+    from hybridprune.pruning.plan import step_counts
 
     sizes = {"a": 64, "b": 16, "c": 100}
     final = {n: kept_count(s, 0.6, 8) for n, s in sizes.items()}
@@ -203,8 +203,8 @@ def test_iterative_pruning_removes_exactly_the_planned_counts_and_maps_to_origin
 
 
 def test_iterative_pruning_spends_the_same_fine_tuning_epochs(monkeypatch, tmp_path):
-    from hybridprune import pipeline
     from hybridprune.cli import main
+    from hybridprune.experiments import job as pipeline
 
     epochs = []
     real_fit = pipeline.fit
@@ -234,7 +234,7 @@ def _self_labelled(model: nn.Module, batches: int = 2) -> tuple[list[torch.Tenso
 @pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
 @pytest.mark.parametrize("target", [0.3, 0.6])
 def test_a_mac_target_is_met_within_one_rounding_step(zoo_model, allocation, target):
-    from hybridprune.stats import layer_macs
+    from hybridprune.models.counts import layer_macs
 
     dense = sum(layer_macs(zoo_model).values())
     cfg = PruneConfig(metric="l1", round_to=4, allocation=allocation, target_macs=target)
@@ -251,7 +251,7 @@ def test_a_mac_target_is_met_within_one_rounding_step(zoo_model, allocation, tar
 
 
 def test_global_allocation_prunes_the_groups_that_matter_less_more():
-    from hybridprune.allocate import counts_at
+    from hybridprune.pruning.allocate import counts_at
 
     model = make_model("zoo:plain_net")
     ctx = ScoringContext(model)
@@ -285,7 +285,7 @@ def _fitted_to_random_labels(model: nn.Module, steps: int = 40) -> nn.Module:
 
 @pytest.mark.parametrize("name", ["zoo:plain_net", "zoo:residual_net", "zoo:concat_net"])
 def test_sensitivity_allocation_spares_the_sensitive_group_and_takes_from_the_robust_one(name):
-    from hybridprune.allocate import counts_at, measure_sensitivity
+    from hybridprune.pruning.allocate import counts_at, measure_sensitivity
 
     model = _fitted_to_random_labels(make_model(name))  # so its answers differ between images
     ctx = ScoringContext(model)
@@ -305,8 +305,8 @@ def test_sensitivity_allocation_spares_the_sensitive_group_and_takes_from_the_ro
 
 
 def test_sensitivity_tolerance_is_the_smallest_that_reaches_the_ratio():
-    from hybridprune.allocate import counts_at, tolerated_ratio
-    from hybridprune.graph import ChannelGroup
+    from hybridprune.pruning.allocate import counts_at, tolerated_ratio
+    from hybridprune.pruning.graph import ChannelGroup
 
     groups = [ChannelGroup("a", 10, (), ()), ChannelGroup("b", 10, (), ())]
     curves = {"a": [(0, 0), (0.5, 1.0), (0.8, 2.0)], "b": [(0, 0), (0.2, 10.0), (0.8, 20.0)]}

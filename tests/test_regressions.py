@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from hybridprune.checkpoint import load_checkpoint, load_weights_
 from hybridprune.cli import main
-from hybridprune.models import build_model
+from hybridprune.models.sources import build_model
 from hybridprune.outputs import written_files
+from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_
 
 TINY = ["--train-size", "64", "--test-size", "32", "--epochs", "1", "--batch-size", "32", "--no-progress"]
 PRUNE = ["--train-size", "64", "--test-size", "32", "--finetune-epochs", "1", "--round-to", "4", "--no-progress"]
@@ -23,7 +23,7 @@ def dense(tmp_path):
 
 
 def test_prune_resumes_after_an_interrupt(dense, tmp_path, monkeypatch, capsys):
-    from hybridprune import pipeline
+    from hybridprune.experiments import job as pipeline
 
     out = tmp_path / "pruned"
     real = pipeline.nm_prune_
@@ -65,7 +65,7 @@ class _PlainBN(nn.Module):
 
 
 def test_batchnorm_without_affine_terms_folds_and_one_without_running_stats_is_left_alone():
-    from hybridprune.sparse import fold_batchnorm_
+    from hybridprune.deploy.sparse import fold_batchnorm_
 
     model = build_model("test_regressions:_PlainBN", image_size=8).eval()
     with torch.no_grad():
@@ -97,8 +97,8 @@ def test_weights_of_a_network_with_its_own_net_module_load(tmp_path):
 
 
 def test_a_failed_export_check_leaves_the_previous_file(tmp_path, monkeypatch, capsys):
-    from hybridprune import export
-    from hybridprune.checkpoint import save_checkpoint
+    from hybridprune.deploy import export
+    from hybridprune.pruning.checkpoint import save_checkpoint
 
     pytest.importorskip("onnxruntime")
     ckpt = save_checkpoint(tmp_path / "m.safetensors", build_model("resnet20", width=0.5))
@@ -128,7 +128,7 @@ def test_a_tampered_run_config_is_one_line_on_resume(dense, tmp_path, capsys):
 
 
 def test_augmented_gray_batches_have_standard_strides():
-    from hybridprune.data import ImageSet, batches
+    from hybridprune.data.datasets import ImageSet, batches
 
     images = ImageSet(torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8), torch.zeros(10, dtype=torch.long), 2)
     for x, _ in batches(images, 4, shuffle=True, augment=True):
@@ -141,10 +141,10 @@ def test_training_a_residual_net_on_gray_images_at_an_odd_batch_size_does_not_cr
 
     code = """
 import torch
-from hybridprune.data import load_dataset
-from hybridprune.models import build_model
+from hybridprune.data.datasets import load_dataset
+from hybridprune.models.sources import build_model
 from hybridprune.config import TrainConfig
-from hybridprune.train import fit
+from hybridprune.training.loop import fit
 ds = load_dataset("digits")
 ds = type(ds)(ds.name, ds.train.subset(350, 0), ds.test, ds.hflip)
 fit(build_model("resnet20", in_channels=1, width=0.5), ds, TrainConfig(epochs=1, batch_size=35), torch.device("cpu"),

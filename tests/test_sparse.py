@@ -3,9 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridprune.errors import HybridPruneError
-from hybridprune.nm import NMPattern, nm_mask, nm_prune_
-from hybridprune.sparse import (
+from hybridprune.deploy.sparse import (
     GemmConv2d,
     conv_weight_as_gemm,
     fold_batchnorm_,
@@ -13,6 +11,8 @@ from hybridprune.sparse import (
     to_inference_model,
     unfold_channels_last,
 )
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.nm import NMPattern, nm_mask, nm_prune_
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (5, 1, 2), (5, 2, 0), (3, 1, 0)])
@@ -89,7 +89,7 @@ def test_folding_batchnorm_keeps_outputs_and_the_nm_pattern(zoo_model):
 
 
 def test_batchnorm_sharing_its_conv_output_is_not_folded():
-    from hybridprune.models import build_model
+    from hybridprune.models.sources import build_model
 
     model = build_model("test_sparse:_SharedConvOutput", image_size=8).eval()
     x = torch.rand(2, 3, 8, 8)
@@ -121,7 +121,7 @@ def test_cpu_conversion_is_dense_says_so_and_matches(zoo_model):
 
 def test_gemm_lowering_of_every_nm_conv_equals_the_masked_model(zoo_model):
     from hybridprune.config import PruneConfig
-    from hybridprune.pipeline import prune_filters_
+    from hybridprune.experiments.job import prune_filters_
 
     prune_filters_(zoo_model, PruneConfig(metric="l1", filter_ratio=0.4, round_to=4), [])
     masks = nm_prune_(zoo_model)
@@ -175,7 +175,7 @@ FP16_TOL = {"rtol": 2e-2, "atol": 2e-2}  # fp16 accumulation order differs betwe
 
 
 def _sparse_device():
-    from hybridprune.sparse import sparse_backend
+    from hybridprune.deploy.sparse import sparse_backend
 
     device = torch.device("cuda")
     if sparse_backend(device) is None:
@@ -187,7 +187,7 @@ def _sparse_device():
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (5, 1, 2)])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_gpu_sparse_conv_matches_dense_masked_conv(kernel, stride, padding, batch):
-    from hybridprune.sparse import _sparse_module, sparse_backend
+    from hybridprune.deploy.sparse import _sparse_module, sparse_backend
 
     device = _sparse_device()
     conv = nn.Conv2d(64, 128, kernel, stride=stride, padding=padding, bias=True).to(device, torch.float16)
@@ -200,7 +200,7 @@ def test_gpu_sparse_conv_matches_dense_masked_conv(kernel, stride, padding, batc
 
 @pytest.mark.gpu
 def test_gpu_sparse_linear_matches_dense_masked_linear():
-    from hybridprune.sparse import _sparse_module, sparse_backend
+    from hybridprune.deploy.sparse import _sparse_module, sparse_backend
 
     device = _sparse_device()
     lin = nn.Linear(256, 128).to(device, torch.float16)
@@ -214,7 +214,7 @@ def test_gpu_sparse_linear_matches_dense_masked_linear():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["alexnet", "resnet20", "torchvision:resnet18", "torchvision:mobilenet_v2"])
 def test_gpu_whole_model_sparse_matches_dense_masked_model(dtype, name):
-    from hybridprune.models import build_model
+    from hybridprune.models.sources import build_model
 
     device = _sparse_device()
     torch.manual_seed(0)

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from hybridprune.config import TrainConfig
-from hybridprune.data import Dataset, ImageSet
-from hybridprune.models import build_model
-from hybridprune.nm import nm_prune_, satisfies_nm
-from hybridprune.train import evaluate, fit, recalibrate_bn_
+from hybridprune.data.datasets import Dataset, ImageSet
+from hybridprune.models.sources import build_model
+from hybridprune.pruning.nm import nm_prune_, satisfies_nm
+from hybridprune.training.loop import evaluate, fit, recalibrate_bn_
 
 
 def _toy_data(n=64):
@@ -51,7 +51,7 @@ def test_bn_recalibration_matches_the_statistics_of_the_data():
 
 
 def test_distillation_loss_matches_a_hand_computation():
-    from hybridprune.train import distillation_loss
+    from hybridprune.training.loop import distillation_loss
 
     s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])

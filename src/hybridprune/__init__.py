@@ -11,17 +11,25 @@ Example:
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_checkpoint, load_weights_, rebuild, save_checkpoint
-from .config import RECIPES, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
-from .data import Dataset, ImageSet, load_dataset
-from .errors import HybridPruneError
-from .metrics import METRICS, ScoringContext, score_filters
-from .models import MODELS, Classifier, ModelSource, build_model, model_spec
-from .nm import NMPattern, apply_masks_, compute_masks, nm_eligibility, nm_mask, nm_prune_, satisfies_nm
-from .pipeline import prune_filters_, run
-from .prune import FilterPlan, apply_filter_plan_, plan_filter_pruning
-from .stats import model_stats
-from .train import calibration_batches, evaluate, fit, recalibrate_bn_
+from hybridprune.config import RECIPES, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+from hybridprune.data.datasets import Dataset, ImageSet, load_dataset
+from hybridprune.errors import HybridPruneError
+from hybridprune.experiments.job import prune_filters_, run
+from hybridprune.models.counts import model_stats
+from hybridprune.models.sources import MODELS, Classifier, ModelSource, build_model, model_spec
+from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_, rebuild, save_checkpoint
+from hybridprune.pruning.metrics import METRICS, ScoringContext, score_filters
+from hybridprune.pruning.nm import (
+    NMPattern,
+    apply_masks_,
+    compute_masks,
+    nm_eligibility,
+    nm_mask,
+    nm_prune_,
+    satisfies_nm,
+)
+from hybridprune.pruning.plan import FilterPlan, apply_filter_plan_, plan_filter_pruning
+from hybridprune.training.loop import calibration_batches, evaluate, fit, recalibrate_bn_
 
 __all__ = [
     "METRICS",

@@ -2,7 +2,7 @@
 
 import sys
 
-from .cli import main
+from hybridprune.cli import main
 
 if __name__ == "__main__":  # importing this module (tools that walk the package do) runs nothing
     sys.exit(main())

@@ -6,9 +6,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from .errors import HybridPruneError
-from .nm import NMPattern
-from .prune import DEFAULT_ROUND_TO, validate_ratio
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.nm import NMPattern
+from hybridprune.pruning.plan import DEFAULT_ROUND_TO, validate_ratio
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
@@ -137,8 +137,8 @@ class PruneConfig(_Dict):
     }
 
     def __post_init__(self) -> None:
-        from .allocate import ALLOCATIONS, SENSITIVITY_PROBES
-        from .metrics import METRICS
+        from hybridprune.pruning.allocate import ALLOCATIONS, SENSITIVITY_PROBES
+        from hybridprune.pruning.metrics import METRICS
 
         self._check_fields()
         if self.allocation not in ALLOCATIONS:
@@ -179,7 +179,7 @@ class DataConfig(_Dict):
     RANGES: ClassVar = {"train_size": (1, 10**9), "test_size": (1, 10**9), "image_size": (8, 4096), "workers": (0, 256)}
 
     def __post_init__(self) -> None:
-        from .data import DATASETS
+        from hybridprune.data.datasets import DATASETS
 
         self._check_fields()
         if not self.dataset.startswith(("npz:", "folder:")):
@@ -202,7 +202,7 @@ class ModelConfig(_Dict):
     RANGES: ClassVar = {"width": (1e-6, 16.0)}
 
     def __post_init__(self) -> None:
-        from .models import ModelSource
+        from hybridprune.models.sources import ModelSource
 
         self._check_fields()
         source = ModelSource.parse(self.name)
@@ -237,7 +237,7 @@ class RunConfig(_Dict):
     RANGES: ClassVar = {"seed": (0, 2**32 - 1)}
 
     def __post_init__(self) -> None:
-        from .metrics import METRICS
+        from hybridprune.pruning.metrics import METRICS
 
         self._check_fields()
         object.__setattr__(self, "metrics", tuple(self.metrics))

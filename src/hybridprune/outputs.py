@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import HybridPruneError
+from hybridprune.errors import HybridPruneError
 
 try:
     import fcntl  # POSIX: a lock held with flock dies with its process, which is how stale locks are told apart

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from .errors import HybridPruneError
+from hybridprune.errors import HybridPruneError
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import HybridPruneError
+from hybridprune.errors import HybridPruneError
 
 ALEXNET_WIDTHS = (64, 192, 384, 256, 256)
 ALEXNET_HIDDEN = (1024, 1024)

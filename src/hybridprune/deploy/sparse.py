@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import HybridPruneError
-from .graph import dependency_graph, followers, set_module, sole_consumer
-from .nm import NMPattern, nm_eligibility, satisfies_nm
-from .timing import median_ms
+from hybridprune.deploy.timing import median_ms
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.graph import dependency_graph, followers, set_module, sole_consumer
+from hybridprune.pruning.nm import NMPattern, nm_eligibility, satisfies_nm
 
 KERNEL_CHOICES = ("sparse", "fastest", "dense", "gemm")
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -251,7 +251,7 @@ def to_inference_model(
     in `notice`.
 
     Example:
-        >>> from hybridprune.models import build_model
+        >>> from hybridprune.models.sources import build_model
         >>> inf = to_inference_model(build_model("resnet20", width=0.5), {}, torch.device("cpu"), torch.float32)
         >>> inf.sparse_layers, inf.notice.startswith("cpu")
         ([], True)

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import HybridPruneError, first_line
-from .nm import NMPattern
-from .outputs import atomic_target
-from .sparse import fold_batchnorm_
+from hybridprune.deploy.sparse import fold_batchnorm_
+from hybridprune.errors import HybridPruneError, first_line
+from hybridprune.outputs import atomic_target
+from hybridprune.pruning.nm import NMPattern
 
 OPSET = 17
 
@@ -41,7 +41,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
 
     Example:
         >>> import tempfile
-        >>> from hybridprune.models import build_model
+        >>> from hybridprune.models.sources import build_model
         >>> p = export_onnx(build_model("resnet20", width=0.5), Path(tempfile.mkdtemp()) / "m.onnx")
         >>> p.stat().st_size > 10_000
         True

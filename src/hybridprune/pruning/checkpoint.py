@@ -20,10 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import HybridPruneError
-from .models import Classifier, ModelSource, build_model, model_spec
-from .outputs import atomic_target
-from .prune import replay_history_
+from hybridprune.errors import HybridPruneError
+from hybridprune.models.sources import Classifier, ModelSource, build_model, model_spec
+from hybridprune.outputs import atomic_target
+from hybridprune.pruning.plan import replay_history_
 
 FORMAT = "hybridprune-checkpoint"
 VERSION = 2
@@ -47,7 +47,7 @@ def save_checkpoint(
 
     Example:
         >>> import tempfile
-        >>> from hybridprune.models import build_model
+        >>> from hybridprune.models.sources import build_model
         >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "m.safetensors", build_model("resnet20", width=0.5))
         >>> load_checkpoint(p)[0].source.label
         'resnet20'

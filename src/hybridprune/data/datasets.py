@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .distributed import World, shard
-from .errors import HybridPruneError
-from .registry import Registry
+from hybridprune.errors import HybridPruneError
+from hybridprune.registry import Registry
+from hybridprune.world import World, shard
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"
 DIGITS_SPLIT_SEED = 0  # fixed, so every user gets the same digits train/test split
@@ -101,7 +101,7 @@ def load_dataset(
     """
     root = Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_DIR
     if name.startswith("folder:"):
-        from .folders import DEFAULT_IMAGE_SIZE, load_folder
+        from hybridprune.data.folders import DEFAULT_IMAGE_SIZE, load_folder
 
         path = Path(name[7:]).expanduser()
         train, test, note = load_folder(path, image_size or DEFAULT_IMAGE_SIZE, workers, strict)

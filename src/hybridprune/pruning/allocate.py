@@ -21,9 +21,9 @@ import copy
 import torch
 from torch import nn
 
-from .errors import HybridPruneError
-from .graph import ChannelGroup
-from .prune import Scores, apply_filter_plan_, kept_count, plan_filter_pruning
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.graph import ChannelGroup
+from hybridprune.pruning.plan import Scores, apply_filter_plan_, kept_count, plan_filter_pruning
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 BISECTION_STEPS = 14
@@ -45,7 +45,7 @@ def counts_at(
     """Channels kept per group when `ratio` of the channels go under `allocation`.
 
     Example:
-        >>> from hybridprune.graph import ChannelGroup
+        >>> from hybridprune.pruning.graph import ChannelGroup
         >>> gs = [ChannelGroup("a", 4, (), ()), ChannelGroup("b", 4, (), ())]
         >>> s = {"a": torch.tensor([1.0, 1, 1, 1]), "b": torch.tensor([0.1, 0.1, 4, 4])}
         >>> counts_at(0.25, "uniform", gs, s, 1), counts_at(0.25, "global", gs, s, 1)
@@ -73,7 +73,7 @@ def counts_at(
 
 def macs_after(model: nn.Module, groups: list[ChannelGroup], scores: Scores, counts: dict[str, int]) -> int:
     """MACs per image of a copy of the model pruned to `counts` (the model itself is untouched)."""
-    from .stats import layer_macs
+    from hybridprune.models.counts import layer_macs
 
     pruned = copy.deepcopy(model)
     apply_filter_plan_(pruned, plan_filter_pruning(scores, 0.0, 1, groups, counts))
@@ -90,7 +90,7 @@ def counts_for_target(
     curves: Curves | None = None,
 ) -> dict[str, int]:
     """The mildest allocation whose pruned model needs at most `target` x the dense model's MACs."""
-    from .stats import layer_macs
+    from hybridprune.models.counts import layer_macs
 
     budget = target * sum(layer_macs(model).values())
     low, high, best = 0.0, 0.99, None

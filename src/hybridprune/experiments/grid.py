@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .config import (
+from hybridprune.config import (
     DEFAULT_FINETUNE,
     DEFAULT_METRICS,
     RECIPES,
@@ -39,9 +39,9 @@ from .config import (
     TrainConfig,
     check_recipe,
 )
-from .errors import HybridPruneError
-from .metrics import METRICS
-from .prune import validate_ratio
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.metrics import METRICS
+from hybridprune.pruning.plan import validate_ratio
 
 STORE_VERSION = 2  # 2 added the recipe column; a version-1 store is upgraded in place (its runs: plain)
 GRID_KEYS = {
@@ -395,7 +395,7 @@ class Store:
 
 @lru_cache(maxsize=4)
 def _cached_data(data: DataConfig, seed: int):
-    from .pipeline import prepare_data_config
+    from hybridprune.experiments.job import prepare_data_config
 
     return prepare_data_config(data, seed)
 
@@ -405,7 +405,7 @@ def execute_baseline(
 ) -> None:
     """Train (or find) the dense baseline of one grid point, and nothing else: the pruning runs come after,
     each timed on its own."""
-    from .pipeline import Job
+    from hybridprune.experiments.job import Job
 
     if threads:
         torch.set_num_threads(threads)
@@ -420,7 +420,7 @@ def execute_nm_only(
     cfg_dict: dict[str, Any], experiment: str, artifacts: str, device: str = "cpu", threads: int | None = None
 ) -> dict[str, Any]:
     """The 2:4-only model of one baseline (dense width, N:M masks, fine-tuned) and its store row."""
-    from .pipeline import Job
+    from hybridprune.experiments.job import Job
 
     if threads:
         torch.set_num_threads(threads)
@@ -455,12 +455,12 @@ def execute_run(
 ) -> dict[str, Any]:
     """Run one grid point end to end and return its store row. Plain-data in and out, so it runs in a
     worker process or as a Ray task alike."""
-    from .pipeline import Job
-    from .train import calibration_data
+    from hybridprune.experiments.job import Job
+    from hybridprune.training.loop import calibration_data
 
     if threads:
         torch.set_num_threads(threads)
-    from .outputs import environment
+    from hybridprune.outputs import environment
 
     cfg = RunConfig.from_dict(cfg_dict)
     start, env = time.time(), environment()

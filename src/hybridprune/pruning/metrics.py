@@ -32,10 +32,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from .graph import ChannelGroup, channel_groups, dependency_graph, followers
-from .nm import NMPattern, eligible_layers, nm_prune_, nm_prune_weight
-from .prune import Scores
-from .registry import Registry
+from hybridprune.pruning.graph import ChannelGroup, channel_groups, dependency_graph, followers
+from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_, nm_prune_weight
+from hybridprune.pruning.plan import Scores
+from hybridprune.registry import Registry
 
 
 @dataclass
@@ -70,7 +70,7 @@ def score_filters(metric: str, ctx: ScoringContext) -> Scores:
     """Score every channel of every prunable channel group with a registered metric.
 
     Example:
-        >>> from hybridprune.models import build_model
+        >>> from hybridprune.models.sources import build_model
         >>> scores = score_filters("l1", ScoringContext(build_model("alexnet", width=0.125)))
         >>> [len(s) for s in scores.values()]
         [8, 24, 48, 32, 32]

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint
-from .errors import HybridPruneError
-from .metrics import ScoringContext, score_filters
-from .models import build_model, input_shape
-from .nm import NMPattern, nm_prune_
-from .prune import apply_filter_plan_, plan_filter_pruning
-from .sparse import InferenceModel, to_inference_model
-from .timing import time_calls
+from hybridprune.deploy.sparse import InferenceModel, to_inference_model
+from hybridprune.deploy.timing import time_calls
+from hybridprune.errors import HybridPruneError
+from hybridprune.models.sources import build_model, input_shape
+from hybridprune.pruning.checkpoint import load_checkpoint
+from hybridprune.pruning.metrics import ScoringContext, score_filters
+from hybridprune.pruning.nm import NMPattern, nm_prune_
+from hybridprune.pruning.plan import apply_filter_plan_, plan_filter_pruning
 
 VARIANTS = ("dense", "filter", "nm", "hybrid")
 MAX_BATCH = 65_536
@@ -53,7 +53,7 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def parse_dtypes(text: str) -> list[torch.dtype]:
-    from .sparse import HALF_DTYPES
+    from hybridprune.deploy.sparse import HALF_DTYPES
 
     names = [v.strip() for v in text.split(",") if v.strip()]
     bad = [n for n in names if n not in HALF_DTYPES]
@@ -216,7 +216,7 @@ def bench(
     """
     if onnxruntime and (device.type != "cpu" or any(d != torch.float32 for d in dtypes)):
         raise HybridPruneError("the onnxruntime variant runs on the CPU in float32 only")
-    from .export import onnxruntime_session
+    from hybridprune.deploy.export import onnxruntime_session
 
     sessions = {v.name: onnxruntime_session(v.model) for v in variants} if onnxruntime else {}
     runs: list[dict[str, Any]] = []

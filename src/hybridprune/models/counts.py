@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models import input_shape
-from .nm import NMPattern
+from hybridprune.models.sources import input_shape
+from hybridprune.pruning.nm import NMPattern
 
 
 @torch.no_grad()
@@ -40,7 +40,7 @@ def model_stats(model: nn.Module, nm_layers: set[str] | None = None, pattern: NM
     """params, nonzero_params, macs and effective_macs (N:M layers at N/M of their MACs) of one model.
 
     Example:
-        >>> from hybridprune.models import build_model
+        >>> from hybridprune.models.sources import build_model
         >>> s = model_stats(build_model("alexnet", width=0.125))
         >>> s["macs"] == s["effective_macs"] and s["params"] >= s["nonzero_params"]
         True

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import BUILTIN
-from .errors import HybridPruneError, first_line
-from .registry import Registry
+from hybridprune.errors import HybridPruneError, first_line
+from hybridprune.models.builtin import BUILTIN
+from hybridprune.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 for _name, _factory in BUILTIN.items():

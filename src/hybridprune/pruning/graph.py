@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import HybridPruneError, first_line
+from hybridprune.errors import HybridPruneError, first_line
 
 ACTIVATIONS = (
     nn.ReLU,
@@ -60,7 +60,7 @@ def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
     """A zero batch of the model's input shape (from `model.input_shape`), on the model's device."""
     shape = getattr(model, "input_shape", None)
     if shape is None:
-        raise HybridPruneError(f"{type(model).__name__} has no input_shape; build it with hybridprune.models")
+        raise HybridPruneError(f"{type(model).__name__} has no input_shape; build it with hybridprune.models.sources")
     return torch.zeros(batch, *shape, device=next(model.parameters()).device)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .distributed import World, shard
-from .errors import HybridPruneError
+from hybridprune.errors import HybridPruneError
+from hybridprune.world import World, shard
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 VAL_FRACTION = 0.1  # held out of train/ when there is no val/

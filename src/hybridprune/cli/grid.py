@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import HybridPruneError
+from hybridprune.errors import HybridPruneError
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
@@ -40,9 +40,9 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from .experiment import Store, load_grid, pending_summary, run_grid
-    from .outputs import check_output_dir
-    from .train import resolve_device
+    from hybridprune.experiments.grid import Store, load_grid, pending_summary, run_grid
+    from hybridprune.outputs import check_output_dir
+    from hybridprune.world import resolve_device
 
     grid = load_grid(args.config)
     device = resolve_device(args.device)
@@ -66,9 +66,9 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .experiment import Store, load_grid, nm_only_key, run_key
-    from .outputs import check_output_dir
-    from .report import write_grid_report
+    from hybridprune.experiments.grid import Store, load_grid, nm_only_key, run_key
+    from hybridprune.experiments.report import write_grid_report
+    from hybridprune.outputs import check_output_dir
 
     check_output_dir(Path(args.out))
     store = Store(args.store, create=False)

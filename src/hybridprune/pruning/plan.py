@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import HybridPruneError
-from .graph import ChannelGroup, dependency_graph
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.graph import ChannelGroup, dependency_graph
 
 DEFAULT_ROUND_TO = 16
 
@@ -141,8 +141,8 @@ def apply_filter_plan_(model: nn.Module, plan: FilterPlan) -> nn.Module:
     The removal is appended to `model.pruning_history`.
 
     Example:
-        >>> from hybridprune.models import build_model
-        >>> from hybridprune.metrics import ScoringContext, score_filters
+        >>> from hybridprune.models.sources import build_model
+        >>> from hybridprune.pruning.metrics import ScoringContext, score_filters
         >>> m = build_model("alexnet", width=0.25)
         >>> plan = plan_filter_pruning(score_filters("l1", ScoringContext(m)), 0.5, round_to=8)
         >>> _ = apply_filter_plan_(m, plan)

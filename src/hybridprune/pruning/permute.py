@@ -15,9 +15,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .errors import HybridPruneError
-from .graph import ChannelGroup, channel_groups, dependency_graph
-from .nm import NMPattern, eligible_layers, nm_prune_weight
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.graph import ChannelGroup, channel_groups, dependency_graph
+from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_weight
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def permute_for_nm_(
     it; the network computes the same function. Returns, per group, the kept magnitude before and after.
 
     Example:
-        >>> from hybridprune.models import build_model
+        >>> from hybridprune.models.sources import build_model
         >>> report = permute_for_nm_(build_model("resnet20", width=0.5), tries_per_channel=2)
         >>> all(r.kept_after >= r.kept_before for r in report)
         True

@@ -17,16 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocate import counts_at, counts_for_target, measure_sensitivity
-from .checkpoint import load_checkpoint, load_weights_, save_checkpoint
-from .config import DataConfig, PruneConfig, RunConfig
-from .data import Dataset, channel_stats, load_dataset
-from .distributed import World, barrier, broadcast, check_batch
-from .errors import HybridPruneError
-from .metrics import ScoringContext, score_filters
-from .models import Classifier, build_model
-from .nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
-from .outputs import (
+from hybridprune.config import DataConfig, PruneConfig, RunConfig
+from hybridprune.data.datasets import Dataset, channel_stats, load_dataset
+from hybridprune.errors import HybridPruneError
+from hybridprune.models.counts import model_stats
+from hybridprune.models.sources import Classifier, build_model
+from hybridprune.outputs import (
     LOCK_NAME,
     MANIFEST_NAME,
     FolderLock,
@@ -36,10 +32,14 @@ from .outputs import (
     write_json,
     written_files,
 )
-from .permute import PermutationReport, permute_for_nm_
-from .prune import FilterPlan, GroupPlan, apply_filter_plan_, plan_filter_pruning, step_counts
-from .stats import model_stats
-from .train import calibration_data, evaluate, fit, recalibrate_bn_
+from hybridprune.pruning.allocate import counts_at, counts_for_target, measure_sensitivity
+from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_, save_checkpoint
+from hybridprune.pruning.metrics import ScoringContext, score_filters
+from hybridprune.pruning.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
+from hybridprune.pruning.permute import PermutationReport, permute_for_nm_
+from hybridprune.pruning.plan import FilterPlan, GroupPlan, apply_filter_plan_, plan_filter_pruning, step_counts
+from hybridprune.training.loop import calibration_data, evaluate, fit, recalibrate_bn_
+from hybridprune.world import World, barrier, broadcast, check_batch
 
 Log = Callable[[str], None]
 

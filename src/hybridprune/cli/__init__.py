@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import HybridPruneError
+from hybridprune.errors import HybridPruneError
 
 # Every numeric flag, its kind and inclusive bounds: checked where it is parsed (nan, inf, negative, huge
 # and non-numbers are one line and exit 2), so no bad number reaches the work.
@@ -73,7 +73,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _ratio(text: str) -> float:
-    from .prune import validate_ratio
+    from hybridprune.pruning.plan import validate_ratio
 
     try:
         return validate_ratio(float(text))
@@ -84,7 +84,7 @@ def _ratio(text: str) -> float:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    from .config import PRECISIONS
+    from hybridprune.config import PRECISIONS
 
     p.add_argument(
         "--precision",
@@ -108,7 +108,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
-    from .data import DEFAULT_DATA_DIR, dataset_names
+    from hybridprune.data.datasets import DEFAULT_DATA_DIR, dataset_names
 
     p.add_argument("--dataset", default=default, help=f"one of {', '.join(dataset_names())} (default: {default})")
     p.add_argument(
@@ -123,8 +123,8 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> Non
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    from .config import DEFAULT_MODEL
-    from .models import model_names
+    from hybridprune.config import DEFAULT_MODEL
+    from hybridprune.models.sources import model_names
 
     p.add_argument(
         "--model", default=None, help=f"{model_names()} (default: {DEFAULT_MODEL.name} at width {DEFAULT_MODEL.width})"
@@ -140,7 +140,7 @@ def _add_user_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
+    from hybridprune.config import TrainConfig
 
     _add_model(p)
     defaults = TrainConfig()
@@ -150,9 +150,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
-    from .allocate import ALLOCATIONS
-    from .config import DEFAULT_FINETUNE, RECIPES, PruneConfig, TrainConfig
-    from .prune import DEFAULT_ROUND_TO
+    from hybridprune.config import DEFAULT_FINETUNE, RECIPES, PruneConfig, TrainConfig
+    from hybridprune.pruning.allocate import ALLOCATIONS
+    from hybridprune.pruning.plan import DEFAULT_ROUND_TO
 
     defaults = PruneConfig()
 
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hybridprune", description="Hybrid pruning of CNNs: filter pruning ranked for 2:4, then N:M.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    from .config import DEFAULT_METRICS
+    from hybridprune.config import DEFAULT_METRICS
 
     p = sub.add_parser("run", help="train (or load), prune with every metric, fine-tune, print the comparison table")
     (
@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p), _add_data(p), _add_user_model(p)
     p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
-    from . import cli_deploy, cli_grid  # here, not at the top: they import this module's flag helpers
+    from hybridprune.cli import deploy as cli_deploy  # here: they import this module's flag helpers
+    from hybridprune.cli import grid as cli_grid
 
     cli_deploy.add_parsers(sub)
     cli_grid.add_parsers(sub)
@@ -291,7 +292,7 @@ _PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_ba
 
 
 def _data_config(args: argparse.Namespace, dataset: str) -> Any:
-    from .config import DataConfig
+    from hybridprune.config import DataConfig
 
     return DataConfig(
         dataset,
@@ -307,13 +308,13 @@ def _data_config(args: argparse.Namespace, dataset: str) -> Any:
 
 def _width(model: str | None, width: float | None) -> float | None:
     """--width as given; with neither --model nor --width, the default model's width."""
-    from .config import DEFAULT_MODEL
+    from hybridprune.config import DEFAULT_MODEL
 
     return DEFAULT_MODEL.width if model is None and width is None else width
 
 
 def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> Any:
-    from .config import (
+    from hybridprune.config import (
         DEFAULT_FINETUNE,
         DEFAULT_METRICS,
         DEFAULT_MODEL,
@@ -322,7 +323,7 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
         RunConfig,
         TrainConfig,
     )
-    from .metrics import METRICS
+    from hybridprune.pruning.metrics import METRICS
 
     recipe_prune, recipe_finetune = _recipe_settings(args)
     names = tuple(
@@ -381,7 +382,7 @@ def _recipe_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         >>> prune["allocation"], prune["steps"], finetune["distill_weight"]
         ('sensitivity', 3, 0.5)
     """
-    from .config import RECIPES
+    from hybridprune.config import RECIPES
 
     recipe = RECIPES[getattr(args, "recipe", "plain")]
     prune = dict(recipe.get("prune", {}))
@@ -398,8 +399,8 @@ def _recipe_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
 
 
 def _print_result(result: dict[str, Any], json_path: str | None) -> None:
-    from .outputs import write_json
-    from .report import layer_table, run_table
+    from hybridprune.experiments.report import layer_table, run_table
+    from hybridprune.outputs import write_json
 
     print("\nlayers (filters kept shown for the first metric; every metric keeps the same counts):")
     print(layer_table(result))
@@ -413,7 +414,7 @@ def _print_result(result: dict[str, Any], json_path: str | None) -> None:
 def _model_of_checkpoint(args: argparse.Namespace) -> None:
     """With a dense checkpoint, the run's model is the checkpoint's (its config and output folder name it);
     a --model or --width that says otherwise is bad input, and user code must be named again."""
-    from .checkpoint import checkpoint_source
+    from hybridprune.pruning.checkpoint import checkpoint_source
 
     source = checkpoint_source(args.checkpoint)
     if source.kind == "user" and args.model != source.name:
@@ -447,8 +448,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
 
 def _run_and_print(args: argparse.Namespace, cfg: Any, out: Path, include_nm_only: bool) -> None:
-    from .distributed import world_from_env
-    from .pipeline import run
+    from hybridprune.experiments.job import run
+    from hybridprune.world import world_from_env
 
     _check_json_target(args.json, args.overwrite)
     world, device = world_from_env(args.device)  # several ranks under torchrun, else this process alone
@@ -469,11 +470,11 @@ def _run_and_print(args: argparse.Namespace, cfg: Any, out: Path, include_nm_onl
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .checkpoint import save_checkpoint
-    from .distributed import world_from_env
-    from .outputs import check_output_file, environment
-    from .pipeline import data_meta, new_model, prepare_data
-    from .train import evaluate, fit
+    from hybridprune.experiments.job import data_meta, new_model, prepare_data
+    from hybridprune.outputs import check_output_file, environment
+    from hybridprune.pruning.checkpoint import save_checkpoint
+    from hybridprune.training.loop import evaluate, fit
+    from hybridprune.world import world_from_env
 
     check_output_file(args.out, args.overwrite)  # before the work, not after it
     cfg = _run_config(args, None, args.dataset)
@@ -498,12 +499,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .checkpoint import load_checkpoint
-    from .nm import satisfies_nm
-    from .outputs import write_json
-    from .pipeline import check_classes, check_fits, prepare_data_config
-    from .stats import model_stats
-    from .train import evaluate, resolve_device
+    from hybridprune.experiments.job import check_classes, check_fits, prepare_data_config
+    from hybridprune.models.counts import model_stats
+    from hybridprune.outputs import write_json
+    from hybridprune.pruning.checkpoint import load_checkpoint
+    from hybridprune.pruning.nm import satisfies_nm
+    from hybridprune.training.loop import evaluate
+    from hybridprune.world import resolve_device
 
     _check_json_target(args.json, args.overwrite)
     model, masks, meta = load_checkpoint(args.checkpoint, args.model)
@@ -531,7 +533,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _checkpoint_pattern(path: str, meta: dict[str, Any]) -> Any:
     """The N:M pattern a checkpoint records (2:4 when it records none); a malformed one is bad input."""
-    from .nm import NMPattern
+    from hybridprune.pruning.nm import NMPattern
 
     text = meta.get("nm", "2:4")
     if not isinstance(text, str):
@@ -541,14 +543,15 @@ def _checkpoint_pattern(path: str, meta: dict[str, Any]) -> Any:
 
 def _check_json_target(path: str | None, overwrite: bool) -> None:
     """Before any work: a --json target must be a writable file path (existing only with --overwrite)."""
-    from .outputs import check_output_file
+    from hybridprune.outputs import check_output_file
 
     if path:
         check_output_file(path, overwrite)
 
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], None]]:
-    from . import cli_deploy, cli_grid
+    from hybridprune.cli import deploy as cli_deploy
+    from hybridprune.cli import grid as cli_grid
 
     return {
         "run": cmd_run,

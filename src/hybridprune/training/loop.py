@@ -10,23 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .data import Dataset, ImageSet, batches
-from .distributed import World, check_batch, ddp, sync_model_, synced_batchnorm
-from .nm import apply_masks_
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present; 'cuda' without a GPU is bad input."""
-    from .errors import HybridPruneError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise HybridPruneError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N, auto")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HybridPruneError(f"device {name} requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+from hybridprune.config import TrainConfig
+from hybridprune.data.datasets import Dataset, ImageSet, batches
+from hybridprune.pruning.nm import apply_masks_
+from hybridprune.training.distributed import ddp, sync_model_, synced_batchnorm
+from hybridprune.world import World, check_batch
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -63,7 +51,7 @@ LOG_EVERY = 25  # steps between progress updates that read the loss (a device sy
 
 def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
     """The autocast dtype (None: float32) and a gradient scaler (active for fp16 only)."""
-    from .errors import HybridPruneError
+    from hybridprune.errors import HybridPruneError
 
     if name == "auto":
         name = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -74,7 +62,7 @@ def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, tor
 
 
 def _compile_failed(e: Exception) -> None:
-    from .errors import first_line
+    from hybridprune.errors import first_line
 
     print(f"note: torch.compile failed ({first_line(e, 100)}); training without it", file=sys.stderr)
 
@@ -185,8 +173,8 @@ def fit(
     the ranks end with identical weights and BatchNorm statistics.
 
     Example:
-        >>> from hybridprune.data import load_dataset
-        >>> from hybridprune.models import build_model
+        >>> from hybridprune.data.datasets import load_dataset
+        >>> from hybridprune.models.sources import build_model
         >>> ds = load_dataset("digits")
         >>> m = build_model("resnet20", in_channels=1, width=0.5)
         >>> m = fit(m, ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)

@@ -9,8 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .cli import _add_user_model, _check_json_target, _checkpoint_pattern, _ratio
-from .errors import HybridPruneError
+from hybridprune.cli import _add_user_model, _check_json_target, _checkpoint_pattern, _ratio
+from hybridprune.errors import HybridPruneError
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -33,13 +33,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
-    from .bench import parse_batch_sizes, parse_dtypes
-    from .checkpoint import load_checkpoint
-    from .models import input_shape
-    from .outputs import write_json
-    from .report import markdown_table
-    from .sparse import to_inference_model
-    from .train import resolve_device
+    from hybridprune.deploy.bench import parse_batch_sizes, parse_dtypes
+    from hybridprune.deploy.sparse import to_inference_model
+    from hybridprune.experiments.report import markdown_table
+    from hybridprune.models.sources import input_shape
+    from hybridprune.outputs import write_json
+    from hybridprune.pruning.checkpoint import load_checkpoint
+    from hybridprune.world import resolve_device
 
     _check_json_target(args.json, args.overwrite)
     device = resolve_device(args.device)
@@ -95,8 +95,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from .data import dataset_names
-    from .export import OPSET
+    from hybridprune.data.datasets import dataset_names
+    from hybridprune.deploy.export import OPSET
 
     p = sub.add_parser("export", help="ONNX file of a checkpoint (dynamic batch), checked with ONNX Runtime")
     p.add_argument("checkpoint", help="any hybridprune checkpoint: dense, filter-pruned, 2:4 or hybrid")
@@ -114,9 +114,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .export import check_onnx, export_onnx
-    from .outputs import check_output_file
+    from hybridprune.deploy.export import check_onnx, export_onnx
+    from hybridprune.outputs import check_output_file
+    from hybridprune.pruning.checkpoint import load_checkpoint
 
     check_output_file(args.out, args.overwrite)
     model, masks, meta = load_checkpoint(args.checkpoint, args.model)
@@ -125,8 +125,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         images = torch.rand(args.check_images, *model.input_shape, generator=torch.Generator().manual_seed(0))
         source = "random images (give --dataset for real test images)"
     else:
-        from .data import batches, load_dataset
-        from .pipeline import check_fits
+        from hybridprune.data.datasets import batches, load_dataset
+        from hybridprune.experiments.job import check_fits
 
         data = load_dataset(args.dataset, args.data_dir)
         check_fits(model, data)
@@ -153,7 +153,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .config import PruneConfig
+    from hybridprune.config import PruneConfig
 
     p = sub.add_parser("bench", help="time dense, filter-pruned, 2:4-only and hybrid variants of one model")
     p.add_argument("run_dir", nargs="?", default=None, help="the --out folder of `hybridprune run` (trained variants)")
@@ -205,7 +205,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from .bench import (
+    from hybridprune.deploy.bench import (
         bench,
         parse_batch_sizes,
         parse_dtypes,
@@ -213,10 +213,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         variants_from_checkpoints,
         variants_from_run,
     )
-    from .outputs import environment, write_json
-    from .report import bench_tables, kernel_table
-    from .sparse import check_dtype
-    from .train import resolve_device
+    from hybridprune.deploy.sparse import check_dtype
+    from hybridprune.experiments.report import bench_tables, kernel_table
+    from hybridprune.outputs import environment, write_json
+    from hybridprune.world import resolve_device
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     device = resolve_device(args.device)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import HybridPruneError
-from .graph import forward_order
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.graph import forward_order
 
 
 @dataclass(frozen=True)

@@ -412,7 +412,7 @@ def _interpolate_macs(curve: list[tuple[float, float]], accuracy: float) -> floa
 def _check_one_setting_per_point(rows: list[dict[str, Any]]) -> None:
     """Rows of the same setup, label, ratio and seed with different settings (two grids in one store, e.g. other
     fine-tuning epochs) would be averaged as one point: refuse, and say how to choose."""
-    from .errors import HybridPruneError
+    from hybridprune.errors import HybridPruneError
 
     seen: dict[tuple, dict[str, Any]] = {}
     for r in rows:
@@ -437,7 +437,7 @@ def write_grid_report(
     import csv
     import io
 
-    from .outputs import write_text
+    from hybridprune.outputs import write_text
 
     _check_one_setting_per_point(rows)
     out = Path(out)
