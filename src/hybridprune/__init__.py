@@ -1,5 +1,19 @@
 """hybridprune: filter pruning ranked for 2:4 sparsity, then N:M pruning, for NVIDIA sparse tensor cores.
 
+The public API is resolved lazily: `import hybridprune` imports no torch, and `hp.build_model` imports the
+module that defines it the first time it is used. The layout (see the README's architecture section), lower
+layers first; a layer imports only the layers before it:
+
+    core          errors, registry, config, outputs, world, version: types every package may use
+    data          in-memory datasets, on-disk formats, streamed image folders
+    models        where networks come from, the built-in architectures, MAC and size counts
+    pruning       channel groups, importance metrics, allocation, plans and history, N:M masks, permutations,
+                  checkpoints (a pruned model as data)
+    training      fit/evaluate with masks held, distillation, DistributedDataParallel
+    deploy        timing, sparse kernels and the inference model, bench, ONNX export
+    experiments   the staged job, grids, the experiment store, reports and plots
+    cli           one module per command family
+
 Example:
     >>> import hybridprune as hp
     >>> model = hp.build_model("alexnet", in_channels=1, width=0.125)
@@ -9,67 +23,68 @@ Example:
     True
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from hybridprune.config import RECIPES, DataConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
-from hybridprune.data.datasets import Dataset, ImageSet, load_dataset
-from hybridprune.errors import HybridPruneError
-from hybridprune.experiments.job import prune_filters_, run
-from hybridprune.models.counts import model_stats
-from hybridprune.models.sources import MODELS, Classifier, ModelSource, build_model, model_spec
-from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_, rebuild, save_checkpoint
-from hybridprune.pruning.metrics import METRICS, ScoringContext, score_filters
-from hybridprune.pruning.nm import (
-    NMPattern,
-    apply_masks_,
-    compute_masks,
-    nm_eligibility,
-    nm_mask,
-    nm_prune_,
-    satisfies_nm,
-)
-from hybridprune.pruning.plan import FilterPlan, apply_filter_plan_, plan_filter_pruning
-from hybridprune.training.loop import calibration_batches, evaluate, fit, recalibrate_bn_
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "METRICS",
-    "MODELS",
-    "RECIPES",
-    "DataConfig",
-    "Dataset",
-    "FilterPlan",
-    "HybridPruneError",
-    "ImageSet",
-    "ModelConfig",
-    "NMPattern",
-    "PruneConfig",
-    "RunConfig",
-    "ScoringContext",
-    "TrainConfig",
-    "__version__",
-    "apply_filter_plan_",
-    "apply_masks_",
-    "build_model",
-    "Classifier",
-    "ModelSource",
-    "load_weights_",
-    "calibration_batches",
-    "compute_masks",
-    "evaluate",
-    "fit",
-    "load_checkpoint",
-    "load_dataset",
-    "model_stats",
-    "model_spec",
-    "nm_eligibility",
-    "nm_mask",
-    "nm_prune_",
-    "plan_filter_pruning",
-    "prune_filters_",
-    "rebuild",
-    "recalibrate_bn_",
-    "run",
-    "satisfies_nm",
-    "save_checkpoint",
-    "score_filters",
-]
+from hybridprune.version import __version__ as __version__
+
+# public name -> the module that defines it
+_API = {
+    "hybridprune.config": ("RECIPES DataConfig ModelConfig ModelSource NMPattern PruneConfig RunConfig TrainConfig"),
+    "hybridprune.errors": "HybridPruneError",
+    "hybridprune.data.datasets": "Dataset ImageSet load_dataset",
+    "hybridprune.models.sources": "MODELS Classifier build_model model_spec",
+    "hybridprune.models.counts": "model_stats",
+    "hybridprune.pruning.metrics": "METRICS ScoringContext score_filters",
+    "hybridprune.pruning.nm": "apply_masks_ compute_masks nm_eligibility nm_mask nm_prune_ satisfies_nm",
+    "hybridprune.pruning.plan": "FilterPlan apply_filter_plan_ plan_filter_pruning",
+    "hybridprune.pruning.checkpoint": "load_checkpoint load_weights_ rebuild save_checkpoint",
+    "hybridprune.experiments.job": "prune_filters_ run",
+    "hybridprune.training.loop": "calibration_batches evaluate fit recalibrate_bn_",
+}
+_WHERE = {name: module for module, names in _API.items() for name in names.split()}
+__all__ = sorted([*_WHERE, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'hybridprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # what editors and type checkers see
+    from hybridprune.config import (  # noqa: F401
+        RECIPES,
+        DataConfig,
+        ModelConfig,
+        ModelSource,
+        NMPattern,
+        PruneConfig,
+        RunConfig,
+        TrainConfig,
+    )
+    from hybridprune.data.datasets import Dataset, ImageSet, load_dataset  # noqa: F401
+    from hybridprune.errors import HybridPruneError  # noqa: F401
+    from hybridprune.experiments.job import prune_filters_, run  # noqa: F401
+    from hybridprune.models.counts import model_stats  # noqa: F401
+    from hybridprune.models.sources import MODELS, Classifier, build_model, model_spec  # noqa: F401
+    from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_, rebuild, save_checkpoint  # noqa: F401
+    from hybridprune.pruning.metrics import METRICS, ScoringContext, score_filters  # noqa: F401
+    from hybridprune.pruning.nm import (  # noqa: F401
+        apply_masks_,
+        compute_masks,
+        nm_eligibility,
+        nm_mask,
+        nm_prune_,
+        satisfies_nm,
+    )
+    from hybridprune.pruning.plan import FilterPlan, apply_filter_plan_, plan_filter_pruning  # noqa: F401
+    from hybridprune.training.loop import calibration_batches, evaluate, fit, recalibrate_bn_  # noqa: F401

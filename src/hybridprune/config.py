@@ -1,16 +1,127 @@
-"""Frozen dataclasses for every knob, validated at construction, with to_dict/from_dict."""
+"""Every knob of the library, its one default and its one bound: frozen dataclasses validated at construction.
+
+A core module: it imports no torch, so `hybridprune --help` and config validation stay cheap. The names a knob
+accepts (models, metrics, datasets, allocations, precisions) are declared here too; each registry that holds
+the objects behind them (`models.sources.MODELS`, `pruning.metrics.METRICS`, `data.datasets.DATASETS`) is
+built from these lists, and the CLI, YAML grids and the Python API all read the bounds in `RANGES`.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 from hybridprune.errors import HybridPruneError
-from hybridprune.pruning.nm import NMPattern
-from hybridprune.pruning.plan import DEFAULT_ROUND_TO, validate_ratio
 
+# --- the names each knob accepts ----------------------------------------------------------------------
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METRIC_NAMES = ("l1", "l2", "hybrid", "output_l1", "hybrid_output", "random", "fpgm", "taylor")
+BUILTIN_MODELS = ("alexnet", "resnet20", "resnet56", "vgg16")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "svhn", "cifar10")
+DATASET_PREFIXES = ("npz:", "folder:")  # a user's file or image folder: npz:PATH, folder:PATH
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+SENSITIVITY_PROBES = (0.2, 0.4, 0.6, 0.8)  # per-group ratios tried; the largest bounds what a group can lose
+TORCHVISION_PREFIX = "torchvision:"
+DEFAULT_ROUND_TO = 16
+ONNX_OPSET = 17
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"  # torchvision-layout datasets
+
+
+def check_name(kind: str, name: object, valid: tuple[str, ...]) -> str:
+    """`name` if it is one of `valid`, else one line listing them.
+
+    Example:
+        >>> check_name("metric", "l1", METRIC_NAMES)
+        'l1'
+    """
+    if name not in valid:
+        raise HybridPruneError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
+    return name  # type: ignore[return-value]
+
+
+def validate_ratio(ratio: float, what: str = "filter ratio") -> float:
+    """`ratio` if it lies in [0, 1), else one line saying so."""
+    if not (0 <= ratio < 1) or math.isnan(ratio):
+        raise HybridPruneError(f"{what} {ratio} is outside [0, 1) (e.g. 0.4 removes 40% of filters)")
+    return ratio
+
+
+def model_names() -> str:
+    """One line for --help: what --model accepts."""
+    return f"{', '.join(BUILTIN_MODELS)}, torchvision:NAME (e.g. torchvision:resnet18) or a factory module:function"
+
+
+def dataset_names() -> list[str]:
+    """What --dataset accepts, for --help."""
+    return [*DATASET_NAMES, "npz:PATH", "folder:PATH"]
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep n of every m consecutive weights.
+
+    Example:
+        >>> NMPattern.parse("2:4")
+        NMPattern(n=2, m=4)
+    """
+
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self) -> None:
+        if not (0 < self.n < self.m):
+            raise HybridPruneError(f"N:M pattern needs 0 < N < M, got {self.n}:{self.m} (e.g. 2:4)")
+
+    @classmethod
+    def parse(cls, text: str) -> NMPattern:
+        try:
+            n, m = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise HybridPruneError(f"N:M pattern must look like 2:4, got {text!r}") from None
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a network comes from: `kind` is builtin, torchvision or user; `args` are its factory arguments.
+
+    Example:
+        >>> ModelSource.parse("torchvision:resnet18")
+        ModelSource(kind='torchvision', name='resnet18', args={})
+    """
+
+    kind: str
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, args: dict[str, Any] | None = None) -> ModelSource:
+        text = text.strip()
+        if text.startswith(TORCHVISION_PREFIX):
+            return cls("torchvision", text[len(TORCHVISION_PREFIX) :], dict(args or {}))
+        if ":" in text:
+            return cls("user", text, dict(args or {}))
+        check_name("model", text, BUILTIN_MODELS)
+        return cls("builtin", text, dict(args or {}))
+
+    @property
+    def label(self) -> str:
+        return TORCHVISION_PREFIX + self.name if self.kind == "torchvision" else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- the configs ---------------------------------------------------------------------------------------
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
 
 
@@ -137,9 +248,6 @@ class PruneConfig(_Dict):
     }
 
     def __post_init__(self) -> None:
-        from hybridprune.pruning.allocate import ALLOCATIONS, SENSITIVITY_PROBES
-        from hybridprune.pruning.metrics import METRICS
-
         self._check_fields()
         if self.allocation not in ALLOCATIONS:
             raise HybridPruneError(f"unknown allocation {self.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
@@ -152,7 +260,7 @@ class PruneConfig(_Dict):
         if not all(isinstance(n, str) and n.strip() for n in self.ignore):
             raise HybridPruneError(f"ignore must list module names, got {list(self.ignore)}")
 
-        METRICS.get(self.metric)  # fails with the list of valid names
+        check_name("metric", self.metric, METRIC_NAMES)
         validate_ratio(self.filter_ratio)
         NMPattern.parse(self.nm)
         if self.round_to < 1 or self.calib_batches < 1 or self.calib_batch_size < 1 or self.bn_recalib_batches < 0:
@@ -179,11 +287,9 @@ class DataConfig(_Dict):
     RANGES: ClassVar = {"train_size": (1, 10**9), "test_size": (1, 10**9), "image_size": (8, 4096), "workers": (0, 256)}
 
     def __post_init__(self) -> None:
-        from hybridprune.data.datasets import DATASETS
-
         self._check_fields()
-        if not self.dataset.startswith(("npz:", "folder:")):
-            DATASETS.get(self.dataset)  # unknown names fail now, with the list of valid ones
+        if not self.dataset.startswith(DATASET_PREFIXES):
+            check_name("dataset", self.dataset, DATASET_NAMES)
         for name in ("train_size", "test_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -202,8 +308,6 @@ class ModelConfig(_Dict):
     RANGES: ClassVar = {"width": (1e-6, 16.0)}
 
     def __post_init__(self) -> None:
-        from hybridprune.models.sources import ModelSource
-
         self._check_fields()
         source = ModelSource.parse(self.name)
         if self.width is not None and not (0 < self.width <= 16):
@@ -237,15 +341,13 @@ class RunConfig(_Dict):
     RANGES: ClassVar = {"seed": (0, 2**32 - 1)}
 
     def __post_init__(self) -> None:
-        from hybridprune.pruning.metrics import METRICS
-
         self._check_fields()
         object.__setattr__(self, "metrics", tuple(self.metrics))
         check_recipe_name(self.recipe)
         if not self.metrics:
             raise HybridPruneError("give at least one metric")
         for m in self.metrics:
-            METRICS.get(m)
+            check_name("metric", m, METRIC_NAMES)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -58,7 +58,7 @@ def environment() -> dict[str, Any]:
     import torch_pruning
     import torchvision
 
-    from . import __version__
+    from hybridprune.version import __version__
 
     env: dict[str, Any] = {
         "hybridprune": __version__,

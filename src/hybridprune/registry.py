@@ -1,4 +1,10 @@
-"""A tiny name -> object registry, so every string the CLI takes resolves through one place."""
+"""A tiny name -> object registry for the pluggable parts: models, metrics and datasets.
+
+Their names are declared in `config` (no torch needed to list or validate them); a registry holds the objects
+behind those names and refuses to register a name that was not declared, so the two lists cannot drift.
+Fixed choices without pluggable objects (allocations, precisions, recipes, kernels) are plain tuples in
+`config`, checked with `config.check_name`.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +17,25 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to objects; unknown names fail with the list of valid ones.
+    """Maps declared names to objects; unknown names fail with the list of valid ones.
 
     Example:
-        >>> metrics = Registry("metric")
+        >>> metrics = Registry("metric", ("l1",))
         >>> @metrics.register("l1")
         ... def l1(): ...
         >>> metrics.get("l1") is l1
         True
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, declared: tuple[str, ...]) -> None:
         self.kind = kind
+        self.declared = declared
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        if name not in self.declared:  # a developer's slip: declare the name in config first
+            raise KeyError(f"{self.kind} {name!r} is not declared; add it to the names in hybridprune.config")
+
         def add(obj: T) -> T:
             if name in self._items:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
@@ -41,6 +51,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._items)
+
+    def missing(self) -> list[str]:
+        """Declared names with nothing registered (the tests keep this empty)."""
+        return [n for n in self.declared if n not in self._items]
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

@@ -73,7 +73,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _ratio(text: str) -> float:
-    from hybridprune.pruning.plan import validate_ratio
+    from hybridprune.config import validate_ratio
 
     try:
         return validate_ratio(float(text))
@@ -108,7 +108,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
-    from hybridprune.data.datasets import DEFAULT_DATA_DIR, dataset_names
+    from hybridprune.config import DEFAULT_DATA_DIR, dataset_names
 
     p.add_argument("--dataset", default=default, help=f"one of {', '.join(dataset_names())} (default: {default})")
     p.add_argument(
@@ -123,8 +123,7 @@ def _add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> Non
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    from hybridprune.config import DEFAULT_MODEL
-    from hybridprune.models.sources import model_names
+    from hybridprune.config import DEFAULT_MODEL, model_names
 
     p.add_argument(
         "--model", default=None, help=f"{model_names()} (default: {DEFAULT_MODEL.name} at width {DEFAULT_MODEL.width})"
@@ -150,9 +149,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
-    from hybridprune.config import DEFAULT_FINETUNE, RECIPES, PruneConfig, TrainConfig
-    from hybridprune.pruning.allocate import ALLOCATIONS
-    from hybridprune.pruning.plan import DEFAULT_ROUND_TO
+    from hybridprune.config import ALLOCATIONS, DEFAULT_FINETUNE, DEFAULT_ROUND_TO, RECIPES, PruneConfig, TrainConfig
 
     defaults = PruneConfig()
 
@@ -318,19 +315,19 @@ def _run_config(args: argparse.Namespace, metrics: str | None, dataset: str) -> 
         DEFAULT_FINETUNE,
         DEFAULT_METRICS,
         DEFAULT_MODEL,
+        METRIC_NAMES,
         ModelConfig,
         PruneConfig,
         RunConfig,
         TrainConfig,
     )
-    from hybridprune.pruning.metrics import METRICS
 
     recipe_prune, recipe_finetune = _recipe_settings(args)
     names = tuple(
         m.strip() for m in (",".join(DEFAULT_METRICS) if metrics is None else metrics).split(",") if m.strip()
     )
     if not names:
-        raise HybridPruneError(f"--metric names no metric; give one or more of {', '.join(METRICS.names())}")
+        raise HybridPruneError(f"--metric names no metric; give one or more of {', '.join(METRIC_NAMES)}")
     ignore = tuple(n.strip() for n in getattr(args, "ignore", "").split(",") if n.strip())
     model = ModelConfig(
         getattr(args, "model", None) or DEFAULT_MODEL.name,

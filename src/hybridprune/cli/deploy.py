@@ -95,8 +95,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from hybridprune.data.datasets import dataset_names
-    from hybridprune.deploy.export import OPSET
+    from hybridprune.config import ONNX_OPSET as OPSET
+    from hybridprune.config import dataset_names
 
     p = sub.add_parser("export", help="ONNX file of a checkpoint (dynamic batch), checked with ONNX Runtime")
     p.add_argument("checkpoint", help="any hybridprune checkpoint: dense, filter-pruned, 2:4 or hybrid")

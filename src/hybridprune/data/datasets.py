@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hybridprune.config import DATASET_NAMES, DEFAULT_DATA_DIR
 from hybridprune.errors import HybridPruneError
 from hybridprune.registry import Registry
 from hybridprune.world import World, shard
 
-DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"
 DIGITS_SPLIT_SEED = 0  # fixed, so every user gets the same digits train/test split
 # What the models accept: square images of 1 or 3 channels, at least 8 pixels a side (AlexNet pools three
 # times), at most 4096 (beyond that one image is more memory than these small-image models are meant for).
@@ -79,7 +79,7 @@ class Dataset:
 
 
 Loader = Callable[[Path, bool], Dataset]
-DATASETS: Registry[Loader] = Registry("dataset")
+DATASETS: Registry[Loader] = Registry("dataset", DATASET_NAMES)
 
 
 def load_dataset(
@@ -182,10 +182,6 @@ def _check_labels(y: object, num_classes: int, where: str, count: int, valid: st
 
 def _shape(x: torch.Tensor) -> str:
     return f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}"
-
-
-def dataset_names() -> list[str]:
-    return DATASETS.names() + ["npz:PATH", "folder:PATH"]
 
 
 # --- the datasets ---------------------------------------------------------------------------------

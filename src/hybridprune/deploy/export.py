@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybridprune.config import ONNX_OPSET
 from hybridprune.deploy.sparse import fold_batchnorm_
 from hybridprune.errors import HybridPruneError, first_line
 from hybridprune.outputs import atomic_target
 from hybridprune.pruning.nm import NMPattern
 
-OPSET = 17
+OPSET = ONNX_OPSET
 
 
 def _onnx():

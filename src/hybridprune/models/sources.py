@@ -18,58 +18,21 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from hybridprune.config import BUILTIN_MODELS, ModelSource
 from hybridprune.errors import HybridPruneError, first_line
 from hybridprune.models.builtin import BUILTIN
 from hybridprune.registry import Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", BUILTIN_MODELS)
 for _name, _factory in BUILTIN.items():
     MODELS.register(_name)(_factory)
 
-TORCHVISION_PREFIX = "torchvision:"
 MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights: a bound checked before anything is allocated
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a network comes from: `kind` is builtin, torchvision or user; `args` are its factory arguments.
-
-    Example:
-        >>> ModelSource.parse("torchvision:resnet18")
-        ModelSource(kind='torchvision', name='resnet18', args={})
-    """
-
-    kind: str
-    name: str
-    args: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, text: str, args: dict[str, Any] | None = None) -> ModelSource:
-        text = text.strip()
-        if text.startswith(TORCHVISION_PREFIX):
-            return cls("torchvision", text[len(TORCHVISION_PREFIX) :], dict(args or {}))
-        if ":" in text:
-            return cls("user", text, dict(args or {}))
-        MODELS.get(text)  # unknown names fail with the list of valid ones
-        return cls("builtin", text, dict(args or {}))
-
-    @property
-    def label(self) -> str:
-        return TORCHVISION_PREFIX + self.name if self.kind == "torchvision" else self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def model_names() -> str:
-    """One line for --help: what --model accepts."""
-    return f"{', '.join(MODELS.names())}, torchvision:NAME (e.g. torchvision:resnet18) or a factory module:function"
 
 
 class Normalize(nn.Module):

@@ -21,13 +21,12 @@ import copy
 import torch
 from torch import nn
 
+from hybridprune.config import SENSITIVITY_PROBES
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import ChannelGroup
 from hybridprune.pruning.plan import Scores, apply_filter_plan_, kept_count, plan_filter_pruning
 
-ALLOCATIONS = ("uniform", "global", "sensitivity")
 BISECTION_STEPS = 14
-SENSITIVITY_PROBES = (0.2, 0.4, 0.6, 0.8)  # per-group ratios tried; the largest bounds what a group can lose
 TIE_SLOPE = 1e-3  # points of accuracy per unit ratio added to every curve, see `tolerated_ratio`
 
 # group -> [(ratio, accuracy drop in points)], starting at (0, 0); measured by `measure_sensitivity`

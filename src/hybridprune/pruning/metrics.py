@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from hybridprune.config import METRIC_NAMES
 from hybridprune.pruning.graph import ChannelGroup, channel_groups, dependency_graph, followers
 from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_, nm_prune_weight
 from hybridprune.pruning.plan import Scores
@@ -63,7 +64,7 @@ class ScoringContext:
 
 
 Metric = Callable[[ScoringContext], Scores]
-METRICS: Registry[Metric] = Registry("metric")
+METRICS: Registry[Metric] = Registry("metric", METRIC_NAMES)
 
 
 def score_filters(metric: str, ctx: ScoringContext) -> Scores:

@@ -14,40 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hybridprune.config import NMPattern
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import forward_order
-
-
-@dataclass(frozen=True)
-class NMPattern:
-    """Keep n of every m consecutive weights.
-
-    Example:
-        >>> NMPattern.parse("2:4")
-        NMPattern(n=2, m=4)
-    """
-
-    n: int = 2
-    m: int = 4
-
-    def __post_init__(self) -> None:
-        if not (0 < self.n < self.m):
-            raise HybridPruneError(f"N:M pattern needs 0 < N < M, got {self.n}:{self.m} (e.g. 2:4)")
-
-    @classmethod
-    def parse(cls, text: str) -> NMPattern:
-        try:
-            n, m = (int(v) for v in text.split(":"))
-        except ValueError:
-            raise HybridPruneError(f"N:M pattern must look like 2:4, got {text!r}") from None
-        return cls(n, m)
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
-
-    @property
-    def density(self) -> float:
-        return self.n / self.m
 
 
 def _as_groups(weight: torch.Tensor, m: int) -> torch.Tensor:

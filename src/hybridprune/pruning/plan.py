@@ -18,10 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybridprune.config import DEFAULT_ROUND_TO, validate_ratio
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import ChannelGroup, dependency_graph
-
-DEFAULT_ROUND_TO = 16
 
 Scores = dict[str, torch.Tensor]  # group name -> one score per channel of the group
 
@@ -62,12 +61,6 @@ class FilterPlan:
                 for g in self.groups
             ],
         }
-
-
-def validate_ratio(ratio: float, what: str = "filter ratio") -> float:
-    if not (0 <= ratio < 1) or math.isnan(ratio):
-        raise HybridPruneError(f"{what} {ratio} is outside [0, 1) (e.g. 0.4 removes 40% of filters)")
-    return ratio
 
 
 def kept_count(n: int, ratio: float, round_to: int) -> int:
