@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from hybridprune.config import TrainConfig
-from hybridprune.data.datasets import Dataset, ImageSet, batches
+from hybridprune.data.batching import batches
+from hybridprune.data.images import Dataset, ImageSet
 from hybridprune.experiments.report import markdown_table
 from hybridprune.models.sources import build_model
 from hybridprune.outputs import environment, write_json

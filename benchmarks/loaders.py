@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hybridprune.data.datasets import ImageSet, batches
+from hybridprune.data.batching import batches
 from hybridprune.data.folders import FolderSet
+from hybridprune.data.images import ImageSet
 from hybridprune.experiments.report import markdown_table
 from hybridprune.outputs import environment, write_json
 

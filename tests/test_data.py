@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy.io import savemat
 
-from hybridprune.data.datasets import ImageSet, batches, channel_stats, load_dataset, random_shift
+from hybridprune.data.batching import batches, channel_stats, random_shift
+from hybridprune.data.datasets import load_dataset
+from hybridprune.data.images import ImageSet
 from hybridprune.errors import HybridPruneError
 
 RNG = np.random.default_rng(0)

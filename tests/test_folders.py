@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from hybridprune.cli import main
-from hybridprune.data.datasets import batches, channel_stats, load_dataset
+from hybridprune.data.batching import batches, channel_stats
+from hybridprune.data.datasets import load_dataset
 from hybridprune.errors import HybridPruneError
 
 CLASSES = ("cat", "dog", "fox")
@@ -122,7 +123,8 @@ def test_run_on_a_folder_counts_the_skipped_file(tmp_path):
 
 MEMORY_PROBE = """
 import sys
-from hybridprune.data.datasets import batches, load_dataset
+from hybridprune.data.batching import batches
+from hybridprune.data.datasets import load_dataset
 
 def rss_mib():  # resident memory now (not the peak, which torch's import sets)
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hybridprune.config import TrainConfig
-from hybridprune.data.datasets import Dataset, ImageSet
+from hybridprune.data.images import Dataset, ImageSet
 from hybridprune.models.sources import build_model
 from hybridprune.pruning.nm import nm_prune_, satisfies_nm
 from hybridprune.training.loop import evaluate, fit, recalibrate_bn_

@@ -34,7 +34,8 @@ from hybridprune.version import __version__ as __version__
 _API = {
     "hybridprune.config": ("RECIPES DataConfig ModelConfig ModelSource NMPattern PruneConfig RunConfig TrainConfig"),
     "hybridprune.errors": "HybridPruneError",
-    "hybridprune.data.datasets": "Dataset ImageSet load_dataset",
+    "hybridprune.data.datasets": "load_dataset",
+    "hybridprune.data.images": "Dataset ImageSet",
     "hybridprune.models.sources": "MODELS Classifier build_model model_spec",
     "hybridprune.models.counts": "model_stats",
     "hybridprune.pruning.metrics": "METRICS ScoringContext score_filters",
@@ -71,7 +72,8 @@ if TYPE_CHECKING:  # what editors and type checkers see
         RunConfig,
         TrainConfig,
     )
-    from hybridprune.data.datasets import Dataset, ImageSet, load_dataset  # noqa: F401
+    from hybridprune.data.datasets import load_dataset  # noqa: F401
+    from hybridprune.data.images import Dataset, ImageSet  # noqa: F401
     from hybridprune.errors import HybridPruneError  # noqa: F401
     from hybridprune.experiments.job import prune_filters_, run  # noqa: F401
     from hybridprune.models.counts import model_stats  # noqa: F401

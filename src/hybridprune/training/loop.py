@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hybridprune.config import TrainConfig
-from hybridprune.data.datasets import Dataset, ImageSet, batches
+from hybridprune.data.batching import batches
+from hybridprune.data.images import Dataset, ImageSet
 from hybridprune.pruning.nm import apply_masks_
 from hybridprune.training.distributed import ddp, sync_model_, synced_batchnorm
 from hybridprune.world import World, check_batch
