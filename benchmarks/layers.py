@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hybridprune.deploy.sparse import GemmConv2d, _sparse_module, sparse_backend
+from hybridprune.deploy.sparse import GemmConv2d, sparse_backend, sparse_module
 from hybridprune.deploy.timing import median_ms
 from hybridprune.experiments.report import markdown_table
-from hybridprune.outputs import environment, write_json
+from hybridprune.outputs import write_json
+from hybridprune.provenance import environment
 from hybridprune.pruning.nm import nm_mask
 
 
@@ -35,7 +36,7 @@ def time_dense_and_sparse(layer: nn.Module, x: torch.Tensor, row: dict, backend,
             gemm = GemmConv2d.from_conv(layer)
             row["dense_gemm_ms"] = median_ms(lambda: gemm(x), repeats, x.device, warmup=5)
         if backend:
-            sparse = _sparse_module(layer, backend)
+            sparse = sparse_module(layer, backend)
             row["sparse_ms"] = median_ms(lambda: sparse(x), repeats, x.device, warmup=5)
     return row
 

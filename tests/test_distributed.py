@@ -39,7 +39,7 @@ def _rank_worker(rank: int, size: int, port: int, folder: str) -> None:
     import torch.distributed as dist
 
     from hybridprune.data.datasets import load_dataset
-    from hybridprune.experiments.job import _nm_copy, prune_filters_
+    from hybridprune.experiments.job import nm_pruned_copy, prune_filters_
     from hybridprune.models.sources import build_model
     from hybridprune.training.loop import calibration_batches, fit
     from hybridprune.world import world_from_env
@@ -53,7 +53,7 @@ def _rank_worker(rank: int, size: int, port: int, folder: str) -> None:
     images = calibration_batches(data.train, 1, 16)
     prune_filters_(model, PruneConfig(metric="hybrid_output", filter_ratio=0.5, round_to=4), images, world=world)
     cfg = RunConfig(prune=PruneConfig(metric="hybrid"))
-    model, masks, _ = _nm_copy(model, cfg, world)
+    model, masks, _ = nm_pruned_copy(model, cfg, world)
     fit(model, data, TrainConfig(epochs=1, batch_size=16, lr=0.01), device, masks=masks, progress=False, world=world)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     state |= {f"mask.{k}": v.to(torch.uint8) for k, v in masks.items()}
@@ -146,7 +146,7 @@ def test_sync_batchnorm_layers_turn_back_into_the_original_types_sharing_their_t
 
     from conftest import make_model
     from hybridprune.pruning.graph import set_module
-    from hybridprune.training.distributed import _as_plain
+    from hybridprune.training.distributed import plain_batchnorm
 
     model = make_model("zoo:residual_net")
     x = torch.rand(2, *model.input_shape)
@@ -156,7 +156,7 @@ def test_sync_batchnorm_layers_turn_back_into_the_original_types_sharing_their_t
     assert all(isinstance(synced.get_submodule(n), nn.SyncBatchNorm) for n in kinds)
     tensors = {n: synced.get_submodule(n).running_mean.data_ptr() for n in kinds}
     for name, kind in kinds.items():
-        set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
+        set_module(synced, name, plain_batchnorm(synced.get_submodule(name), kind))
     assert {n: type(synced.get_submodule(n)) for n in kinds} == kinds
     assert {n: synced.get_submodule(n).running_mean.data_ptr() for n in kinds} == tensors
     torch.testing.assert_close(synced.eval()(x), before)

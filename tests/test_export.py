@@ -7,7 +7,7 @@ import torch
 from conftest import make_model
 from hybridprune.cli import main
 from hybridprune.config import PruneConfig
-from hybridprune.deploy.export import _broken_groups, check_onnx, export_onnx
+from hybridprune.deploy.export import check_onnx, count_broken_groups, export_onnx
 from hybridprune.experiments.job import prune_filters_
 from hybridprune.pruning.checkpoint import save_checkpoint
 from hybridprune.pruning.nm import NMPattern, nm_prune_
@@ -51,8 +51,8 @@ def test_broken_groups_are_counted():
     w = np.zeros((2, 8, 1, 1), dtype=np.float32)
     w[0, :2] = 1.0  # 2 of 4: fine
     w[1, 4:7] = 1.0  # 3 of 4: one broken group
-    assert _broken_groups(w, NMPattern()) == 1
-    assert _broken_groups(np.ones((3, 8), dtype=np.float32), NMPattern()) == 6
+    assert count_broken_groups(w, NMPattern()) == 1
+    assert count_broken_groups(np.ones((3, 8), dtype=np.float32), NMPattern()) == 6
 
 
 def test_export_command_writes_a_checked_file_and_refuses_to_overwrite(tmp_path, capsys):

@@ -7,7 +7,7 @@ import torch
 from conftest import make_model
 from hybridprune.cli import main
 from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_weight
-from hybridprune.pruning.permute import _kept, permute_for_nm_
+from hybridprune.pruning.permute import kept_magnitude, permute_for_nm_
 
 
 def _kept_everywhere(model) -> float:
@@ -32,7 +32,7 @@ def test_the_report_is_the_magnitude_n_m_keeps_in_the_reading_layers():
     reports = {r.group: r for r in permute_for_nm_(model, tries_per_channel=5)}
     for r in reports.values():
         weights = [model.get_submodule(n).weight.detach() for n in r.layers]
-        assert abs(_kept(weights, NMPattern()) - r.kept_after) < 1e-3 * r.kept_after
+        assert abs(kept_magnitude(weights, NMPattern()) - r.kept_after) < 1e-3 * r.kept_after
 
 
 def test_run_with_permute_records_the_magnitude_before_and_after(tmp_path):

@@ -187,27 +187,27 @@ def _sparse_device():
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (5, 1, 2)])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_gpu_sparse_conv_matches_dense_masked_conv(kernel, stride, padding, batch):
-    from hybridprune.deploy.sparse import _sparse_module, sparse_backend
+    from hybridprune.deploy.sparse import sparse_backend, sparse_module
 
     device = _sparse_device()
     conv = nn.Conv2d(64, 128, kernel, stride=stride, padding=padding, bias=True).to(device, torch.float16)
     with torch.no_grad():
         conv.weight.mul_(nm_mask(conv.weight))
     x = torch.randn(batch, 64, 16, 16, device=device, dtype=torch.float16)
-    sparse = _sparse_module(conv, sparse_backend(device))
+    sparse = sparse_module(conv, sparse_backend(device))
     torch.testing.assert_close(sparse(x), F.conv2d(x, conv.weight, conv.bias, stride, padding), **FP16_TOL)
 
 
 @pytest.mark.gpu
 def test_gpu_sparse_linear_matches_dense_masked_linear():
-    from hybridprune.deploy.sparse import _sparse_module, sparse_backend
+    from hybridprune.deploy.sparse import sparse_backend, sparse_module
 
     device = _sparse_device()
     lin = nn.Linear(256, 128).to(device, torch.float16)
     with torch.no_grad():
         lin.weight.mul_(nm_mask(lin.weight))
     x = torch.randn(32, 256, device=device, dtype=torch.float16)
-    torch.testing.assert_close(_sparse_module(lin, sparse_backend(device))(x), lin(x), **FP16_TOL)
+    torch.testing.assert_close(sparse_module(lin, sparse_backend(device))(x), lin(x), **FP16_TOL)
 
 
 @pytest.mark.gpu

@@ -123,7 +123,7 @@ def check_onnx(
         if weight is None:
             continue
         found += 1
-        broken += _broken_groups(weight, pattern)
+        broken += count_broken_groups(weight, pattern)
     return OnnxCheck(
         images=len(images),
         max_abs_diff=float(np.abs(got - reference).max()),
@@ -135,8 +135,14 @@ def check_onnx(
     )
 
 
-def _broken_groups(weight: np.ndarray, pattern: NMPattern) -> int:
-    """Groups of M consecutive input-channel weights (per output and kernel position) with more than N nonzeros."""
+def count_broken_groups(weight: np.ndarray, pattern: NMPattern) -> int:
+    """Groups of M consecutive input-channel weights (per output and kernel position) with more than N nonzeros;
+    a weight whose input channels do not split into groups of M counts every row as broken.
+
+    Example:
+        >>> count_broken_groups(np.array([[1.0, 0, 0, 1, 1, 1, 1, 0]]), NMPattern(2, 4))
+        1
+    """
     w = np.moveaxis(weight, 1, -1) if weight.ndim == 4 else weight  # conv: [out, kh, kw, in]
     if w.shape[-1] % pattern.m:
         return int(np.prod(w.shape[:-1]))  # cannot even be grouped: every row counts as broken

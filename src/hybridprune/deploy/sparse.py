@@ -309,7 +309,7 @@ def _convert_layer(
     if info.reason or choose == "dense":
         info.reason = info.reason or "dense chosen"
         return info
-    sparse = _sparse_module(module, backend)
+    sparse = sparse_module(module, backend)
     if choose == "fastest" and input_shape is not None:
         info.dense_ms, info.sparse_ms = _time_layer(module, input_shape), _time_layer(sparse, input_shape)
         if info.sparse_ms >= info.dense_ms:
@@ -328,7 +328,16 @@ def _to_sparse(weight: torch.Tensor, backend: str | None) -> torch.Tensor:
     return cls.from_dense(weight.contiguous())
 
 
-def _sparse_module(module: nn.Module, backend: str | None) -> nn.Module:
+def sparse_module(module: nn.Module, backend: str | None) -> nn.Module:
+    """A copy of a 2:4-pruned conv or linear layer whose weight is a semi-structured sparse tensor of `backend`
+    (a conv becomes a `GemmConv2d`); the layer itself is untouched. Needs a GPU with sparse tensor cores.
+
+    Example:
+        >>> from hybridprune.pruning.nm import nm_mask
+        >>> conv = nn.Conv2d(64, 128, 3, padding=1).cuda().half()  # doctest: +SKIP
+        >>> conv.weight.data.mul_(nm_mask(conv.weight))  # doctest: +SKIP
+        >>> sparse = sparse_module(conv, sparse_backend(torch.device("cuda")))  # doctest: +SKIP
+    """
     if isinstance(module, nn.Conv2d):
         gemm = GemmConv2d.from_conv(module)
         gemm.weight = nn.Parameter(_to_sparse(gemm.weight.data, backend), requires_grad=False)

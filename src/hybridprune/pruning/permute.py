@@ -30,7 +30,13 @@ class PermutationReport:
     kept_after: float
 
 
-def _kept(weights: list[torch.Tensor], pattern: NMPattern) -> float:
+def kept_magnitude(weights: list[torch.Tensor], pattern: NMPattern) -> float:
+    """Total absolute value that N:M pruning of each weight (along its input channels) leaves.
+
+    Example:
+        >>> kept_magnitude([torch.tensor([[1.0, -4.0, 2.0, 3.0]])], NMPattern(2, 4))
+        7.0
+    """
     return float(sum(nm_prune_weight(w, pattern).abs().double().sum() for w in weights))
 
 
@@ -43,7 +49,7 @@ def _search(weights: list[torch.Tensor], pattern: NMPattern, tries: int, seed: i
     def score(channels: torch.Tensor) -> float:  # kept magnitude of the M-groups holding `channels`
         blocks = torch.unique(channels // m)
         cols = (blocks[:, None] * m + torch.arange(m)).flatten()
-        return _kept([w[:, perm[cols]] for w in weights], pattern)
+        return kept_magnitude([w[:, perm[cols]] for w in weights], pattern)
 
     for _ in range(tries):
         i, j = torch.randint(0, n, (2,), generator=gen).tolist()
@@ -114,11 +120,11 @@ def permute_for_nm_(
         weights = [model.get_submodule(n).weight.detach() for n in readers]
         if not weights:
             continue
-        before = _kept(weights, pattern)
+        before = kept_magnitude(weights, pattern)
         perm = _search([w.cpu() for w in weights], pattern, tries_per_channel * group.size, seed)
         if not torch.equal(perm, torch.arange(group.size)):
             _apply(graph, items, group, perm)
-        after = _kept([model.get_submodule(n).weight.detach() for n in readers], pattern)
+        after = kept_magnitude([model.get_submodule(n).weight.detach() for n in readers], pattern)
         reports.append(PermutationReport(group.name, tuple(readers), before, after))
     return reports
 

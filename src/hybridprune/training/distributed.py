@@ -57,11 +57,19 @@ def synced_batchnorm(model: nn.Module, world: World, device: torch.device) -> It
         yield synced
     finally:
         for name, kind in kinds.items():
-            set_module(synced, name, _as_plain(synced.get_submodule(name), kind))
+            set_module(synced, name, plain_batchnorm(synced.get_submodule(name), kind))
 
 
-def _as_plain(bn: nn.Module, kind: type) -> nn.Module:
-    """A BatchNorm of `kind` sharing `bn`'s parameters and running statistics."""
+def plain_batchnorm(bn: nn.Module, kind: type) -> nn.Module:
+    """A BatchNorm of `kind` sharing `bn`'s parameters and running statistics (the same tensors, not copies):
+    how `synced_batchnorm` turns SyncBatchNorm layers back into the model's own types.
+
+    Example:
+        >>> sync = nn.SyncBatchNorm(8)
+        >>> bn = plain_batchnorm(sync, nn.BatchNorm2d)
+        >>> type(bn).__name__, bn.weight is sync.weight, bn.running_mean is sync.running_mean
+        ('BatchNorm2d', True, True)
+    """
     plain = kind(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     plain.weight, plain.bias = bn.weight, bn.bias
     if bn.track_running_stats:
