@@ -23,7 +23,8 @@ from hybridprune.data.batching import batches
 from hybridprune.data.images import Dataset, ImageSet
 from hybridprune.experiments.report import markdown_table
 from hybridprune.models.sources import build_model
-from hybridprune.outputs import environment, write_json
+from hybridprune.outputs import write_json
+from hybridprune.provenance import environment
 from hybridprune.pruning.nm import nm_prune_
 from hybridprune.training.loop import fit
 

@@ -15,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from hybridprune.deploy.bench import _variant_from_file, bench, parse_batch_sizes, parse_dtypes
+from hybridprune.deploy.bench import bench, parse_batch_sizes, parse_dtypes, variant_from_file
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiments.grid import Store
-from hybridprune.outputs import environment, write_json
+from hybridprune.experiments.store import Store
+from hybridprune.outputs import write_json
+from hybridprune.provenance import environment
 from hybridprune.world import resolve_device
 
 
@@ -36,7 +37,7 @@ def variants_per_ratio(store: Store, model: str, seed: int, metric: str) -> dict
         result = json.loads(row["result"])
         stages = {"dense": result["dense"], "nm": nm_stage, "filter": result["filter"], "hybrid": result["hybrid"]}
         out[row["ratio"]] = [
-            _variant_from_file(name, Path(stage["checkpoint"]), stage["accuracy"]) for name, stage in stages.items()
+            variant_from_file(name, Path(stage["checkpoint"]), stage["accuracy"]) for name, stage in stages.items()
         ]
     return out
 

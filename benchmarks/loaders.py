@@ -21,7 +21,8 @@ from hybridprune.data.batching import batches
 from hybridprune.data.folders import FolderSet
 from hybridprune.data.images import ImageSet
 from hybridprune.experiments.report import markdown_table
-from hybridprune.outputs import environment, write_json
+from hybridprune.outputs import write_json
+from hybridprune.provenance import environment
 
 
 def write_images(root: Path, count: int, side: int, classes: int = 10) -> list[tuple[str, int]]:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from hybridprune import outputs
+import hybridprune
+
 from hybridprune.errors import HybridPruneError
+from hybridprune.lock import LOCK_NAME, FolderLock
 from hybridprune.outputs import (
-    LOCK_NAME,
     MANIFEST_NAME,
-    FolderLock,
     atomic_target,
     check_output_dir,
     check_output_file,
@@ -30,6 +30,7 @@ from hybridprune.outputs import (
     written_files,
 )
 
+SRC = os.path.dirname(os.path.dirname(hybridprune.__file__))  # the folder holding the package under test
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes through any mode bits
 
 
@@ -210,11 +211,11 @@ def test_check_output_file_refuses_targets_that_would_fail_after_the_work(tmp_pa
 
 
 READ_ONLY_CHECKS = r"""
-import os, sys, types
-sys.modules["hybridprune"] = types.ModuleType("hybridprune")
-sys.modules["hybridprune"].__path__ = [sys.argv[2]]
+import os, sys
+sys.path.insert(0, sys.argv[2])  # the same hybridprune as the test; importing it costs no torch
 from hybridprune.errors import HybridPruneError
-from hybridprune.outputs import FolderLock, check_output_dir, check_output_file
+from hybridprune.lock import FolderLock
+from hybridprune.outputs import check_output_dir, check_output_file
 ro = sys.argv[1]
 if os.geteuid() == 0:  # root writes through any mode bits: check as nobody (python is already loaded)
     os.setgroups([])
@@ -242,7 +243,7 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
         base.chmod(0o755)
         (base / "ro").mkdir()
         (base / "ro").chmod(0o555)
-        run = [sys.executable, "-c", READ_ONLY_CHECKS, str(base / "ro"), os.path.dirname(outputs.__file__)]
+        run = [sys.executable, "-c", READ_ONLY_CHECKS, str(base / "ro"), SRC]
         lines = subprocess.run(run, capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
         assert len(lines) == 5 and all(line.startswith("refused ") for line in lines), lines
         assert all("permission denied" in line.lower() for line in lines), lines
@@ -268,12 +269,10 @@ def test_check_output_dir(tmp_path):
 # --- the folder lock --------------------------------------------------------------------------------------------
 
 HOLDER = r"""
-import os, sys, time, types
-# the package without its __init__ (which imports torch): each process starts in milliseconds, not seconds
-sys.modules["hybridprune"] = types.ModuleType("hybridprune")
-sys.modules["hybridprune"].__path__ = [sys.argv[4]]
+import os, sys, time
+sys.path.insert(0, sys.argv[4])  # the same hybridprune as the test; importing it costs no torch, so this starts fast
 from hybridprune.errors import HybridPruneError
-from hybridprune.outputs import FolderLock
+from hybridprune.lock import FolderLock
 folder, go, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
 if go != "-":
     print("ready", flush=True)
@@ -293,7 +292,7 @@ lock.release()
 def holder(folder, go="-", hold=-1.0):
     """A real second process running FolderLock(folder): holds it until its stdin closes (hold < 0) or for
     `hold` seconds, starting when the file `go` exists."""
-    package = os.path.dirname(outputs.__file__)  # the same hybridprune as this test
+    package = SRC  # the same hybridprune as this test
     return subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(folder), str(go), str(hold), package],
         stdin=subprocess.PIPE,
