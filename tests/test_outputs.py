@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 import hybridprune
-
 from hybridprune.errors import HybridPruneError
 from hybridprune.lock import LOCK_NAME, FolderLock
 from hybridprune.outputs import (
