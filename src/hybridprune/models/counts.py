@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hybridprune.config import NMPattern
 from hybridprune.models.sources import input_shape
-from hybridprune.pruning.nm import NMPattern
 
 
 @torch.no_grad()
