@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hybridprune.deploy.export import onnxruntime_session
 from hybridprune.deploy.sparse import InferenceModel, to_inference_model
 from hybridprune.deploy.timing import time_calls
 from hybridprune.errors import HybridPruneError
@@ -81,17 +82,18 @@ def variants_from_run(out_dir: str | Path, metric: str | None = None, user_model
         raise HybridPruneError(f"{out} has no 2:4-only model (made by `hybridprune run`, not by `prune`)")
     paths = {"dense": result["dense"], "filter": item["filter"], "nm": result["nm"], "hybrid": item["hybrid"]}
     return [
-        _variant_from_file(name, out / Path(stage["checkpoint"]).name, stage.get("accuracy"), user_model)
+        variant_from_file(name, out / Path(stage["checkpoint"]).name, stage.get("accuracy"), user_model)
         for name, stage in paths.items()
     ]
 
 
 def variants_from_checkpoints(paths: dict[str, str], user_model: str | None = None) -> list[Variant]:
     """Variants from explicit checkpoint files, keyed by variant name."""
-    return [_variant_from_file(name, Path(path), None, user_model) for name, path in paths.items() if path]
+    return [variant_from_file(name, Path(path), None, user_model) for name, path in paths.items() if path]
 
 
-def _variant_from_file(name: str, path: Path, accuracy: float | None = None, user_model: str | None = None) -> Variant:
+def variant_from_file(name: str, path: Path, accuracy: float | None = None, user_model: str | None = None) -> Variant:
+    """The variant `name` from one checkpoint file; the nm and hybrid variants must carry N:M masks."""
     model, masks, _ = load_checkpoint(path, user_model)
     if name in ("nm", "hybrid") and not masks:
         raise HybridPruneError(f"{path} has no N:M masks, so it cannot be the {name} variant")
@@ -216,20 +218,13 @@ def bench(
     """
     if onnxruntime and (device.type != "cpu" or any(d != torch.float32 for d in dtypes)):
         raise HybridPruneError("the onnxruntime variant runs on the CPU in float32 only")
-    from hybridprune.deploy.export import onnxruntime_session
-
     sessions = {v.name: onnxruntime_session(v.model) for v in variants} if onnxruntime else {}
     runs: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
     sizes: list[dict[str, Any]] = []
     notices: set[str] = set()
-    bar = tqdm(
-        total=len(dtypes) * len(batch_sizes) * rounds,
-        desc="bench",
-        unit="round",
-        disable=None if progress else True,
-        leave=False,
-    )
+    total = len(dtypes) * len(batch_sizes) * rounds
+    bar = tqdm(total=total, desc="bench", unit="round", disable=None if progress else True, leave=False)
     for dtype in dtypes:
         for batch in batch_sizes:
             x = torch.rand(batch, *input_shape(variants[0].model), device=device, dtype=dtype)
@@ -237,20 +232,9 @@ def bench(
                 v.name: to_inference_model(v.model, v.masks, device, dtype, choose=choose, pattern=pattern, example=x)
                 for v in variants
             }
-            layers += [
-                {"variant": name, "batch_size": batch, "dtype": str(dtype).replace("torch.", ""), **layer.__dict__}
-                for name, c in converted.items()
-                for layer in c.layers
-            ]
-            if batch == batch_sizes[0]:
-                sizes += [
-                    {
-                        "variant": v.name,
-                        "dtype": str(dtype).replace("torch.", ""),
-                        **weight_bytes(converted[v.name], v, dtype, pattern),
-                    }
-                    for v in variants
-                ]
+            layers += _layer_rows(converted, batch, dtype)
+            if batch == batch_sizes[0]:  # weights do not depend on the batch
+                sizes += _weight_rows(variants, converted, dtype, pattern)
             extra = {("onnxruntime", name): _ort_forward(s, x) for name, s in sessions.items()}
             runs += _time_round_robin(
                 variants, converted, x, device, dtype, rounds, calls, warmup, cuda_graphs, bar, extra
@@ -264,6 +248,29 @@ def bench(
         "weight_bytes": sizes,
         "notices": sorted(notices),
     }
+
+
+def _layer_rows(converted: dict[str, InferenceModel], batch: int, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Which kernel each layer of each converted variant runs, and why, at one batch size and dtype."""
+    return [
+        {"variant": name, "batch_size": batch, "dtype": _dtype_name(dtype), **layer.__dict__}
+        for name, c in converted.items()
+        for layer in c.layers
+    ]
+
+
+def _weight_rows(
+    variants: Sequence[Variant], converted: dict[str, InferenceModel], dtype: torch.dtype, pattern: NMPattern
+) -> list[dict[str, Any]]:
+    """Each variant's weight bytes in one dtype (`weight_bytes`)."""
+    return [
+        {"variant": v.name, "dtype": _dtype_name(dtype), **weight_bytes(converted[v.name], v, dtype, pattern)}
+        for v in variants
+    ]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _time_round_robin(
