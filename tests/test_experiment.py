@@ -8,9 +8,12 @@ from PIL import Image
 from scipy import stats
 
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiments import grid as experiment
-from hybridprune.experiments.grid import Store, grid_from_dict, load_grid, run_grid, run_key
-from hybridprune.experiments.report import accuracy_table, paired_differences, write_grid_report
+from hybridprune.experiments import grid as grid_module
+from hybridprune.experiments.grid import grid_from_dict, load_grid, run_grid
+from hybridprune.experiments.report import write_grid_report
+from hybridprune.experiments.statistics import cheapest_at_accuracy, iso_accuracy, paired_differences
+from hybridprune.experiments.store import STORE_VERSION, TABLES, Store, baseline_key, column_names, run_key
+from hybridprune.experiments.tables import accuracy_table
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 FAST = {
@@ -28,7 +31,7 @@ FAST = {
 def test_interrupted_grid_resumes_with_one_row_per_run(tmp_path, monkeypatch):
     grid = grid_from_dict(FAST, "fast")
     store = Store(tmp_path / "s.sqlite")
-    real, calls = experiment.execute_run, []
+    real, calls = grid_module.execute_run, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -36,12 +39,12 @@ def test_interrupted_grid_resumes_with_one_row_per_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "execute_run", interrupted)
+    monkeypatch.setattr(grid_module, "execute_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, store, progress=False, log=lambda _: None)
     first = {r["key"]: r for r in store.rows()}
     assert len(first) == 2
-    monkeypatch.setattr(experiment, "execute_run", real)
+    monkeypatch.setattr(grid_module, "execute_run", real)
     counts = run_grid(grid, store, progress=False, log=lambda _: None)
     assert counts == {"done": 2, "skipped": 2, "failed": 0}
     rows = store.rows()
@@ -57,8 +60,8 @@ def test_the_baseline_phase_trains_baselines_only_so_every_run_is_timed_on_its_o
     grid = grid_from_dict(FAST, "timed")
     store = Store(tmp_path / "t.sqlite")
     pruned = []
-    real = experiment.execute_run
-    monkeypatch.setattr(experiment, "execute_run", lambda *a, **k: pruned.append(1) or real(*a, **k))
+    real = grid_module.execute_run
+    monkeypatch.setattr(grid_module, "execute_run", lambda *a, **k: pruned.append(1) or real(*a, **k))
     run_grid(grid, store, progress=False, log=lambda _: None)
     assert len(pruned) == len(grid.runs())
     rows = store.rows()
@@ -87,7 +90,7 @@ def test_ray_backend_with_a_local_instance(tmp_path):
 
 
 def _row(metric, ratio, seed, acc, dataset="cifar10", recipe="plain"):
-    return {c: None for c in experiment.ROW_COLUMNS} | {
+    return {c: None for c in column_names("runs")} | {
         "key": f"{dataset}-{metric}-{recipe}-{ratio}-{seed}",
         "recipe": recipe,
         "experiment": "fixture",
@@ -281,12 +284,10 @@ def test_a_grid_over_a_residual_and_a_users_network(tmp_path):
 
 
 def test_iso_accuracy_takes_the_cheapest_filter_only_model_of_the_same_accuracy():
-    from hybridprune.experiments.report import _interpolate_macs, iso_accuracy
-
     # accuracy 85 is met twice on a non-monotone curve: between 100M and 60M, and between 40M and 20M
     curve = [(90.0, 100.0), (80.0, 60.0), (86.0, 40.0), (84.0, 20.0)]
-    assert _interpolate_macs(curve, 85.0) == pytest.approx(30.0)
-    assert _interpolate_macs(curve, 95.0) is None
+    assert cheapest_at_accuracy(curve, 85.0) == pytest.approx(30.0)
+    assert cheapest_at_accuracy(curve, 95.0) is None
     rows = [
         {"dataset": "d", "model": "m", "width": 1.0, "metric": "hybrid", "ratio": ratio, "filter_accuracy": fa,
          "hybrid_accuracy": ha, "macs": hm, "effective_macs": hm / 2, "result": json.dumps({"filter": {"macs": fm}})}
@@ -311,7 +312,7 @@ def test_recipes_are_an_axis_whose_runs_share_the_dense_baseline(tmp_path):
     assert (plain.recipe, kd.recipe) == ("plain", "kd")
     assert (plain.finetune.distill_weight, kd.finetune.distill_weight) == (0.0, 0.5)
     assert kd.finetune.epochs == plain.finetune.epochs and kd.prune == plain.prune
-    assert experiment.baseline_key(plain) == experiment.baseline_key(kd) and run_key(plain) != run_key(kd)
+    assert baseline_key(plain) == baseline_key(kd) and run_key(plain) != run_key(kd)
     named = grid_from_dict({**FAST, "recipes": ["plain", "steps2"]}).runs()
     assert {(c.recipe, c.prune.steps) for c in named} == {("plain", 1), ("steps2", 2)}
     bare = grid_from_dict({**FAST, "recipes": {"steps2": None, "mine": {"prune": {"steps": 3}}}}).runs()
@@ -331,13 +332,25 @@ def test_recipes_are_an_axis_whose_runs_share_the_dense_baseline(tmp_path):
     assert run_grid(grid, store, progress=False, log=lambda _: None) == {"done": 0, "skipped": 2, "failed": 0}
 
 
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY, experiment TEXT NOT NULL, dataset TEXT NOT NULL, model TEXT NOT NULL,
+    width REAL NOT NULL, metric TEXT NOT NULL, ratio REAL NOT NULL, seed INTEGER NOT NULL,
+    dense_accuracy REAL, filter_oneshot_raw REAL, filter_oneshot REAL, filter_accuracy REAL,
+    hybrid_oneshot_raw REAL, hybrid_oneshot REAL, hybrid_accuracy REAL,
+    params INTEGER, nonzero_params INTEGER, macs INTEGER, effective_macs INTEGER,
+    wall_time_s REAL, finished_at TEXT NOT NULL, config TEXT NOT NULL, result TEXT NOT NULL
+);
+"""  # as version 1 wrote it: no recipe column, no nm_only table
+
+
 def test_a_version_1_store_is_upgraded_in_place_its_runs_plain(tmp_path):
     path = tmp_path / "old.sqlite"
-    old_schema = experiment.SCHEMA.replace("recipe TEXT NOT NULL DEFAULT 'plain', ", "")
-    old_columns = [c for c in experiment.ROW_COLUMNS if c != "recipe"]
+    old_columns = [c for c in column_names("runs") if c != "recipe"]
     row = _row("l1", 0.4, 0, 80.0)
     with sqlite3.connect(path) as db:
-        db.executescript(old_schema)
+        db.executescript(V1_SCHEMA)
         db.execute("INSERT INTO meta VALUES ('version', '1')")
         db.execute(f"INSERT INTO runs ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})",
                    [row[c] for c in old_columns])  # fmt: skip
@@ -345,4 +358,19 @@ def test_a_version_1_store_is_upgraded_in_place_its_runs_plain(tmp_path):
     assert upgraded["recipe"] == "plain" and upgraded["hybrid_accuracy"] == 80.0
     assert Store(path, create=False).nm_only_rows() == []
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0] == str(experiment.STORE_VERSION)
+        assert db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0] == str(STORE_VERSION)
+
+
+def test_a_new_store_has_exactly_the_declared_columns_and_refuses_other_rows(tmp_path):
+    store = Store(tmp_path / "new.sqlite")
+    with sqlite3.connect(store.path) as db:
+        for table, columns in TABLES.items():
+            assert [(r[1], r[2]) for r in db.execute(f"PRAGMA table_info({table})")] == [
+                (name, kind.split()[0]) for name, kind in columns
+            ]
+    row = _row("l1", 0.4, 0, 80.0)
+    with pytest.raises(ValueError, match="recipe"):
+        store.add({k: v for k, v in row.items() if k != "recipe"})
+    with pytest.raises(ValueError, match="extra"):
+        store.add({**row, "extra": 1})
+    assert store.rows() == []

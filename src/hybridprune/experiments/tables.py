@@ -1,0 +1,232 @@
+"""Markdown tables: of one run's result, of a `bench` result, and of a grid's stored rows (mean ± std over
+seeds); the number formats they share; display names of stages and datasets.
+
+Tables only present: the numbers come from results and from `statistics`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hybridprune.experiments.statistics import group_rows, mean_std, metric_order
+
+STAGE_COLUMNS = {
+    "filter_oneshot": "filter one-shot",
+    "filter_accuracy": "filter fine-tuned",
+    "hybrid_oneshot": "hybrid one-shot",
+    "hybrid_accuracy": "hybrid fine-tuned",
+}
+
+
+def format_accuracy(value: float | None) -> str:
+    """An accuracy in points with two decimals, '-' where there is none.
+
+    Example:
+        >>> format_accuracy(91.256), format_accuracy(None)
+        ('91.26', '-')
+    """
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_count(value: int) -> str:
+    """A count with a k, M or G suffix.
+
+    Example:
+        >>> format_count(1234), format_count(5_600_000), format_count(12)
+        ('1.23k', '5.60M', '12')
+    """
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table with padded columns (readable as plain text too)."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def _stage_row(label: str, stage: str, s: dict[str, Any]) -> list[str]:
+    return [
+        label,
+        stage,
+        format_accuracy(s.get("accuracy_oneshot_raw")),
+        format_accuracy(s.get("accuracy_oneshot")),
+        format_accuracy(s["accuracy"]),
+        format_count(s["params"]),
+        format_count(s["nonzero_params"]),
+        format_count(s["macs"]),
+        format_count(s["effective_macs"]),
+    ]
+
+
+def run_table(result: dict[str, Any]) -> str:
+    """The comparison table of one `hybridprune run` result: every metric at every stage.
+
+    Example:
+        >>> s = {"accuracy": 90.0, "params": 10, "nonzero_params": 5, "macs": 2000, "effective_macs": 1000}
+        >>> print(run_table({"dense": s, "results": []}).splitlines()[2])
+        | dense  | dense | -            | -              | 90.00      | 10     | 5       | 2.00k | 1.00k     |
+    """
+    headers = [
+        "metric",
+        "stage",
+        "one-shot raw",
+        "one-shot recal",
+        "fine-tuned",
+        "params",
+        "nonzero",
+        "MACs",
+        "eff. MACs",
+    ]
+    rows = [_stage_row("dense", "dense", result["dense"])]
+    if "nm" in result:
+        rows.append(_stage_row("(none)", "2:4 only", result["nm"]))
+    for r in result["results"]:
+        rows.append(_stage_row(r["metric"], "filter", r["filter"]))
+        rows.append(_stage_row(r["metric"], "filter+N:M", r["hybrid"]))
+    return markdown_table(headers, rows)
+
+
+def layer_table(result: dict[str, Any]) -> str:
+    """Per-layer view: the channel group each conv produces, the channels kept by the first metric's plan,
+    and whether each layer took N:M masks (and why not)."""
+    groups: dict[str, dict[str, Any]] = {}
+    if result.get("results"):
+        for g in result["results"][0]["plan"]["groups"]:
+            groups.update({member: g for member in g["members"]})
+    rows = []
+    for e in result["layers"]:
+        g = groups.get(e["name"])
+        kept = f"{g['original']} -> {len(g['keep'])} ({100 * g['real_ratio']:.0f}% pruned)" if g else "-"
+        rows.append(
+            [
+                e["name"].removeprefix("net."),
+                e["kind"],
+                "x".join(map(str, e["shape"])),
+                g["name"].removeprefix("net.") if g else "-",
+                kept,
+                "N:M" if e["eligible"] else f"dense: {e['reason']}",
+            ]
+        )
+    return markdown_table(["layer", "kind", "dense shape", "channel group", "channels kept", "N:M"], rows)
+
+
+def bench_tables(result: dict[str, Any]) -> str:
+    """Latency/throughput per variant and the speedup ratios of one `hybridprune bench` result."""
+    runs = [
+        [
+            r["variant"],
+            r["mode"],
+            r["dtype"],
+            str(r["batch_size"]),
+            f"{r['latency_ms_median']:.3f}",
+            f"{r['latency_ms_p10']:.3f}",
+            f"{r['latency_ms_p90']:.3f}",
+            f"{r['throughput']:.0f}",
+            format_accuracy(r.get("accuracy")),
+        ]
+        for r in result["runs"]
+    ]
+    keys = ["filter_over_dense", "nm_over_dense", "hybrid_over_dense", "hybrid_over_filter", "hybrid_over_nm"]
+    ratios = [
+        [s["mode"], s["dtype"], str(s["batch_size"]), *(f"{s[k]:.2f}x" if k in s else "-" for k in keys)]
+        for s in result["speedups"]
+    ]
+    sizes = [
+        [
+            s["variant"],
+            s["dtype"],
+            format_count(s["weight_bytes_dense"]),
+            format_count(s["weight_bytes_compressed"]),
+            format_count(s["weight_bytes_as_run"]),
+        ]
+        for s in result["weight_bytes"]
+    ]
+    return "\n\n".join(
+        [
+            markdown_table(
+                ["variant", "mode", "dtype", "batch", "median ms", "p10 ms", "p90 ms", "images/s", "accuracy"], runs
+            ),
+            markdown_table(
+                ["mode", "dtype", "batch", "filter/dense", "nm/dense", "hybrid/dense", "hybrid/filter", "hybrid/nm"],
+                ratios,
+            ),
+            markdown_table(["variant", "dtype", "weight bytes dense", "N:M compressed", "as run"], sizes),
+        ]
+    )
+
+
+def kernel_table(result: dict[str, Any], batch_size: int | None = None) -> str:
+    """Which kernel each layer of each variant ran, and why (one batch size: the largest by default)."""
+    batch = batch_size or max(layer["batch_size"] for layer in result["layers"])
+    rows = [
+        [
+            layer["variant"],
+            layer["name"],
+            layer["kind"],
+            "x".join(map(str, layer["gemm_shape"])),
+            layer["kernel"],
+            "-" if layer["dense_ms"] is None else f"{layer['dense_ms']:.3f}",
+            "-" if layer["sparse_ms"] is None else f"{layer['sparse_ms']:.3f}",
+            layer["reason"],
+        ]
+        for layer in result["layers"]
+        if layer["batch_size"] == batch
+    ]
+    return markdown_table(["variant", "layer", "kind", "GEMM weight", "kernel", "dense ms", "sparse ms", "why"], rows)
+
+
+# --- experiment grids (from the store's rows) ---------------------------------------------------------
+
+
+def accuracy_table(rows: list[dict[str, Any]], column: str) -> tuple[list[str], list[list[str]]]:
+    """Rows per (dataset, model, metric), one column per ratio, cells 'mean +- std (n)'."""
+    groups = group_rows(rows, column)
+    ratios = sorted({k[4] for k in groups})
+    setups = sorted({k[:4] for k in groups}, key=lambda k: (k[0], k[1], k[2], metric_order(k[3])))
+    body = []
+    for ds, model, width, metric in setups:
+        cells = []
+        for ratio in ratios:
+            values = list(groups.get((ds, model, width, metric, ratio), {}).values())
+            m, s = mean_std(values) if values else (None, None)
+            cells.append("-" if m is None else f"{m:.2f} ± {s:.2f} ({len(values)})")
+        body.append([ds, f"{model} w{width:g}", metric, *cells])
+    return ["dataset", "model", "metric", *[f"ratio {r:g}" for r in ratios]], body
+
+
+def dense_table(rows: list[dict[str, Any]], nm_rows: list[dict[str, Any]] | None = None) -> str:
+    """One line per (dataset, model): the dense baselines' accuracy over seeds, and their 2:4-only models'."""
+    per_seed: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        per_seed.setdefault((r["dataset"], r["model"], r["width"]), {})[r["seed"]] = r["dense_accuracy"]
+    nm: dict[tuple, list[dict[str, Any]]] = {}
+    for r in nm_rows or []:
+        nm.setdefault((r["dataset"], r["model"], r["width"]), []).append(r)
+    body = []
+    for key, seeds in sorted(per_seed.items()):
+        m, sd = mean_std(list(seeds.values()))
+        row = [key[0], f"{key[1]} w{key[2]:g}", f"{m:.2f} ± {sd:.2f} ({len(seeds)})"]
+        if nm_rows is not None:
+            found = nm.get(key, [])
+            nm_mean, nm_sd = mean_std([r["accuracy"] for r in found]) if found else (None, None)
+            row.append("-" if nm_mean is None else f"{nm_mean:.2f} ± {nm_sd:.2f} ({len(found)})")
+        body.append(row)
+    headers = ["dataset", "model", "dense accuracy"] + (["2:4-only, fine-tuned"] if nm_rows is not None else [])
+    return markdown_table(headers, body)
+
+
+def dataset_label(name: str) -> str:
+    """A dataset's name for titles: `npz:../data/cifar10` -> `cifar10`, registered names as they are.
+
+    Example:
+        >>> dataset_label("npz:../shared/data/cifar10/"), dataset_label("digits")
+        ('cifar10', 'digits')
+    """
+    if name.startswith("npz:"):
+        return Path(name[4:]).name.removesuffix(".npz") or name
+    return name
