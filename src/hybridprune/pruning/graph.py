@@ -54,6 +54,8 @@ class ChannelGroup:
     size: int
     producers: tuple[Producer, ...]
     members: tuple[str, ...]  # every module the group touches (conv, BN, linear, ... in or out channels)
+    # (conv or linear, how many of its input channels or features are this group's): what reads the group
+    consumers: tuple[tuple[str, int], ...] = ()
 
 
 def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
@@ -100,7 +102,7 @@ def channel_groups(model: nn.Module, graph: tp.DependencyGraph, ignore: tuple[st
     order = {n: i for i, n in enumerate(called)}
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
-        producers, members = [], []
+        producers, members, consumers = [], [], {}
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
             if not isinstance(module, nn.Module) or module not in names:
@@ -108,9 +110,13 @@ def channel_groups(model: nn.Module, graph: tp.DependencyGraph, ignore: tuple[st
             members.append(names[module])
             if isinstance(module, nn.Conv2d) and graph.is_out_channel_pruning_fn(handler):
                 producers.append(Producer(names[module], tuple(item.idxs), tuple(item.root_idxs)))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and graph.is_in_channel_pruning_fn(handler):
+                consumers[names[module]] = len(set(item.idxs))
         root = names[group[0].dep.target.module]
         size = len(group[0].idxs)
-        groups.append(ChannelGroup(root, size, tuple(producers), tuple(dict.fromkeys(members))))
+        groups.append(
+            ChannelGroup(root, size, tuple(producers), tuple(dict.fromkeys(members)), tuple(consumers.items()))
+        )
     return sorted(groups, key=lambda g: order.get(g.name, len(order)))
 
 

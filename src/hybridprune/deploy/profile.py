@@ -1,0 +1,241 @@
+"""Measuring latency tables: every prunable layer of a model at each channel count its groups can take, dense
+and (where the device has a 2:4 kernel and the layer can take masks) 2:4, plus the rest of the network.
+
+Candidate kept counts of a group are the multiples of `step` up to its size (and the size itself). Where a
+layer's input and output counts both vary, at most `max_points` of each are measured, evenly spaced with both
+ends included, and `pruning.latency` interpolates between them. Entries already in the table (from any model
+of the same layer shapes) are not measured again. Timings are medians of interleaved repeats after warm-up,
+with the thread count pinned and recorded; the 10th and 90th percentiles are kept beside every median. A timing
+is only as good as the machine is quiet: a load average above the idle cores is said in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hybridprune.config import NMPattern
+from hybridprune.deploy.runtimes import device_name, interleaved_times, module_call, quantiles, resolve_runtime
+from hybridprune.deploy.sparse import kernel_ineligibility, sparse_backend, sparse_module
+from hybridprune.errors import HybridPruneError
+from hybridprune.provenance import environment
+from hybridprune.pruning.graph import ChannelGroup
+from hybridprune.pruning.latency import Entry, LatencyTable, LayerCoupling, LayerShape, Setup, layer_latency
+from hybridprune.pruning.nm import nm_mask
+
+CHUNK = 24  # entries built and timed together (bounds the memory of the layers alive at once)
+MIN_TIMING_MS = 0.5  # a timing covers enough back-to-back calls to last this long: the clock's resolution
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How a table is measured: `setup` (runtime resolved, batch, dtype), the candidate step, grid points per
+    dimension, timed rounds per entry and intra-op threads."""
+
+    setup: Setup
+    step: int = 4
+    max_points: int = 9
+    rounds: int = 15
+    threads: int | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.setup.dtype]
+
+
+def resolve_settings(
+    runtime: str, batch: int, dtype: str, device: torch.device, step: int = 4, rounds: int = 15
+) -> ProfileSettings:
+    """Settings with `auto` resolved for `device`: the runtime a deployer would pick, fp16 on GPUs, fp32 on CPUs.
+
+    Example:
+        >>> resolve_settings("torch", 8, "auto", torch.device("cpu")).setup
+        Setup(runtime='torch', batch=8, dtype='float32')
+    """
+    resolved = resolve_runtime(runtime, device)
+    if dtype == "auto":
+        dtype = "float16" if device.type == "cuda" else "float32"
+    if device.type == "cpu" and dtype != "float32":
+        raise HybridPruneError(f"--latency-dtype {dtype} is for GPUs; on a CPU the tables are float32")
+    return ProfileSettings(Setup(resolved, batch, dtype), step=step, rounds=rounds)
+
+
+def candidate_counts(size: int, step: int) -> list[int]:
+    """Kept counts a group may take: multiples of `step` up to `size`, and `size` itself.
+
+    Example:
+        >>> candidate_counts(10, 4), candidate_counts(3, 4)
+        ([4, 8, 10], [3])
+    """
+    return sorted({*range(step, size + 1, step), size})
+
+
+def sample(values: list[int], max_points: int) -> list[int]:
+    """At most `max_points` of `values`, evenly spaced, both ends included.
+
+    Example:
+        >>> sample(list(range(1, 11)), 4)
+        [1, 4, 7, 10]
+    """
+    if len(values) <= max_points:
+        return list(values)
+    picks = {round(i * (len(values) - 1) / (max_points - 1)) for i in range(max_points)}
+    return [values[i] for i in sorted(picks)]
+
+
+def layer_grid(coupling: LayerCoupling, groups: dict[str, ChannelGroup], step: int, max_points: int) -> set[LayerShape]:
+    """The shapes of one layer to measure: its out group's sampled counts times its input's sampled counts."""
+    outs = [{}]
+    if coupling.out_group is not None:
+        size = groups[coupling.out_group].size
+        outs = [{coupling.out_group: k} for k in sample(candidate_counts(size, step), max_points)]
+    ins: list[dict[str, int]] = [{}]
+    if coupling.in_parts and not coupling.depthwise:
+        lists = {g: sample(candidate_counts(size, step), max_points) for g, size, _ in coupling.in_parts}
+        points = max(len(v) for v in lists.values())  # several groups feed it (a concatenation): vary them together
+        ins = [{g: v[round(j * (len(v) - 1) / max(1, points - 1))] for g, v in lists.items()} for j in range(points)]
+    return {coupling.shape({**i, **o}) for i in ins for o in outs}
+
+
+def sparse_possible(shape: LayerShape, device: torch.device, dtype: torch.dtype, nm_layer: bool) -> bool:
+    """Whether a 2:4 entry exists for this shape: a layer that takes masks, a sparse kernel for its GEMM."""
+    if not nm_layer or shape.groups != 1 or shape.c_in % 4:
+        return False
+    gemm = (shape.c_out, shape.c_in * shape.kernel[0] * shape.kernel[1])
+    return not kernel_ineligibility(gemm, sparse_backend(device), dtype, NMPattern())
+
+
+def profile_model(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    couplings: list[LayerCoupling],
+    table: LatencyTable,
+    settings: ProfileSettings,
+    device: torch.device,
+    nm_layers: set[str],
+    progress: bool = True,
+) -> Entry:
+    """Measure every missing entry of the model's layers at their candidate counts into `table`, then the whole
+    dense model; store and return the rest of the network (whole minus the sum of its dense layer entries)."""
+    check_device(table, device)
+    dtype = settings.torch_dtype
+    by_name = {g.name: g for g in groups}
+    wanted: dict[str, tuple[LayerShape, str]] = {}
+    for c in couplings:
+        for shape in layer_grid(c, by_name, settings.step, settings.max_points):
+            kernels = ("dense", "2:4") if sparse_possible(shape, device, dtype, c.name in nm_layers) else ("dense",)
+            for kernel in kernels:
+                wanted[shape.key(settings.setup.batch, settings.setup.dtype, settings.setup.runtime, kernel)] = (
+                    shape, kernel)  # fmt: skip
+    missing = {k: v for k, v in wanted.items() if k not in table.entries}
+    with pinned_threads(settings.threads) as threads:
+        table.threads = threads
+        measure_entries(missing, table, settings, device, progress)
+        whole = measure_model(model, settings, device)
+    dense_sum = sum(layer_latency(table, c.dense, settings.setup, "dense") for c in couplings)
+    rest = Entry(whole.median_ms - dense_sum, whole.p10_ms - dense_sum, whole.p90_ms - dense_sum, whole.repeats)
+    table.rest[rest_key(model, settings.setup)] = rest
+    table.versions = environment()
+    table.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return rest
+
+
+def rest_key(model: nn.Module, setup: Setup) -> str:
+    """Which model and setup a rest-of-network constant belongs to: the model's layers, shapes and input."""
+    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    source = getattr(getattr(model, "source", None), "label", type(model).__name__)
+    digest = hashlib.sha256((str(shapes) + str(getattr(model, "input_shape", ""))).encode()).hexdigest()[:12]
+    return f"{source}|{setup.runtime}|b{setup.batch}|{setup.dtype}|{digest}"
+
+
+def check_device(table: LatencyTable, device: torch.device) -> None:
+    here = device_name(device)
+    if table.device != here:
+        raise HybridPruneError(
+            f"the latency table was measured on {table.device!r}, not on {here!r}; profile this device"
+        )
+
+
+def new_table(device: torch.device) -> LatencyTable:
+    return LatencyTable(device_name(device))
+
+
+def measure_entries(
+    wanted: dict[str, tuple[LayerShape, str]],
+    table: LatencyTable,
+    settings: ProfileSettings,
+    device: torch.device,
+    progress: bool = True,
+) -> None:
+    """Time each (shape, kernel) into `table`, CHUNK entries interleaved at a time."""
+    items = sorted(wanted.items())
+    bar = tqdm(total=len(items), desc="profile layers", unit="entry", disable=not progress or not items)
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        calls = [_layer_call(shape, kernel, settings, device) for _, (shape, kernel) in chunk]
+        for (key, _), times in zip(chunk, _timed(calls, settings, device), strict=True):
+            table.add(key, Entry(*quantiles(times), len(times)))
+        bar.update(len(chunk))
+    bar.close()
+
+
+def measure_model(
+    model: nn.Module, settings: ProfileSettings, device: torch.device, rounds: int | None = None
+) -> Entry:
+    """The whole model's latency in the settings' runtime, batch and dtype (median of interleaved repeats)."""
+    x = torch.rand(settings.setup.batch, *model.input_shape, device=device, dtype=settings.torch_dtype)
+    net = model.to(device=device, dtype=settings.torch_dtype).eval()
+    call = module_call(net, x, settings.setup.runtime, settings.threads)
+    times = _timed([call], settings, device, rounds or max(settings.rounds, 30))[0]
+    model.float()
+    return Entry(*quantiles(times), len(times))
+
+
+def _layer_call(shape: LayerShape, kernel: str, settings: ProfileSettings, device: torch.device):  # noqa: ANN202
+    dtype = settings.torch_dtype
+    module = shape.module().to(device=device, dtype=dtype).eval()
+    x = torch.rand(shape.input_shape(settings.setup.batch), device=device, dtype=dtype)
+    if kernel == "2:4":
+        with torch.no_grad():
+            module.weight.mul_(nm_mask(module.weight))
+        module = sparse_module(module, sparse_backend(device))
+        if shape.kind == "conv":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return module_call(module, x, settings.setup.runtime, settings.threads)
+
+
+def _timed(
+    calls: list, settings: ProfileSettings, device: torch.device, rounds: int | None = None
+) -> list[list[float]]:
+    """Interleaved timings, each covering enough back-to-back calls to outlast the clock's resolution."""
+    probe = interleaved_times(calls, 3, device, warmup=2)
+    shortest = min(min(t) for t in probe)
+    per_round = max(1, math.ceil(MIN_TIMING_MS / max(shortest, 1e-3)))
+    return interleaved_times(calls, rounds or settings.rounds, device, warmup=0, per_round=per_round)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op threads fixed for the block (ONNX Runtime sessions take the same number); says so once,
+    and says when the machine is busy with other work (a load average above its idle cores)."""
+    before = torch.get_num_threads()
+    threads = threads or before
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = (os.cpu_count() or 1) - threads
+    if load > idle + 0.5:
+        print(f"note: load average {load:.1f} with {threads} of {os.cpu_count()} cores timed: other work shares "
+              "this machine, so the latencies may be off", flush=True)  # fmt: skip
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
