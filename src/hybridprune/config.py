@@ -9,6 +9,7 @@ built from these lists, and the CLI, YAML grids and the Python API all read the 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,8 @@ TORCHVISION_PREFIX = "torchvision:"
 DEFAULT_ROUND_TO = 16
 ONNX_OPSET = 17
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"  # torchvision-layout datasets
+FOLDER_IMAGE_SIZE = 224  # folder:PATH datasets: the side images are cropped to when no image size is given
+BACKENDS = ("process", "ray")  # where a grid's runs execute: a local process pool, or Ray tasks
 
 
 def check_name(kind: str, name: object, valid: tuple[str, ...]) -> str:
@@ -46,6 +49,16 @@ def validate_ratio(ratio: float, what: str = "filter ratio") -> float:
     if not (0 <= ratio < 1) or math.isnan(ratio):
         raise HybridPruneError(f"{what} {ratio} is outside [0, 1) (e.g. 0.4 removes 40% of filters)")
     return ratio
+
+
+def default_workers() -> int:
+    """Decoding processes of a folder:PATH dataset when none is given: one per CPU but one, at most 8.
+
+    Example:
+        >>> 1 <= default_workers() <= 8
+        True
+    """
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def model_names() -> str:
@@ -426,3 +439,78 @@ def check_recipe(name: str, recipe: Any) -> dict[str, dict[str, Any]]:
             )
         _RECIPE_PARTS[part].from_dict({**_RECIPE_PARTS[part]().to_dict(), **settings})  # validates now
     return recipe
+
+
+# --- the knobs of the commands that time, convert, export and run grids ----------------------------------
+# Not settings of a pruning job, so no RunConfig holds them; declared here all the same, so that each flag's
+# default and bound has one home, and the command builds one of these from its flags before any work.
+
+
+@dataclass(frozen=True)
+class BenchConfig(_Dict):
+    """How `hybridprune bench` times its variants, and the input of synthetic ones.
+
+    Example:
+        >>> BenchConfig(rounds=2).calls
+        5
+    """
+
+    image_size: int = 32  # synthetic variants: input height and width
+    channels: int = 3  # synthetic variants: input channels
+    rounds: int = 10  # round-robin rounds, each timing every variant
+    calls: int = 5  # timed calls per variant per round
+    threads: int | None = None  # CPU threads for torch (None: torch's choice)
+
+    RANGES: ClassVar = {
+        "image_size": (8, 4096),
+        "channels": (1, 16),
+        "rounds": (1, 100_000),
+        "calls": (1, 100_000),
+        "threads": (1, 1024),
+    }
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+
+
+@dataclass(frozen=True)
+class ConvertConfig(_Dict):
+    """How `hybridprune convert` chooses each layer's kernel: measured on an input batch of `batch_size`."""
+
+    batch_size: int = 256
+
+    RANGES: ClassVar = {"batch_size": (1, 65_536)}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Dict):
+    """How `hybridprune export` writes the ONNX file and how many images check it against PyTorch."""
+
+    opset: int = ONNX_OPSET
+    check_images: int = 256
+
+    RANGES: ClassVar = {"opset": (13, 20), "check_images": (1, 100_000)}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+
+
+@dataclass(frozen=True)
+class PoolConfig(_Dict):
+    """The workers that run a grid's runs (`hybridprune experiment`): how many at once, and where.
+
+    Grid workers start at 1 (one run at a time, in this process); they are not a dataset's decoding workers
+    (`DataConfig.workers`, where 0 means decoding in the main process).
+    """
+
+    workers: int = 1
+    backend: str = "process"
+
+    RANGES: ClassVar = {"workers": (1, 256)}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        check_name("backend", self.backend, BACKENDS)
