@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hybridprune.cli import _run_config, build_parser, main
+from hybridprune.cli import build_parser, main
+from hybridprune.cli.run import run_config_from_args
 from hybridprune.config import RECIPES
 from hybridprune.models.sources import build_model
 from hybridprune.pruning.checkpoint import load_checkpoint
@@ -137,5 +138,5 @@ def test_a_recipe_sets_its_options_and_explicit_flags_win(tmp_path):
     assert cfg["prune"]["steps"] == best["prune"].get("steps", 1)  # not given: the recipe's
     assert best["prune"]["allocation"] == "sensitivity" and cfg["prune"]["allocation"] == "global"  # given: it wins
     assert cfg["prune"]["permute"] is False and cfg["finetune"]["distill_weight"] == 0.9
-    plain = _run_config(build_parser().parse_args(["run", "--distill-weight", "0.5"]), None, "digits")
+    plain = run_config_from_args(build_parser().parse_args(["run", "--distill-weight", "0.5"]))
     assert plain.finetune.distill_weight == 0.0 and plain.prune.steps == 1 and not plain.prune.permute  # no --distill

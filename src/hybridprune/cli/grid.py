@@ -1,6 +1,6 @@
 """The grid commands: `experiment` (datasets x models x metrics x ratios x seeds into a store) and `report`.
 
-Registered by `cli.build_parser`.
+Thin: `experiments/` holds the grid, the store, the runners and the report; these parse and call them.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hybridprune.cli.flags import config_from_args, numeric
+from hybridprune.config import BACKENDS, PoolConfig
 from hybridprune.errors import HybridPruneError
 
 
@@ -15,17 +17,26 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="run a grid of datasets x models x metrics x ratios x seeds into a store")
     p.add_argument("config", help="experiment YAML (see experiments/)")
     p.add_argument("--store", default=None, help="SQLite result store (default: runs/NAME.sqlite)")
-    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes, or Ray tasks)")
+    numeric(
+        p,
+        "--workers",
+        PoolConfig,
+        "workers",
+        "grid workers: runs in parallel (processes, or Ray tasks), 1 runs them one at a time in this process",
+    )
     p.add_argument(
         "--backend",
-        default="process",
-        choices=["process", "ray"],
+        default=PoolConfig.backend,
+        choices=BACKENDS,
         help="process: a local process pool; ray: Ray tasks (RAY_ADDRESS for a cluster)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--list", action="store_true", help="list the grid's runs and whether each is done, then stop")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(handler=cmd_experiment)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables and plots from an experiment store (never re-runs anything)")
     p.add_argument("--store", required=True, help="SQLite result store written by `hybridprune experiment`")
     p.add_argument("--out", required=True, help="folder for report.md, CSV tables and PNG plots")
@@ -37,13 +48,16 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         help="report only the runs of this experiment YAML (repeatable); needed when one store holds grids "
         "that measure the same setup with different settings",
     )
+    p.set_defaults(handler=cmd_report)
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from hybridprune.experiments.grid import Store, load_grid, pending_summary, run_grid
+    from hybridprune.experiments.grid import load_grid, pending_summary, run_grid
+    from hybridprune.experiments.store import Store
     from hybridprune.outputs import check_output_dir
     from hybridprune.world import resolve_device
 
+    pool = config_from_args(PoolConfig, args)
     grid = load_grid(args.config)
     device = resolve_device(args.device)
     store_path = Path(args.store or f"runs/{grid.name}.sqlite")
@@ -55,7 +69,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         print("\n".join(pending_summary(grid, store)))
         return
     counts = run_grid(
-        grid, store, workers=args.workers, device=device.type, backend=args.backend, progress=not args.no_progress
+        grid, store, workers=pool.workers, device=device.type, backend=pool.backend, progress=not args.no_progress
     )
     print(
         f"{counts['done']} runs finished now, {counts['skipped']} earlier, {counts['failed']} failed; "
@@ -66,8 +80,9 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from hybridprune.experiments.grid import Store, load_grid, nm_only_key, run_key
+    from hybridprune.experiments.grid import load_grid
     from hybridprune.experiments.report import write_grid_report
+    from hybridprune.experiments.store import Store, nm_only_key, run_key
     from hybridprune.outputs import check_output_dir
 
     check_output_dir(Path(args.out))
@@ -85,4 +100,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """The `experiment` and `report` commands."""
     _add_experiment(sub)
+    _add_report(sub)

@@ -1,0 +1,310 @@
+"""What every command's flags share: the parser, numeric flags bounded by their config field, shared flag groups.
+
+A numeric flag declares the config field it sets (`numeric(p, "--epochs", TrainConfig, "epochs", ...)`) and
+reads its kind, its default and its inclusive bound from there, so a bound lives only in the config class
+(`config.py`, `RANGES`) and the CLI, YAML grids and the Python API refuse the same values. A bad number is one
+line and exit 2 at parse time, before any work. No torch here: `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+from hybridprune.config import (
+    ALLOCATIONS,
+    DEFAULT_DATA_DIR,
+    DEFAULT_FINETUNE,
+    DEFAULT_MODEL,
+    FOLDER_IMAGE_SIZE,
+    PRECISIONS,
+    RECIPES,
+    DataConfig,
+    ModelConfig,
+    PruneConfig,
+    RunConfig,
+    TrainConfig,
+    dataset_names,
+    default_workers,
+    model_names,
+    validate_ratio,
+)
+from hybridprune.errors import HybridPruneError
+
+C = TypeVar("C")
+
+# The distillation weight --distill uses when neither --distill-weight nor the recipe sets one.
+DISTILL_WEIGHT: float = RECIPES["distill"]["finetune"]["distill_weight"]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The `type=` of a numeric flag: parses text as the kind of `config.field`, within `config.RANGES[field]`.
+
+    Example:
+        >>> Bound("--epochs", TrainConfig, "epochs")("3")
+        3
+    """
+
+    flag: str
+    config: type
+    field: str
+
+    @property
+    def kind(self) -> type:
+        declared = next(f.type for f in fields(self.config) if f.name == self.field)
+        return float if "float" in str(declared) else int
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        return self.config.RANGES[self.field]
+
+    def __call__(self, text: str) -> int | float:
+        (low, high), kind = self.limits, self.kind
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not (low <= value <= high):
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{self.flag} must be {what} in [{low:g}, {high:g}], got {text!r}")
+        return value
+
+
+class Parser(argparse.ArgumentParser):
+    """Argument errors as one line, like every other bad input; a bare int or float flag is refused (a bug)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:  # type: ignore[override]
+        if kwargs.get("type") in (int, float):
+            raise TypeError(f"{names[0]} parses a bare number; declare it with numeric() so a config bounds it")
+        return super().add_argument(*names, **kwargs)
+
+
+def numeric(p: argparse.ArgumentParser, flag: str, source: Any, field: str, help: str, **kwargs: Any) -> None:
+    """Add `flag`, bounded by the config field it sets; `source` is the config class, or an instance whose
+    value is the default. The default is stated in the help unless the help already says it.
+
+    Example:
+        >>> p = Parser(prog="x")
+        >>> numeric(p, "--epochs", TrainConfig, "epochs", "epochs to train")
+        >>> p.parse_args(["--epochs", "2"]).epochs
+        2
+    """
+    config = source if isinstance(source, type) else type(source)
+    kwargs.setdefault("default", getattr(source, field))
+    default = kwargs["default"]
+    if default is not None and "default" not in help:
+        help = f"{help} (default: {default})"
+    p.add_argument(flag, type=Bound(flag, config, field), help=help, **kwargs)
+
+
+def numeric_flags(parser: argparse.ArgumentParser) -> dict[tuple[str, str], Bound]:
+    """(command, flag) -> its Bound, for every numeric flag of every command of `parser`."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {
+        (name, flag): action.type
+        for name, sub in commands.items()
+        for action in sub._actions
+        if isinstance(action.type, Bound)
+        for flag in action.option_strings
+    }
+
+
+def config_from_args(config: type[C], args: argparse.Namespace) -> C:
+    """`config` built from the flags that set its fields (each flag's dest is the field's name).
+
+    Example:
+        >>> from hybridprune.config import ExportConfig
+        >>> config_from_args(ExportConfig, argparse.Namespace(opset=13, check_images=8, out="m.onnx"))
+        ExportConfig(opset=13, check_images=8)
+    """
+    return config(**{f.name: getattr(args, f.name) for f in fields(config)})
+
+
+def ratio(text: str) -> float:
+    """The `type=` of --filter-ratio: a number in [0, 1) (validate_ratio's bound)."""
+    try:
+        return validate_ratio(float(text))
+    except ValueError as e:
+        message = str(e) if isinstance(e, HybridPruneError) else f"not a number: {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    numeric(p, "--seed", RunConfig, "seed", "seed for model init, data order, subsets and random scores")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_data(p: argparse.ArgumentParser, default: str = "digits") -> None:
+    p.add_argument("--dataset", default=default, help=f"one of {', '.join(dataset_names())} (default: {default})")
+    p.add_argument(
+        "--data-dir", default=None, help=f"root of torchvision-layout datasets (default: {DEFAULT_DATA_DIR})"
+    )
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing (needs network)")
+    numeric(p, "--train-size", DataConfig, "train_size", "use a seeded random subset of this many train images")
+    numeric(p, "--test-size", DataConfig, "test_size", "use a seeded random subset of this many test images")
+    numeric(p, "--image-size", DataConfig, "image_size", f"folder:PATH only: crop side (default {FOLDER_IMAGE_SIZE})")
+    numeric(
+        p,
+        "--workers",
+        DataConfig,
+        "workers",
+        "folder:PATH only: image decoding processes, 0 to decode in the main process "
+        f"(default: one per CPU but one, at most 8; here {default_workers()})",
+    )
+    p.add_argument("--strict", action="store_true", help="folder:PATH only: an unreadable image is an error")
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default=None, help=f"{model_names()} (default: {DEFAULT_MODEL.name} at width {DEFAULT_MODEL.width})"
+    )
+    numeric(
+        p,
+        "--width",
+        ModelConfig,
+        "width",
+        f"width multiplier of a built-in model's layers (default: 1.0; {DEFAULT_MODEL.width} for the default model)",
+    )
+    p.add_argument("--weights", default=None, help="trained weights of that model: a state dict in .safetensors or .pt")
+
+
+def add_user_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="for a checkpoint of user code: the module:factory that built it")
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    add_model(p)
+    numeric(p, "--epochs", TrainConfig, "epochs", "epochs to train the dense model")
+    numeric(p, "--lr", TrainConfig, "lr", "peak learning rate of dense training (SGD)")
+    numeric(p, "--batch-size", TrainConfig, "batch_size", "training batch size")
+
+
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="training arithmetic: auto = bf16 autocast on GPUs that have it, else fp16 with a gradient scaler; "
+        "fp32 on CPUs",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model for training (falls back where it fails)"
+    )
+    p.add_argument(
+        "--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics over every rank's batch"
+    )
+
+
+def add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
+    """The pruning flags of `run` and `prune`: what is removed, how accuracy recovers, how channels are chosen."""
+    _add_filter_flags(p)
+    _add_finetune_flags(p)
+    _add_distill_flags(p)
+    _add_scoring_flags(p, metric_help)
+    _add_allocation_flags(p)
+
+
+def _add_filter_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--filter-ratio",
+        type=ratio,
+        default=PruneConfig.filter_ratio,
+        help=f"fraction of channels removed from each channel group, in [0, 1) (default: {PruneConfig.filter_ratio})",
+    )
+    numeric(
+        p,
+        "--round-to",
+        PruneConfig,
+        "round_to",
+        "round kept filter counts to this multiple so the next layer stays 2:4 and cuSPARSELt eligible",
+    )
+    p.add_argument(
+        "--nm",
+        default=PruneConfig.nm,
+        help=f"N:M pattern, keep N of every M input-channel weights (default {PruneConfig.nm})",
+    )
+
+
+def _add_finetune_flags(p: argparse.ArgumentParser) -> None:
+    numeric(
+        p, "--finetune-epochs", DEFAULT_FINETUNE, "epochs", "epochs of each fine-tune (after filter and N:M pruning)"
+    )
+    numeric(p, "--finetune-lr", DEFAULT_FINETUNE, "lr", "peak learning rate of fine-tuning")
+    p.add_argument(
+        "--recipe",
+        default="plain",
+        choices=list(RECIPES),
+        help="a named set of the recovery options below (plain: none of them; best: the combination measured "
+        "best on CIFAR-10, see the README); options given explicitly win over the recipe's",
+    )
+
+
+def _add_distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fine-tune pruned stages against the dense model's logits (KD)",
+    )
+    numeric(
+        p,
+        "--distill-weight",
+        TrainConfig,
+        "distill_weight",
+        f"with --distill: weight of the KD term, rest CE (default {DISTILL_WEIGHT}, or the recipe's)",
+        default=None,
+    )
+    numeric(p, "--distill-temperature", TrainConfig, "distill_temperature", "with --distill: softmax temperature")
+
+
+def _add_scoring_flags(p: argparse.ArgumentParser, metric_help: str) -> None:
+    numeric(p, "--calib-batches", PruneConfig, "calib_batches", "unlabeled batches for output_l1 scores")
+    numeric(
+        p, "--bn-recalib-batches", PruneConfig, "bn_recalib_batches", "batches to recalibrate BatchNorm after pruning"
+    )
+    p.add_argument("--metric", default=None, help=metric_help)
+
+
+def _add_allocation_flags(p: argparse.ArgumentParser) -> None:
+    numeric(
+        p,
+        "--prune-steps",
+        PruneConfig,
+        "steps",
+        "remove the ratio in this many steps, rescoring and fine-tuning between them (same total epochs; "
+        f"default {PruneConfig.steps}, or the recipe's)",
+        default=None,
+    )
+    p.add_argument(
+        "--allocation",
+        default=None,
+        choices=list(ALLOCATIONS),
+        help="uniform (default): the same fraction of every channel group; global: one ranking of all channels "
+        "(scores normalised per group); sensitivity: per-group ratios from each group's measured one-shot "
+        "accuracy drop, so groups that matter less lose more",
+    )
+    p.add_argument(
+        "--permute",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="before N:M pruning, reorder each channel group's channels so more magnitude survives (same function)",
+    )
+    numeric(
+        p,
+        "--target-macs",
+        PruneConfig,
+        "target_macs",
+        "instead of --filter-ratio: keep this fraction of the dense model's MACs (e.g. 0.36)",
+    )
+    p.add_argument(
+        "--ignore",
+        default="",
+        help="comma-separated module names whose output channels are never pruned (the head never is)",
+    )
