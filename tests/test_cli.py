@@ -1,9 +1,14 @@
 import json
+from dataclasses import fields
 
 import pytest
 import torch
 
-from hybridprune.cli import main
+from hybridprune.cli import build_parser, main
+from hybridprune.cli.flags import Bound, config_from_args, numeric_flags, ratio
+from hybridprune.cli.run import data_config_from_args, run_config_from_args
+from hybridprune.config import BenchConfig, ConvertConfig, ExportConfig, PoolConfig
+from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.checkpoint import load_checkpoint
 from hybridprune.pruning.nm import satisfies_nm
 
@@ -268,3 +273,78 @@ def test_report_refuses_a_missing_or_foreign_store(tmp_path, capsys):
     assert main(["report", "--store", str(foreign), "--out", str(tmp_path / "r")]) == 2
     assert "not a hybridprune store" in capsys.readouterr().err
     assert foreign.read_bytes() == before and not (tmp_path / "r").exists()
+
+
+# --- numeric flags: each bound lives in the config field the flag sets -------------------------------------------
+NUMERIC = sorted(numeric_flags(build_parser()).items(), key=lambda item: item[0])
+POSITIONALS = {"prune": ["c.pt"], "evaluate": ["c.pt"], "convert": ["c.pt"], "export": ["c.pt", "--out", "m.onnx"]}
+POSITIONALS["experiment"] = ["grid.yaml"]
+
+
+def _parse(command, flag, value):
+    extra = ["--distill"] if flag == "--distill-weight" else []  # the weight counts only with --distill
+    return build_parser().parse_args([command, *POSITIONALS.get(command, []), *extra, flag, value])
+
+
+def _edges(config, field):
+    """The config's own bound of `field`, the values just outside it, and how a flag writes each."""
+    low, high = config.RANGES[field]
+    declared = str(next(f.type for f in fields(config) if f.name == field))
+    if "float" in declared:
+        step = lambda x: max(abs(x), 1.0) * 1e-3  # noqa: E731
+        return [low, high], [low - step(low), high + step(high)], repr
+    return [int(low), int(high)], [int(low) - 1, int(high) + 1], str
+
+
+def test_every_numeric_flag_goes_through_a_config_bound():
+    for command, sub in next(a for a in build_parser()._actions if a.dest == "command").choices.items():
+        for action in sub._actions:
+            assert action.type in (None, ratio) or isinstance(action.type, Bound), (command, action.option_strings)
+    assert {c for (c, _), _ in NUMERIC} == {"run", "train", "prune", "evaluate", "bench", "convert", "export",
+                                            "experiment"}  # fmt: skip
+
+
+NUMERIC_CASES = [pytest.param(c, f, b, id=f"{c} {f}") for (c, f), b in NUMERIC]
+
+
+@pytest.mark.parametrize("command,flag,bound", NUMERIC_CASES)
+def test_a_numeric_flag_takes_exactly_the_bound_of_its_config_field(command, flag, bound, capsys):
+    inside, outside, text = _edges(bound.config, bound.field)
+    for value in inside:
+        assert getattr(_parse(command, flag, text(value)), flag[2:].replace("-", "_")) == value
+        bound.config(**{bound.field: value})  # the config takes it too
+    for value in outside:
+        with pytest.raises(SystemExit) as refused:
+            _parse(command, flag, text(value))
+        assert refused.value.code == 2 and flag in capsys.readouterr().err
+        with pytest.raises(HybridPruneError):
+            bound.config(**{bound.field: value})
+
+
+def _configs_built(command, args):
+    if command in ("run", "train", "prune"):
+        cfg = run_config_from_args(args)
+        return [cfg, cfg.data, cfg.model, cfg.train, cfg.finetune, cfg.prune]
+    if command == "evaluate":
+        return [data_config_from_args(args)]
+    own = (BenchConfig, ConvertConfig, ExportConfig, PoolConfig)
+    return [config_from_args(c, args) for c in own if all(hasattr(args, f.name) for f in fields(c))]
+
+
+# Flags whose value goes straight to the library, not through a config of the class that bounds them.
+UNCONFIGURED = {("bench", "--width"), ("bench", "--round-to"), ("bench", "--seed"), ("evaluate", "--seed")}
+
+
+@pytest.mark.parametrize("command,flag,bound", NUMERIC_CASES)
+def test_a_numeric_flag_sets_the_config_field_it_takes_its_bound_from(command, flag, bound):
+    (_, high), _, text = _edges(bound.config, bound.field)
+    built = [c for c in _configs_built(command, _parse(command, flag, text(high))) if type(c) is bound.config]
+    assert bool(built) != ((command, flag) in UNCONFIGURED), f"{command} builds no {bound.config.__name__}"
+    assert not built or any(getattr(c, bound.field) == high for c in built), f"{flag} does not set {bound.field}"
+
+
+def test_workers_means_decoding_processes_from_0_and_grid_workers_from_1(capsys):
+    assert build_parser().parse_args(["run", "--workers", "0"]).workers == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["experiment", "g.yaml", "--workers", "0"])
+    assert "--workers must be an integer in [1, 256], got '0'" in capsys.readouterr().err
