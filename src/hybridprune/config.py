@@ -29,6 +29,12 @@ DEFAULT_ROUND_TO = 16
 ONNX_OPSET = 17
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"  # torchvision-layout datasets
 FOLDER_IMAGE_SIZE = 224  # folder:PATH datasets: the side images are cropped to when no image size is given
+LATENCY_RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")  # auto: see deploy.runtimes.resolve_runtime
+LATENCY_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on GPUs, float32 on CPUs
+NM_WHERE = ("all", "auto", "none")  # which eligible layers take 2:4 masks (auto: where the table says 2:4 pays)
+NM_PAYS_MARGIN = 0.05  # auto: a 2:4 entry must be at least 5% faster than the dense one to take a mask
+LATENCY_TOLERANCE = 0.05  # --target-latency: a pruned model measured further off its target is solved again
+LATENCY_CORRECTIONS = 3  # at most this many corrected solves
 BACKENDS = ("process", "ray")  # where a grid's runs execute: a local process pool, or Ray tasks
 
 
@@ -250,8 +256,20 @@ class PruneConfig(_Dict):
     allocation: str = "uniform"  # uniform: the same fraction of every group; global: one ranking over all
     target_macs: float | None = None  # instead of the ratio: keep this fraction of the dense model's MACs
     permute: bool = False  # reorder channels before N:M so more weight magnitude survives (same function)
+    # Instead of the ratio: keep at most this fraction of the dense model's measured latency on the device, with
+    # kept counts and 2:4 chosen from a latency table (see pruning.latency and pruning.budget).
+    target_latency: float | None = None
+    nm_where: str | None = None  # all, auto or none; None: auto with target_latency, else all (the paper's)
+    latency_runtime: str = "auto"
+    latency_batch: int = 64
+    latency_dtype: str = "auto"
+    latency_step: int = 4  # candidate kept counts are multiples of this (and the group's full size)
+    latency_table: str | None = None  # a table file to reuse; only missing entries are measured
 
     RANGES: ClassVar = {
+        "target_latency": (0.05, 1.0),
+        "latency_batch": (1, 65_536),
+        "latency_step": (1, 4096),
         "round_to": (1, 4096),
         "calib_batches": (1, 10_000),
         "calib_batch_size": (1, 65_536),
@@ -274,14 +292,46 @@ class PruneConfig(_Dict):
             raise HybridPruneError(f"ignore must list module names, got {list(self.ignore)}")
 
         check_name("metric", self.metric, METRIC_NAMES)
+        self._check_latency()
         validate_ratio(self.filter_ratio)
         NMPattern.parse(self.nm)
         if self.round_to < 1 or self.calib_batches < 1 or self.calib_batch_size < 1 or self.bn_recalib_batches < 0:
             raise HybridPruneError("round-to, calibration batches and batch size must be positive")
 
+    def _check_latency(self) -> None:
+        check_name("latency runtime", self.latency_runtime, LATENCY_RUNTIMES)
+        check_name("latency dtype", self.latency_dtype, LATENCY_DTYPES)
+        if self.nm_where is not None:
+            check_name("--nm-where choice", self.nm_where, NM_WHERE)
+        if self.target_latency is None:
+            return
+        if self.target_macs is not None:
+            raise HybridPruneError("give one of --target-latency and --target-macs, not both")
+        if self.allocation == "uniform":
+            raise HybridPruneError(
+                "--target-latency keeps the most importance within the budget: use --allocation global or sensitivity"
+            )
+
     @property
     def pattern(self) -> NMPattern:
         return NMPattern.parse(self.nm)
+
+    @property
+    def nm_rule(self) -> str:
+        """Which eligible layers take N:M masks: `nm_where`, or its default (auto with a latency target)."""
+        return self.nm_where or ("auto" if self.target_latency is not None else "all")
+
+    def to_dict(self) -> dict[str, Any]:
+        # the latency fields at their defaults are left out, so configurations from before they existed keep
+        # their keys in experiment stores (a key hashes this dict)
+        values = asdict(self)
+        defaults = PruneConfig.__dataclass_fields__
+        return {k: v for k, v in values.items() if k not in _LATENCY_FIELDS or v != defaults[k].default}
+
+
+_LATENCY_FIELDS = (
+    "target_latency", "nm_where", "latency_runtime", "latency_batch", "latency_dtype", "latency_step", "latency_table"
+)
 
 
 @dataclass(frozen=True)

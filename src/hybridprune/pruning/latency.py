@@ -258,20 +258,37 @@ def _interpolate(grid: dict[tuple[int, int], float], c_in: int, c_out: int) -> f
         lo, hi = min(pairs, key=lambda p: p[1] - p[0])
         return line[lo] if hi == lo else line[lo] + (c_in - lo) / (hi - lo) * (line[hi] - line[lo])
     ins, outs = sorted({i for i, _ in grid}), sorted({o for _, o in grid})
-    rectangles = [
-        (i0, i1, o0, o1) for i0, i1 in _brackets(ins, c_in) for o0, o1 in _brackets(outs, c_out)
-        if all((i, o) in grid for i in (i0, i1) for o in (o0, o1))
-    ]  # fmt: skip
-    if not rectangles:
+    rectangle = _smallest_rectangle(grid, _brackets(ins, c_in), _brackets(outs, c_out))
+    if rectangle is None:
         return None
-    i0, i1, o0, o1 = min(rectangles, key=lambda r: (r[1] - r[0]) * (r[3] - r[2]) + (r[1] - r[0]) + (r[3] - r[2]))
+    i0, i1, o0, o1 = rectangle
     a = 0.0 if i1 == i0 else (c_in - i0) / (i1 - i0)
     b = 0.0 if o1 == o0 else (c_out - o0) / (o1 - o0)
     t00, t01, t10, t11 = grid[(i0, o0)], grid[(i0, o1)], grid[(i1, o0)], grid[(i1, o1)]
     return (1 - a) * ((1 - b) * t00 + b * t01) + a * ((1 - b) * t10 + b * t11)
 
 
-def _brackets(values: list[int], x: int, near: int = 4) -> list[tuple[int, int]]:
+def _smallest_rectangle(
+    grid: dict[tuple[int, int], float], in_pairs: list[tuple[int, int]], out_pairs: list[tuple[int, int]]
+) -> tuple[int, int, int, int] | None:
+    """The measured rectangle (all four corners in `grid`) of least area (+1 per side, so lines count) among
+    the bracketing pairs; pairs are scanned narrowest first and a scan stops once it cannot do better."""
+    best, best_area = None, float("inf")
+    outs = sorted(out_pairs, key=lambda p: p[1] - p[0])
+    for i0, i1 in sorted(in_pairs, key=lambda p: p[1] - p[0]):
+        if outs and (i1 - i0 + 1) * (outs[0][1] - outs[0][0] + 1) >= best_area:
+            break
+        for o0, o1 in outs:
+            area = (i1 - i0 + 1) * (o1 - o0 + 1)
+            if area >= best_area:
+                break
+            if all((i, o) in grid for i in (i0, i1) for o in (o0, o1)):
+                best, best_area = (i0, i1, o0, o1), area
+                break
+    return best
+
+
+def _brackets(values: list[int], x: int, near: int = 12) -> list[tuple[int, int]]:
     """Pairs (low <= x <= high) of measured values, from the `near` closest on each side (x counts as both)."""
     below = [v for v in values if v <= x][-near:]
     above = [v for v in values if v >= x][:near]

@@ -1,0 +1,195 @@
+"""Latency-target allocation: each group's kept count, and each layer's 2:4 on or off, that keep the most
+importance within a predicted latency budget (a knapsack, as in HALP, NeurIPS 2022).
+
+Each group g chooses a kept count k_g among its candidates (multiples of the table's step); its value V_g(k_g)
+is the importance it keeps: the chosen metric's scores normalised by their mean, as in global allocation (the
+sum of its k_g best), or, under sensitivity allocation, minus the accuracy drop its curve gives at that ratio.
+A layer's latency depends on the counts of the group that sets its output and the groups that feed its input,
+so the budget couples neighbouring groups and the problem is not a plain knapsack. The solver:
+
+- is exact when the product of the groups' candidate counts is at most EXACT_LIMIT: it enumerates them all;
+- otherwise starts from the dense model and repeatedly takes the move, one group down to any lower candidate,
+  that loses the least value per millisecond saved (predicted with every coupled layer's entry, so plateaus
+  where a few channels save nothing are crossed by larger moves), until the budget holds; then it spends the
+  slack on the moves up that gain the most value per millisecond. This is greedy: close, not proven optimal.
+
+2:4 is decided per layer from the table (`nm_rule`): `auto` runs a layer 2:4 where its 2:4 entry beats dense by
+NM_PAYS_MARGIN at the chosen counts; `all` puts masks on every eligible layer (their 2:4 entries, where the
+device has a kernel, else dense time); `none` leaves every layer dense.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hybridprune.config import NM_PAYS_MARGIN
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.graph import ChannelGroup
+from hybridprune.pruning.latency import LatencyTable, LayerCoupling, Setup
+
+EXACT_LIMIT = 20_000
+
+Values = dict[str, dict[int, float]]  # group -> kept count -> value kept
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the solver works against: the table and setup, the rest of the network, the budget in ms."""
+
+    table: LatencyTable
+    setup: Setup
+    rest_ms: float
+    budget_ms: float
+    nm_rule: str = "all"  # all | auto | none
+    nm_layers: frozenset[str] = frozenset()  # layers that can take 2:4 masks
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The solver's answer: counts, the layers that run 2:4, predicted latency, value kept, and how it was found."""
+
+    counts: dict[str, int]
+    sparse: frozenset[str]
+    predicted_ms: float
+    value: float
+    exact: bool
+
+
+def importance_values(
+    groups: list[ChannelGroup], scores: dict[str, torch.Tensor], candidates: dict[str, list[int]]
+) -> Values:
+    """Value of keeping k channels of a group: the sum of its k best scores, each divided by the group's mean
+    score (as global allocation normalises), so groups compare on one scale.
+
+    Example:
+        >>> g = ChannelGroup("a", 4, (), ())
+        >>> importance_values([g], {"a": torch.tensor([1.0, 1, 3, 3])}, {"a": [2, 4]})
+        {'a': {2: 3.0, 4: 4.0}}
+    """
+    values = {}
+    for g in groups:
+        s = scores[g.name].double()
+        ranked = (s / s.mean().clamp_min(1e-12)).sort(descending=True).values
+        values[g.name] = {k: float(ranked[:k].sum()) for k in candidates[g.name]}
+    return values
+
+
+def sensitivity_values(groups: list[ChannelGroup], curves: dict, candidates: dict[str, list[int]]) -> Values:
+    """Value of keeping k channels: minus the accuracy drop (points) the group's sensitivity curve gives at ratio
+    1 - k/size (linear between probes, its running maximum, as sensitivity allocation reads it)."""
+    values = {}
+    for g in groups:
+        points = sorted(curves[g.name])
+        worst = list(itertools.accumulate((d for _, d in points), max))
+        ratios = [r for r, _ in points]
+        values[g.name] = {k: -_linear(ratios, worst, 1 - k / g.size) for k in candidates[g.name]}
+    return values
+
+
+def _linear(xs: list[float], ys: list[float], x: float) -> float:
+    for (x0, y0), (x1, y1) in itertools.pairwise(zip(xs, ys, strict=True)):
+        if x <= x1:
+            return y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+    return ys[-1] + (x - xs[-1]) * 1e3  # beyond the largest probe: never worth it
+
+
+def layer_time(coupling: LayerCoupling, counts: dict[str, int], budget: Budget) -> tuple[float, bool]:
+    """A layer's predicted time at `counts`, and whether it runs 2:4 under the budget's nm rule."""
+    s, shape = budget.setup, coupling.shape(counts)
+    dense = budget.table.lookup(shape, s.batch, s.dtype, s.runtime, "dense")
+    if dense is None:
+        raise HybridPruneError(f"the latency table has no entry near {coupling.name} at {shape.c_in}x{shape.c_out} "
+                               "channels; profile the model again with the same --latency-step")  # fmt: skip
+    if budget.nm_rule == "none" or coupling.name not in budget.nm_layers:
+        return dense, False
+    sparse = budget.table.lookup(shape, s.batch, s.dtype, s.runtime, "2:4")
+    if budget.nm_rule == "all":
+        return (dense if sparse is None else sparse), True
+    pays = sparse is not None and sparse <= dense * (1 - NM_PAYS_MARGIN)
+    return (sparse if pays else dense), pays
+
+
+def predict(couplings: list[LayerCoupling], counts: dict[str, int], budget: Budget) -> tuple[float, frozenset[str]]:
+    """Predicted model latency at `counts` (rest of the network plus every layer), and the layers run 2:4."""
+    total, sparse = budget.rest_ms, set()
+    for c in couplings:
+        t, on = layer_time(c, counts, budget)
+        total += t
+        if on:
+            sparse.add(c.name)
+    return total, frozenset(sparse)
+
+
+def solve(couplings: list[LayerCoupling], values: Values, budget: Budget) -> Allocation:
+    """The counts (and 2:4 layers) that keep the most value within `budget.budget_ms`; one line if none can.
+
+    Example:
+        >>> from hybridprune.pruning.latency import Entry, LayerShape
+        >>> t = LatencyTable("cpu")
+        >>> for k in (2, 4):
+        ...     t.add(LayerShape("linear", k, 4).key(1, "float32", "torch", "dense"), Entry(k, k, k, 1))
+        >>> c = [LayerCoupling("fc", LayerShape("linear", 4, 4), None, 4, (("g", 4, 4),))]
+        >>> a = solve(c, {"g": {2: 1.0, 4: 2.0}}, Budget(t, Setup("torch", 1, "float32"), 0.0, 3.0))
+        >>> a.counts, a.predicted_ms, a.exact
+        ({'g': 2}, 2.0, True)
+    """
+    groups = sorted(values)
+    floor = predict(couplings, {g: min(values[g]) for g in groups}, budget)[0]
+    if floor > budget.budget_ms:
+        raise HybridPruneError(
+            f"the latency target ({budget.budget_ms:.3f} ms predicted) cannot be reached: the smallest model the "
+            f"candidate counts allow predicts {floor:.3f} ms (of which {budget.rest_ms:.3f} ms is the rest of the "
+            "network); raise --target-latency or lower --latency-step"
+        )
+    if math.prod(len(values[g]) for g in groups) <= EXACT_LIMIT:
+        return _enumerate(couplings, values, budget, groups)
+    return _greedy(couplings, values, budget, groups)
+
+
+def _enumerate(couplings: list[LayerCoupling], values: Values, budget: Budget, groups: list[str]) -> Allocation:
+    best = None
+    for combo in itertools.product(*(sorted(values[g]) for g in groups)):
+        counts = dict(zip(groups, combo, strict=True))
+        value = sum(values[g][k] for g, k in counts.items())
+        if best is not None and value < best[0]:
+            continue
+        time, sparse = predict(couplings, counts, budget)
+        if time <= budget.budget_ms and (best is None or (value, -time) > (best[0], -best[1])):
+            best = (value, time, counts, sparse)
+    value, time, counts, sparse = best
+    return Allocation(counts, sparse, time, value, exact=True)
+
+
+def _greedy(couplings: list[LayerCoupling], values: Values, budget: Budget, groups: list[str]) -> Allocation:
+    touching = {g: [c for c in couplings if c.out_group == g or any(p[0] == g for p in c.in_parts)] for g in groups}
+    counts = {g: max(values[g]) for g in groups}
+    time = predict(couplings, counts, budget)[0]
+
+    def delta(g: str, k: int) -> tuple[float, float]:  # (value change, time change) of moving g to k
+        moved = {**counts, g: k}
+        dt = sum(layer_time(c, moved, budget)[0] - layer_time(c, counts, budget)[0] for c in touching[g])
+        return values[g][k] - values[g][counts[g]], dt
+
+    while time > budget.budget_ms:  # down: least value lost per ms saved
+        moves = [(-dv / -dt, g, k, dt) for g in groups for k in values[g] if k < counts[g]
+                 for dv, dt in [delta(g, k)] if dt < 0]  # fmt: skip
+        if not moves:
+            break
+        _, g, k, dt = min(moves)
+        counts[g], time = k, time + dt
+    if time > budget.budget_ms:  # no single move saves time any more, though the smallest model fits: take it
+        counts = {g: min(values[g]) for g in groups}
+        time = predict(couplings, counts, budget)[0]
+    while True:  # up: spend the slack where it buys the most value per ms
+        moves = [(dv / max(dt, 1e-9), g, k, dt) for g in groups for k in values[g] if k > counts[g]
+                 for dv, dt in [delta(g, k)] if dv > 0 and time + dt <= budget.budget_ms]  # fmt: skip
+        if not moves:
+            break
+        _, g, k, dt = max(moves)
+        counts[g], time = k, time + dt
+    time, sparse = predict(couplings, counts, budget)
+    return Allocation(dict(counts), sparse, time, sum(values[g][counts[g]] for g in groups), exact=False)
