@@ -25,17 +25,13 @@ from hybridprune.experiments.statistics import (
     recipe_comparison,
     run_label,
 )
-from hybridprune.experiments.tables import (  # noqa: F401 - four names kept here for cli and benchmarks, marked below
+from hybridprune.experiments.tables import (
     STAGE_COLUMNS,
     accuracy_table,
-    bench_tables,  # re-export: cli imports it from here until it takes it from experiments.tables
     dataset_label,
     dense_table,
     format_accuracy,
-    kernel_table,  # re-export: cli imports it from here until it takes it from experiments.tables
-    layer_table,  # re-export: cli imports it from here until it takes it from experiments.tables
     markdown_table,
-    run_table,  # re-export: cli imports it from here until it takes it from experiments.tables
 )
 from hybridprune.outputs import write_text
 
