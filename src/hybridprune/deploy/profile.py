@@ -12,6 +12,7 @@ is only as good as the machine is quiet: a load average above the idle cores is 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import os
@@ -25,12 +26,12 @@ from tqdm.auto import tqdm
 
 from hybridprune.config import NMPattern
 from hybridprune.deploy.runtimes import device_name, interleaved_times, module_call, quantiles, resolve_runtime
-from hybridprune.deploy.sparse import kernel_ineligibility, sparse_backend, sparse_module
+from hybridprune.deploy.sparse import kernel_ineligibility, sparse_backend, sparse_module, to_inference_model
 from hybridprune.errors import HybridPruneError
 from hybridprune.provenance import environment
 from hybridprune.pruning.graph import ChannelGroup
 from hybridprune.pruning.latency import Entry, LatencyTable, LayerCoupling, LayerShape, Setup, layer_latency
-from hybridprune.pruning.nm import nm_mask
+from hybridprune.pruning.nm import nm_mask, nm_prune_
 
 CHUNK = 24  # entries built and timed together (bounds the memory of the layers alive at once)
 MIN_TIMING_MS = 0.5  # a timing covers enough back-to-back calls to last this long: the clock's resolution
@@ -123,9 +124,10 @@ def profile_model(
     device: torch.device,
     nm_layers: set[str],
     progress: bool = True,
-) -> Entry:
+) -> tuple[Entry, Entry]:
     """Measure every missing entry of the model's layers at their candidate counts into `table`, then the whole
-    dense model; store and return the rest of the network (whole minus the sum of its dense layer entries)."""
+    dense model as deployed; store the rest of the network (whole minus the sum of its dense layer entries) and
+    return it with the whole model's latency."""
     check_device(table, device)
     dtype = settings.torch_dtype
     by_name = {g.name: g for g in groups}
@@ -140,13 +142,13 @@ def profile_model(
     with pinned_threads(settings.threads) as threads:
         table.threads = threads
         measure_entries(missing, table, settings, device, progress)
-        whole = measure_model(model, settings, device)
+        whole = measure_deployed(model, frozenset(), settings, device)
     dense_sum = sum(layer_latency(table, c.dense, settings.setup, "dense") for c in couplings)
     rest = Entry(whole.median_ms - dense_sum, whole.p10_ms - dense_sum, whole.p90_ms - dense_sum, whole.repeats)
     table.rest[rest_key(model, settings.setup)] = rest
     table.versions = environment()
     table.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return rest
+    return rest, whole
 
 
 def rest_key(model: nn.Module, setup: Setup) -> str:
@@ -198,6 +200,19 @@ def measure_model(
     times = _timed([call], settings, device, rounds or max(settings.rounds, 30))[0]
     model.float()
     return Entry(*quantiles(times), len(times))
+
+
+def measure_deployed(
+    model: nn.Module, sparse: frozenset[str] | set[str], settings: ProfileSettings, device: torch.device
+) -> Entry:
+    """The model's latency as it would be deployed: 2:4 masks on the layers in `sparse`, BatchNorm folded and
+    those layers on the sparse kernel (PyTorch runtime), or the runtime's own graph of it (which folds too)."""
+    net = copy.deepcopy(model).to(device)
+    if settings.setup.runtime == "torch":
+        masks = {n: m for n, m in nm_prune_(net).items() if n in sparse} if sparse else {}
+        net = to_inference_model(net, masks, device, settings.torch_dtype, choose="sparse").model
+        net.input_shape = model.input_shape
+    return measure_model(net, settings, device)
 
 
 def _layer_call(shape: LayerShape, kernel: str, settings: ProfileSettings, device: torch.device):  # noqa: ANN202
