@@ -31,12 +31,14 @@ def prune_filters_(
     labels: list[torch.Tensor] | None = None,
     between: Callable[[nn.Module, int], None] | None = None,
     world: World = World(),
+    counts: dict[str, int] | None = None,
 ) -> FilterPlan:
     """Score filters with `cfg.metric`, plan the removal, and remove them physically, in place.
 
     With `cfg.steps` = K > 1 the channels go in K steps (`plan.step_counts`), each scored on the current
     weights; `between(model, step)` runs after every step but the last (fine-tuning goes there). The plan
-    returned maps every group's original channels to those kept at the end.
+    returned maps every group's original channels to those kept at the end. `counts` (group -> channels kept in
+    the end, e.g. from a latency-target allocation) replaces the allocation at the ratio or MAC target.
 
     Example:
         >>> from hybridprune.models.sources import build_model
@@ -53,7 +55,7 @@ def prune_filters_(
     ctx = context()
     groups = {g.name: g for g in ctx.groups}
     scores = score_filters(cfg.metric, ctx)
-    final = _final_counts(model, ctx.groups, scores, cfg, calibration, labels or [])
+    final = counts if counts is not None else _final_counts(model, ctx.groups, scores, cfg, calibration, labels or [])
     alive = {n: list(range(g.size)) for n, g in groups.items()}  # original index of every channel left
     schedule = step_counts({n: g.size for n, g in groups.items()}, final, cfg.steps, cfg.round_to)
     for step, counts in enumerate(schedule, 1):

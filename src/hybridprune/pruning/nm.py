@@ -120,10 +120,14 @@ def eligible_layers(model: nn.Module, pattern: NMPattern = NMPattern()) -> set[s
     return {e.name for e in nm_eligibility(model, pattern) if e.eligible}
 
 
-def compute_masks(model: nn.Module, pattern: NMPattern = NMPattern()) -> dict[str, torch.Tensor]:
-    """N:M masks for every eligible layer, keyed by module name (magnitude-based, from current weights)."""
+def compute_masks(
+    model: nn.Module, pattern: NMPattern = NMPattern(), layers: set[str] | frozenset[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """N:M masks for every eligible layer (of those in `layers`, when given), keyed by module name
+    (magnitude-based, from current weights)."""
     modules = dict(model.named_modules())
-    return {e.name: nm_mask(modules[e.name].weight, pattern) for e in nm_eligibility(model, pattern) if e.eligible}
+    chosen = [e.name for e in nm_eligibility(model, pattern) if e.eligible and (layers is None or e.name in layers)]
+    return {name: nm_mask(modules[name].weight, pattern) for name in chosen}
 
 
 @torch.no_grad()
@@ -144,8 +148,11 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def nm_prune_(model: nn.Module, pattern: NMPattern = NMPattern()) -> dict[str, torch.Tensor]:
-    """Compute N:M masks for every eligible layer and apply them in place; returns the masks."""
-    masks = compute_masks(model, pattern)
+def nm_prune_(
+    model: nn.Module, pattern: NMPattern = NMPattern(), layers: set[str] | frozenset[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Compute N:M masks for every eligible layer (of those in `layers`, when given) and apply them in place;
+    returns the masks."""
+    masks = compute_masks(model, pattern, layers)
     apply_masks_(model, masks)
     return masks
