@@ -16,8 +16,9 @@ import copy
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import torch
@@ -249,8 +250,60 @@ def pinned_threads(threads: int | None) -> Iterator[int]:
     idle = (os.cpu_count() or 1) - threads
     if load > idle + 0.5:
         print(f"note: load average {load:.1f} with {threads} of {os.cpu_count()} cores timed: other work shares "
-              "this machine, so the latencies may be off", flush=True)  # fmt: skip
+              "this machine, so the latencies may be off", file=sys.stderr)  # fmt: skip
     try:
         yield threads
     finally:
         torch.set_num_threads(before)
+
+
+def profile_report(
+    model: nn.Module,
+    table: LatencyTable,
+    settings: ProfileSettings,
+    device: torch.device,
+    ratios: tuple[float, ...] = (),
+    progress: bool = True,
+) -> dict:
+    """Profile `model` into `table`, then check the table: for the dense model and for a copy pruned uniformly
+    at each ratio in `ratios` (counts on the table's step), the predicted latency beside the measured one.
+
+    Example:
+        >>> from hybridprune.models.sources import build_model
+        >>> s = ProfileSettings(Setup("torch", 2, "float32"), step=4, max_points=2, rounds=3)
+        >>> r = profile_report(build_model("alexnet", width=0.125), new_table(torch.device("cpu")), s,
+        ...                    torch.device("cpu"), ratios=(0.5,), progress=False)
+        >>> [row["model"] for row in r["checks"]]
+        ['dense', 'uniform 0.5']
+    """
+    from hybridprune.pruning.graph import channel_groups, dependency_graph, example_input
+    from hybridprune.pruning.latency import layer_couplings, predict_latency
+    from hybridprune.pruning.nm import eligible_layers
+    from hybridprune.pruning.plan import apply_filter_plan_, kept_count, plan_filter_pruning
+
+    groups = channel_groups(model, dependency_graph(model))
+    couplings = layer_couplings(model, groups, example_input(model))
+    rest, whole = profile_model(model, groups, couplings, table, settings, device, eligible_layers(model), progress)
+    checks = [_check_row("dense", whole, predict_latency(couplings, {}, table, settings.setup, rest.median_ms)[0])]
+    for ratio in ratios:
+        counts = {g.name: kept_count(g.size, ratio, settings.step) for g in groups}
+        pruned = copy.deepcopy(model)
+        apply_filter_plan_(pruned, plan_filter_pruning({g.name: torch.zeros(g.size) for g in groups}, 0.0, 1, groups,
+                                                       counts))  # fmt: skip
+        predicted = predict_latency(couplings, counts, table, settings.setup, rest.median_ms)[0]
+        checks.append(
+            _check_row(f"uniform {ratio:g}", measure_deployed(pruned, frozenset(), settings, device), predicted)
+        )
+    return {"device": table.device, "threads": table.threads, **asdict(settings.setup), "step": settings.step,
+            "entries": len(table.entries), "rest_ms": rest.median_ms, "checks": checks}  # fmt: skip
+
+
+def _check_row(name: str, measured: Entry, predicted: float) -> dict:
+    return {
+        "model": name,
+        "predicted_ms": predicted,
+        "measured_ms": measured.median_ms,
+        "measured_p10_ms": measured.p10_ms,
+        "measured_p90_ms": measured.p90_ms,
+        "error": predicted / measured.median_ms - 1,
+    }
