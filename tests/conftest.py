@@ -28,6 +28,15 @@ def make_model(name: str, seed: int = 0) -> torch.nn.Module:
     return randomize_batchnorm_(model, seed).eval()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: what it computes is tiny, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=ZOO_NAMES, ids=lambda n: n.removeprefix("zoo:"))
 def zoo_model(request):
     return make_model(request.param)

@@ -1,19 +1,28 @@
 """Datasets are untrusted input: every on-disk format, damaged or misshaped in generated ways, gives one
 HybridPruneError line naming the file before any model is built, and good files still load."""
 
-import io
 import pickle
-import struct
 
 import numpy as np
 import pytest
 import torch
 from scipy.io import savemat
 
-from hybridprune.data.datasets import MAX_CLASSES, Dataset, ImageSet, check_dataset, load_dataset
+from helpers import (
+    IDX_NAMES,
+    RNG,
+    cifar_entry,
+    good_npz,
+    idx_bytes,
+    npz_bytes,
+    svhn_arrays,
+    write_cifar,
+    write_idx,
+    write_svhn,
+)
+from hybridprune.data.datasets import load_dataset
+from hybridprune.data.images import MAX_CLASSES, Dataset, ImageSet, check_dataset
 from hybridprune.errors import HybridPruneError
-
-RNG = np.random.default_rng(0)
 
 
 def refused(name, data_dir=None, *, names):
@@ -33,34 +42,6 @@ def cuts(size, header=0):
 
 
 # --- IDX (MNIST, Fashion-MNIST) ---------------------------------------------------------------------------
-
-
-def idx_bytes(array, magic=None, dims=None):
-    magic = 0x800 + array.ndim if magic is None else magic
-    dims = array.shape if dims is None else dims
-    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + array.tobytes()
-
-
-IDX_NAMES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def write_idx(root, folder="MNIST", size=28, n=(6, 3), **override):
-    """The four IDX files; `override` replaces one file's bytes by name (train_images, test_labels, ...)."""
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    blobs = {}
-    for split, count in zip(("train", "test"), n, strict=True):
-        blobs[f"{split}_images"] = idx_bytes(RNG.integers(0, 256, (count, size, size), dtype=np.uint8))
-        blobs[f"{split}_labels"] = idx_bytes(np.arange(count, dtype=np.uint8) % 10)
-    blobs.update(override)
-    for key, blob in blobs.items():
-        (raw / IDX_NAMES[key]).write_bytes(blob)
-    return raw, blobs
 
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
@@ -127,27 +108,6 @@ def test_idx_train_and_test_of_different_sizes_are_refused(tmp_path):
 # --- CIFAR-10 pickled batches ------------------------------------------------------------------------------
 
 
-CIFAR_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-
-
-def cifar_entry(n=3, labels=None, data=None):
-    return {
-        "batch_label": b"training batch",
-        "labels": list(np.arange(n) % 10) if labels is None else labels,
-        "data": RNG.integers(0, 256, (n, 3072), dtype=np.uint8) if data is None else data,
-        "filenames": [b"x.png"] * n,
-    }
-
-
-def write_cifar(root, **override):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in CIFAR_NAMES:
-        blob = override.get(name, pickle.dumps(cifar_entry(), protocol=2))
-        (folder / name).write_bytes(blob)
-    return folder
-
-
 def test_good_cifar_batches_load(tmp_path):
     ds = load_dataset("cifar10", write_cifar(tmp_path).parent)
     assert ds.train.x.shape == (15, 3, 32, 32) and len(ds.test) == 3
@@ -183,21 +143,6 @@ def test_cifar_batches_with_bad_contents_name_the_file(tmp_path, entry):
 
 
 # --- SVHN .mat files -----------------------------------------------------------------------------------------
-
-
-def write_svhn(root, train=None, test=None, compress=False):
-    for split, mat in (("train", train), ("test", test)):
-        path = root / f"{split}_32x32.mat"
-        if isinstance(mat, bytes):
-            path.write_bytes(mat)
-        else:
-            savemat(path, svhn_arrays() if mat is None else mat, do_compression=compress)
-
-
-def svhn_arrays(n=4, size=32, channels=3, y=None):
-    x = RNG.integers(0, 256, (size, size, channels, n), dtype=np.uint8)
-    # the official files hold the labels as doubles 1..10, 10 standing for the digit 0
-    return {"X": x, "y": (np.arange(n) % 10 + 1).astype(np.float64).reshape(n, 1) if y is None else y}
 
 
 def test_good_svhn_files_load(tmp_path):
@@ -239,17 +184,6 @@ def test_svhn_files_with_bad_contents_name_the_file(tmp_path, mat):
 
 
 # --- npz ------------------------------------------------------------------------------------------------------
-
-
-def npz_bytes(**arrays):
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def good_npz(n=10, size=16, channels=None, classes=3):
-    shape = (n, size, size) if channels is None else (n, size, size, channels)
-    return {"x": RNG.integers(0, 256, shape, dtype=np.uint8), "y": np.arange(n) % classes}
 
 
 def test_good_npz_files_load(tmp_path):
@@ -364,12 +298,23 @@ def test_check_dataset_refuses_what_no_model_can_take(train, test):
     assert "\n" not in str(info.value)
 
 
-def test_check_dataset_returns_a_good_dataset_unchanged():
-    ds = Dataset("x", GOOD, ImageSet(images(n=1), torch.tensor([1]), 2), hflip=False)
-    assert check_dataset(ds, "x") is ds
-    big = ImageSet(
-        torch.zeros(1, 1, 1, 1, dtype=torch.uint8).expand(2, 3, 4096, 4096),
-        torch.tensor([0, MAX_CLASSES - 1]),
-        MAX_CLASSES,
-    )
-    assert check_dataset(Dataset("x", big, big, hflip=True), "x") is not None
+EDGES = {  # what is valid, at both ends of every bound
+    "smallest": Dataset("x", ImageSet(images(n=2), GOOD.y[:2], 2), ImageSet(images(n=1), GOOD.y[:1], 2), False),
+    "largest": Dataset(
+        "x",
+        ImageSet(
+            torch.zeros(1, 1, 1, 1, dtype=torch.uint8).expand(2, 3, 4096, 4096),
+            torch.tensor([0, MAX_CLASSES - 1]),
+            MAX_CLASSES,
+        ),
+        ImageSet(torch.zeros(1, 1, 1, 1, dtype=torch.uint8).expand(1, 3, 4096, 4096), torch.tensor([1]), MAX_CLASSES),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("edge", list(EDGES))
+def test_check_dataset_returns_a_good_dataset_unchanged(edge):
+    """1 or 3 channels, 8 to 4096 pixels a side, 2 to MAX_CLASSES classes, 2 train and 1 test image: all valid,
+    and the very dataset given comes back (no copy, no conversion)."""
+    assert check_dataset(EDGES[edge], "x") is EDGES[edge]

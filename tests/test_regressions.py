@@ -1,18 +1,103 @@
-"""Bugs found in review of the any-CNN and bad-input work, one test each (each fails on the code before its fix)."""
+"""Bugs found in review, one test each (each fails on the code before its fix): the data-loss bugs of the
+bad-input work (issue 10), then those of the any-CNN and bad-input review."""
 
 import json
+import signal
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import TINY_RUN, TINY_TRAIN, call, holder, refused_unchanged
 from hybridprune.cli import main
+from hybridprune.experiments import job as pipeline
 from hybridprune.models.sources import build_model
-from hybridprune.outputs import written_files
+from hybridprune.outputs import write_json, written_files
 from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_
+from hybridprune.training import loop as train_module
 
 TINY = ["--train-size", "64", "--test-size", "32", "--epochs", "1", "--batch-size", "32", "--no-progress"]
 PRUNE = ["--train-size", "64", "--test-size", "32", "--finetune-epochs", "1", "--round-to", "4", "--no-progress"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# --- the data-loss bugs of issue 10 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("earlier_run", [True, False], ids=["a run's folder", "the user's folder"])
+def test_overwrite_keeps_the_users_files_in_the_output_folder(tmp_path, capsys, earlier_run):
+    out = tmp_path / "run"
+    out.mkdir()
+    if earlier_run:  # what an earlier run left, written as hybridprune writes (and lists) its files
+        write_json(out / "config.json", {"seed": 1}, record=True)
+        write_json(out / "results.json", {"accuracy": 0.5}, record=True)
+    mine = {"settings.json": '{"lr": 0.1}', "labels.json": '["cat", "dog"]', "notes.txt": "mine"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    if earlier_run:
+        o = call(["run", *TINY_RUN, "--out", out, "--overwrite"], capsys)
+        assert o.code == 0, o.err
+        assert json.loads((out / "results.json").read_text())["results"][0]["metric"] == "l1"
+    else:  # nothing of hybridprune's to remove: refused, not run over the user's files
+        refused_unchanged(["run", *TINY_RUN, "--out", out, "--overwrite"], tmp_path, capsys, names=str(out))
+    assert {n: (out / n).read_text() for n in mine} == mine
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["", "--overwrite"])
+def test_train_into_an_existing_folder_fails_before_training(tmp_path, capsys, monkeypatch, overwrite):
+    def no_training(*args, **kwargs):
+        raise AssertionError("train --out FOLDER trained before it looked at its output target")
+
+    monkeypatch.setattr(train_module, "fit", no_training)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "best.safetensors").write_bytes(b"the user's model")
+    argv = ["train", *TINY_TRAIN, "--out", folder, *overwrite]
+    refused_unchanged(argv, tmp_path, capsys, names=str(folder))
+
+
+def test_resume_after_an_interrupt_redoes_only_the_step_in_progress(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+
+    def interrupt(*args, **kwargs):  # the first N:M pruning is the hybrid step of l1, after its filter step
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "nm_prune_", interrupt)
+        o = call(["run", *TINY_RUN, "--out", out], capsys)
+    assert o.code == 130 and "--resume" in o.err, o.err
+    filter_ckpt = (out / "l1-filter.safetensors").read_bytes()
+    assert not (out / "l1-hybrid.safetensors").exists()
+
+    calls = []
+    real = pipeline.prune_filters_
+    monkeypatch.setattr(pipeline, "prune_filters_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    o = call(["run", *TINY_RUN, "--out", out, "--resume"], capsys)
+    assert o.code == 0, o.err
+    assert calls == [], "the finished filter step of l1 was pruned again"
+    assert (out / "l1-filter.safetensors").read_bytes() == filter_ckpt
+    assert (out / "l1-hybrid.safetensors").is_file()
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_until_the_holder_dies(tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = holder(out)  # another process holding the folder's lock, as a running `hybridprune run` does
+    try:
+        assert proc.stdout.readline() == "held\n"
+        line = refused_unchanged(["run", *TINY_RUN, "--out", out], tmp_path, capsys, names=f"process {proc.pid}")
+        assert "in use" in line
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdin.close()
+        proc.stdout.close()
+    o = call(["run", *TINY_RUN, "--out", out], capsys)
+    assert o.code == 0, o.err
+    assert "replaced the lock of a process that is gone" in o.out
+    assert (out / "results.json").is_file()
+
+
+# --- the any-CNN and bad-input review -------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -23,8 +108,6 @@ def dense(tmp_path):
 
 
 def test_prune_resumes_after_an_interrupt(dense, tmp_path, monkeypatch, capsys):
-    from hybridprune.experiments import job as pipeline
-
     out = tmp_path / "pruned"
     real = pipeline.nm_prune_
     monkeypatch.setattr(pipeline, "nm_prune_", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -128,7 +211,8 @@ def test_a_tampered_run_config_is_one_line_on_resume(dense, tmp_path, capsys):
 
 
 def test_augmented_gray_batches_have_standard_strides():
-    from hybridprune.data.datasets import ImageSet, batches
+    from hybridprune.data.batching import batches
+    from hybridprune.data.images import ImageSet
 
     images = ImageSet(torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8), torch.zeros(10, dtype=torch.long), 2)
     for x, _ in batches(images, 4, shuffle=True, augment=True):
