@@ -3,6 +3,7 @@
 - `flags`: the parser, numeric flags bounded by the config field they set, the flag groups commands share
 - `checks`: input checks several commands make before any work
 - `run`: run, train, prune, evaluate
+- `profile`: profile (latency tables)
 - `deploy`: bench, convert, export
 - `grid`: experiment, report
 
@@ -16,7 +17,7 @@ import argparse
 import sys
 from typing import Any
 
-from hybridprune.cli import deploy, grid, run
+from hybridprune.cli import deploy, grid, profile, run
 from hybridprune.cli.flags import Parser, numeric_flags
 from hybridprune.errors import HybridPruneError
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = Parser(prog="hybridprune", description="Hybrid pruning of CNNs: filter pruning ranked for 2:4, then N:M.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for family in (run, deploy, grid):
+    for family in (run, profile, deploy, grid):
         family.add_parsers(sub)
     return parser
 

@@ -19,6 +19,9 @@ from hybridprune.config import (
     DEFAULT_FINETUNE,
     DEFAULT_MODEL,
     FOLDER_IMAGE_SIZE,
+    LATENCY_DTYPES,
+    LATENCY_RUNTIMES,
+    NM_WHERE,
     PRECISIONS,
     RECIPES,
     DataConfig,
@@ -209,13 +212,51 @@ def add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
     _add_distill_flags(p)
     _add_scoring_flags(p, metric_help)
     _add_allocation_flags(p)
+    numeric(
+        p,
+        "--target-latency",
+        PruneConfig,
+        "target_latency",
+        "instead of --filter-ratio: keep at most this fraction of the dense model's latency measured on this device "
+        "(e.g. 0.5); kept counts and 2:4 per layer come from a latency table (see --latency-*)",
+    )
+    p.add_argument(
+        "--nm-where",
+        default=None,
+        choices=list(NM_WHERE),
+        help="which eligible layers take 2:4 masks: all (default; the paper's pipeline), auto (only where the "
+        "latency table measures 2:4 faster than dense; default with --target-latency), none (filter pruning only)",
+    )
+    add_latency(p)
+
+
+def add_latency(p: argparse.ArgumentParser) -> None:
+    """How latency tables are measured: runtime, batch, dtype, candidate step, a table file to reuse."""
+    p.add_argument(
+        "--latency-runtime",
+        default=PruneConfig.latency_runtime,
+        choices=list(LATENCY_RUNTIMES),
+        help="runtime the latencies are measured in; auto: TensorRT on a GPU where installed, else PyTorch with "
+        "CUDA graphs; ONNX Runtime on a CPU where installed, else PyTorch (default auto)",
+    )
+    numeric(p, "--latency-batch", PruneConfig, "latency_batch", "batch size the latencies are measured at")
+    p.add_argument(
+        "--latency-dtype",
+        default=PruneConfig.latency_dtype,
+        choices=list(LATENCY_DTYPES),
+        help="dtype of the measured layers; auto: float16 on GPUs, float32 on CPUs (default auto)",
+    )
+    numeric(p, "--latency-step", PruneConfig, "latency_step", "candidate kept counts are multiples of this")
+    p.add_argument(
+        "--latency-table", default=None, help="a latency table (JSON) to reuse; only its missing entries are measured"
+    )
 
 
 def _add_filter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--filter-ratio",
         type=ratio,
-        default=PruneConfig.filter_ratio,
+        default=None,
         help=f"fraction of channels removed from each channel group, in [0, 1) (default: {PruneConfig.filter_ratio})",
     )
     numeric(

@@ -131,12 +131,37 @@ def run_config_from_args(args: argparse.Namespace, metrics: str | None = None) -
             ignore=tuple(n.strip() for n in getattr(args, "ignore", "").split(",") if n.strip()),
             target_macs=getattr(args, "target_macs", None),
             **recipe_prune,
-            **{k: getattr(args, k) for k in _PRUNE_ARGS if hasattr(args, k)},
+            **latency_settings(args),
+            **{k: getattr(args, k) for k in _PRUNE_ARGS if getattr(args, k, None) is not None},
         ),
         metrics=names,
         seed=args.seed,
         recipe=getattr(args, "recipe", "plain"),
     )
+
+
+def latency_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The latency flags as PruneConfig settings; --target-latency replaces --filter-ratio and --target-macs, and
+    brings global allocation unless --allocation says otherwise (a recipe's allocation counts as said).
+
+    Example:
+        >>> s = latency_settings(argparse.Namespace(target_latency=0.5, allocation=None, filter_ratio=None))
+        >>> s["target_latency"], s["allocation"]
+        (0.5, 'global')
+    """
+    names = ("nm_where", "latency_runtime", "latency_batch", "latency_dtype", "latency_step", "latency_table")
+    settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    target = getattr(args, "target_latency", None)
+    if target is None:
+        return settings
+    if getattr(args, "filter_ratio", None) is not None or getattr(args, "target_macs", None) is not None:
+        raise HybridPruneError("give one of --filter-ratio, --target-macs and --target-latency")
+    settings["target_latency"] = target
+    if getattr(args, "allocation", None) is None and "allocation" not in RECIPES[getattr(args, "recipe", "plain")].get(
+        "prune", {}
+    ):
+        settings["allocation"] = "global"
+    return settings
 
 
 def _metric_names(metrics: str | None) -> tuple[str, ...]:
