@@ -29,6 +29,10 @@ DEFAULT_ROUND_TO = 16
 ONNX_OPSET = 17
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"  # torchvision-layout datasets
 FOLDER_IMAGE_SIZE = 224  # folder:PATH datasets: the side images are cropped to when no image size is given
+# folder:PATH datasets: an image whose header claims more pixels is unreadable (skipped, or refused with --strict)
+# and never decoded; 40 MP is 120 MB as 8-bit RGB, far above any training image, well below Pillow's own bound
+# (89 MP warns, 179 MP fails), which the loader neither relies on nor changes
+MAX_IMAGE_PIXELS = 40_000_000
 LATENCY_RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")  # auto: see deploy.runtimes.resolve_runtime
 LATENCY_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on GPUs, float32 on CPUs
 NM_WHERE = ("all", "auto", "none")  # which eligible layers take 2:4 masks (auto: where the table says 2:4 pays)
@@ -70,6 +74,9 @@ def default_workers() -> int:
 def model_names() -> str:
     """One line for --help: what --model accepts."""
     return f"{', '.join(BUILTIN_MODELS)}, torchvision:NAME (e.g. torchvision:resnet18) or a factory module:function"
+
+
+MODEL_FORMS = f"{', '.join(BUILTIN_MODELS)}, torchvision:NAME (e.g. torchvision:resnet18) or module.path:factory"
 
 
 def dataset_names() -> list[str]:
@@ -122,15 +129,38 @@ class ModelSource:
     name: str
     args: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        name = self.name
+        if self.kind == "builtin" and name not in BUILTIN_MODELS:
+            if not isinstance(name, str) or not name.strip():
+                raise HybridPruneError(f"model {name!r} is empty; valid: {MODEL_FORMS}")
+            raise HybridPruneError(f"unknown model {name!r}; valid names: {MODEL_FORMS}")
+        module, _, factory = name.partition(":") if isinstance(name, str) else ("", "", "")
+        well_formed = {
+            "builtin": True,
+            "torchvision": isinstance(name, str) and name.isidentifier(),
+            "user": all(part.isidentifier() for part in module.split(".")) and factory.isidentifier(),
+        }
+        if not well_formed.get(self.kind, False):
+            shown = TORCHVISION_PREFIX + str(name) if self.kind == "torchvision" else name
+            raise HybridPruneError(f"model {shown!r} is malformed; valid: {MODEL_FORMS}")
+
     @classmethod
     def parse(cls, text: str, args: dict[str, Any] | None = None) -> ModelSource:
+        """The source a --model string names; a malformed one (empty, `:`, `a:`, `:b`, `a..b:f`) is one line.
+
+        Example:
+            >>> ModelSource.parse("pkg.nets:make").kind
+            'user'
+            >>> ModelSource.parse("pkg..nets:make")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            hybridprune.errors.HybridPruneError: model 'pkg..nets:make' is malformed; valid: alexnet, ...
+        """
         text = text.strip()
         if text.startswith(TORCHVISION_PREFIX):
             return cls("torchvision", text[len(TORCHVISION_PREFIX) :], dict(args or {}))
-        if ":" in text:
-            return cls("user", text, dict(args or {}))
-        check_name("model", text, BUILTIN_MODELS)
-        return cls("builtin", text, dict(args or {}))
+        return cls("user" if ":" in text else "builtin", text, dict(args or {}))
 
     @property
     def label(self) -> str:
