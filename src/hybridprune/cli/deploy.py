@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridprune.cli.checks import check_json_target, checkpoint_pattern
-from hybridprune.cli.flags import add_user_model, config_from_args, numeric, ratio
+from hybridprune.cli.flags import add_user_model, config_from_args, model_string, numeric, ratio
 from hybridprune.config import (
     BenchConfig,
     ConvertConfig,
@@ -54,6 +54,7 @@ def _add_synthetic_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
+        type=model_string,
         help="model of the synthetic variants (default alexnet); for checkpoints of user code, its module:factory",
     )
     numeric(p, "--width", ModelConfig, "width", "width multiplier of synthetic built-in models")

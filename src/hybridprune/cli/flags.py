@@ -26,6 +26,7 @@ from hybridprune.config import (
     RECIPES,
     DataConfig,
     ModelConfig,
+    ModelSource,
     PruneConfig,
     RunConfig,
     TrainConfig,
@@ -166,7 +167,10 @@ def add_data(p: argparse.ArgumentParser, default: str = "digits") -> None:
 
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default=None, help=f"{model_names()} (default: {DEFAULT_MODEL.name} at width {DEFAULT_MODEL.width})"
+        "--model",
+        default=None,
+        type=model_string,
+        help=f"{model_names()} (default: {DEFAULT_MODEL.name} at width {DEFAULT_MODEL.width})",
     )
     numeric(
         p,
@@ -179,7 +183,26 @@ def add_model(p: argparse.ArgumentParser) -> None:
 
 
 def add_user_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="for a checkpoint of user code: the module:factory that built it")
+    p.add_argument(
+        "--model",
+        default=None,
+        type=model_string,
+        help="for a checkpoint of user code: the module:factory that built it",
+    )
+
+
+def model_string(text: str) -> str:
+    """The `type=` of --model: the text as given, once it names a well-formed source (one line otherwise).
+
+    Example:
+        >>> model_string("torchvision:resnet18")
+        'torchvision:resnet18'
+    """
+    try:
+        ModelSource.parse(text)
+    except HybridPruneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_train(p: argparse.ArgumentParser) -> None:

@@ -176,7 +176,7 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     """--model and --width; with neither, the default model at its default width."""
     model, width = getattr(args, "model", None), getattr(args, "width", None)
     return ModelConfig(
-        model or DEFAULT_MODEL.name,
+        DEFAULT_MODEL.name if model is None else model,  # an empty --model is bad input, not the default
         DEFAULT_MODEL.width if model is None and width is None else width,
         getattr(args, "weights", None),
     )

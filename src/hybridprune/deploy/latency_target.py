@@ -70,8 +70,10 @@ def allocate_for_latency(
     table_out: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    record: bool = False,
 ) -> tuple[Allocation, LatencyReport]:
-    """Counts and 2:4 layers for `cfg.target_latency` on `device`; the table is saved to `table_out`."""
+    """Counts and 2:4 layers for `cfg.target_latency` on `device`; the table is saved to `table_out` (`record`:
+    listed among a run folder's files)."""
     settings = resolve_settings(cfg.latency_runtime, cfg.latency_batch, cfg.latency_dtype, device, cfg.latency_step)
     table = load_table(cfg.latency_table, device_name(device)) if cfg.latency_table else new_table(device)
     check_device(table, device)
@@ -81,7 +83,7 @@ def allocate_for_latency(
     nm_layers = frozenset(eligible_layers(model, cfg.pattern))
     rest, dense = profile_model(model, ctx.groups, couplings, table, settings, device, nm_layers, progress)
     if table_out is not None:
-        table.save(table_out)
+        table.save(table_out, record=record)
     candidates = {g.name: candidate_counts(g.size, settings.step) for g in ctx.groups}
     if cfg.allocation == "sensitivity":
         curves = measure_sensitivity(model, ctx.groups, scores, calibration, labels, settings.step)
@@ -155,3 +157,25 @@ def _no_sparse_reason(device: torch.device) -> str:
     if device.type != "cuda":
         return f"{device.type}: no 2:4 kernel (sparse tensor cores need a CUDA GPU), so --nm-where auto applies no 2:4"
     return "--nm-where auto: no layer's 2:4 entry beat its dense entry by the margin, so no layer takes 2:4"
+
+
+def layers_where_2to4_pays(
+    model: nn.Module,
+    cfg: PruneConfig,
+    device: torch.device,
+    table_out: str | Path | None = None,
+    progress: bool = True,
+    record: bool = False,
+) -> tuple[frozenset[str], str]:
+    """The layers of `model` at its current widths whose 2:4 entry beats dense by the margin on `device` (the
+    table is measured at these widths only), and a one-line notice when there are none."""
+    settings = resolve_settings(cfg.latency_runtime, cfg.latency_batch, cfg.latency_dtype, device, step=1 << 30)
+    table = load_table(cfg.latency_table, device_name(device)) if cfg.latency_table else new_table(device)
+    ctx = ScoringContext(model, pattern=cfg.pattern)
+    couplings = layer_couplings(model, ctx.groups, example_input(model))
+    nm_layers = frozenset(eligible_layers(model, cfg.pattern))
+    rest, _ = profile_model(model, ctx.groups, couplings, table, settings, device, nm_layers, progress)
+    if table_out is not None:
+        table.save(table_out, record=record)
+    sparse = predict(couplings, {}, Budget(table, settings.setup, rest.median_ms, float("inf"), "auto", nm_layers))[1]
+    return sparse, "" if sparse else _no_sparse_reason(device)

@@ -21,6 +21,9 @@ from torch import nn
 
 from hybridprune.config import PruneConfig, RunConfig, TrainConfig
 from hybridprune.data.images import Dataset
+from hybridprune.deploy.latency_target import LatencyReport, allocate_for_latency, layers_where_2to4_pays
+from hybridprune.deploy.profile import resolve_settings
+from hybridprune.deploy.runtimes import device_name
 from hybridprune.errors import HybridPruneError
 from hybridprune.experiments.inputs import (  # noqa: F401 - three names kept here for cli, marked below
     Log,
@@ -36,12 +39,16 @@ from hybridprune.lock import LOCK_NAME, FolderLock
 from hybridprune.models.counts import model_stats
 from hybridprune.outputs import MANIFEST_NAME, check_output_dir, remove_written_files, write_json, written_files
 from hybridprune.provenance import environment
+from hybridprune.pruning.budget import Allocation
 from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
 from hybridprune.pruning.filters import check_prunable, prune_filters_
+from hybridprune.pruning.latency import load_table
 from hybridprune.pruning.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
 from hybridprune.pruning.permute import PermutationReport, permute_for_nm_
 from hybridprune.training.loop import calibration_data, evaluate, fit, recalibrate_bn_
 from hybridprune.world import World, barrier, broadcast, check_batch
+
+LATENCY_TABLE = "latency-table.json"  # a run's latency table, kept in its output folder
 
 
 def split_epochs(epochs: int, steps: int) -> list[int]:
@@ -55,9 +62,10 @@ def split_epochs(epochs: int, steps: int) -> list[int]:
 
 
 def nm_pruned_copy(
-    model: nn.Module, cfg: RunConfig, world: World = World()
+    model: nn.Module, cfg: RunConfig, world: World = World(), layers: frozenset[str] | None = None
 ) -> tuple[nn.Module, dict[str, torch.Tensor], list[PermutationReport]]:
-    """An N:M-pruned copy, its masks, and (with `cfg.prune.permute`) the channel permutations made first.
+    """An N:M-pruned copy, its masks, and (with `cfg.prune.permute`) the channel permutations made first;
+    `layers` limits the masks to those layers (every eligible one when None).
 
     Example:
         >>> from hybridprune.models.sources import build_model
@@ -67,7 +75,7 @@ def nm_pruned_copy(
     """
     nm_model = copy.deepcopy(model)
     permuted = permute_for_nm_(nm_model, cfg.prune.pattern, seed=cfg.seed) if cfg.prune.permute else []
-    masks = broadcast(nm_prune_(nm_model, cfg.prune.pattern), world)  # rank 0's masks, on every rank
+    masks = broadcast(nm_prune_(nm_model, cfg.prune.pattern, layers), world)  # rank 0's masks, on every rank
     return apply_masks_(nm_model, masks), masks, permuted
 
 
@@ -166,7 +174,7 @@ class Job:
 
     def nm_only(self, dense: nn.Module) -> dict[str, Any]:
         """The 2:4-only model: dense width, N:M masks, fine-tuned the same way."""
-        return self._resumable("nm", lambda: self._nm_stage(dense, "nm", "fine-tune nm-only"))
+        return self._resumable("nm", lambda: self._nm_stage(dense, "nm", "fine-tune nm-only", self._nm_layers(dense)))
 
     def filter_then_nm(
         self, dense: nn.Module, metric: str, calibration: list[torch.Tensor], labels: list[torch.Tensor] | None = None
@@ -174,7 +182,8 @@ class Job:
         """Filter-prune a copy of `dense` with one metric and fine-tune, then N:M-prune it and fine-tune: two
         steps, each saved when done, so a resumed run redoes only the step that was in progress."""
         first = self._resumable(f"step-{metric}-filter", lambda: self._filter_step(dense, metric, calibration, labels))
-        hybrid = self._resumable(f"step-{metric}-hybrid", lambda: self._hybrid_step(metric))
+        chosen = first.get("latency", {}).get("sparse_layers")  # the latency allocation's 2:4 layers, if it ran
+        hybrid = self._resumable(f"step-{metric}-hybrid", lambda: self._hybrid_step(metric, chosen))
         return {"metric": metric, **first, "hybrid": hybrid, "checkpoint": hybrid["checkpoint"]}
 
     def _filter_step(
@@ -191,18 +200,64 @@ class Job:
                 cfg = replace(self.cfg.finetune, epochs=epochs[step - 1])
                 self._finetune(m, cfg, self.cfg.seed + step, f"fine-tune {metric} step {step}")
 
-        plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels, between, self.world)
+        allocation, latency = None, None
+        if prune_cfg.target_latency is not None:
+            allocation, latency = self._latency_allocation(model, prune_cfg, calibration, labels or [])
+        counts = allocation.counts if allocation else None
+        plan = prune_filters_(model, prune_cfg, calibration, self.cfg.seed, labels, between, self.world, counts=counts)
         name, desc = f"{metric}-filter", f"fine-tune {metric} filter"
         filt = self.stage(model, {}, name, desc, self.cfg.filter_finetune, epochs[-1])
-        return {"plan": plan.to_dict(), "prune_steps": prune_cfg.steps, "step_epochs": epochs, "filter": filt}
+        result = {"plan": plan.to_dict(), "prune_steps": prune_cfg.steps, "step_epochs": epochs, "filter": filt}
+        return {**result, "latency": latency.to_dict()} if latency else result
 
-    def _hybrid_step(self, metric: str) -> dict[str, Any]:
+    def _latency_allocation(
+        self, model: nn.Module, cfg: PruneConfig, calibration: list[torch.Tensor], labels: list[torch.Tensor]
+    ) -> tuple[Allocation, LatencyReport]:
+        """Rank 0 profiles (reusing the run's table from an earlier metric), solves and measures; all ranks get it."""
+        table = self.out / LATENCY_TABLE
+        if table.is_file() and cfg.latency_table is None:
+            cfg = replace(cfg, latency_table=str(table))
+        answer = None
+        if self.world.main:
+            answer = allocate_for_latency(model, cfg, calibration, labels, self.device, table, self.cfg.seed,
+                                          self.progress, record=True)  # fmt: skip
+        allocation, report = broadcast(answer, self.world)
+        self.log(
+            f"latency target {report.target_ms:.3f} ms ({cfg.target_latency:g} of {report.dense_ms['median']:.3f} ms, "
+            f"{report.runtime}, batch {report.batch}): pruned model predicted {report.pruned_ms['predicted']:.3f} ms, "
+            f"measured {report.pruned_ms['median']:.3f} ms after {len(report.solves)} solve(s); "
+            f"2:4 on {len(report.sparse_layers)} layer(s)"
+        )
+        if report.notice:
+            self.log(f"note: {report.notice}")
+        return allocation, report
+
+    def _nm_layers(self, model: nn.Module, chosen: list[str] | None = None) -> frozenset[str] | None:
+        """The layers that take 2:4 masks under the nm rule: every eligible one (None), none, or where it pays
+        (the latency allocation's choice, or measured on this model's widths)."""
+        rule = self.cfg.prune.nm_rule
+        if rule == "all":
+            return None
+        if rule == "none":
+            return frozenset()
+        if chosen is not None:
+            return frozenset(chosen)
+        answer = None
+        if self.world.main:
+            answer = layers_where_2to4_pays(model, self.cfg.prune, self.device, progress=self.progress)
+        layers, notice = broadcast(answer, self.world)
+        if notice:
+            self.log(f"note: {notice}")
+        return layers
+
+    def _hybrid_step(self, metric: str, chosen: list[str] | None = None) -> dict[str, Any]:
         # from the saved filter checkpoint, not from memory: a resumed run takes exactly the same path
-        model = load_checkpoint(self.out / f"{metric}-filter.safetensors", self.cfg.model.name)[0]
-        return self._nm_stage(model.to(self.device), f"{metric}-hybrid", f"fine-tune {metric} hybrid")
+        model = load_checkpoint(self.out / f"{metric}-filter.safetensors", self.cfg.model.name)[0].to(self.device)
+        layers = self._nm_layers(model, chosen)
+        return self._nm_stage(model, f"{metric}-hybrid", f"fine-tune {metric} hybrid", layers)
 
-    def _nm_stage(self, model: nn.Module, name: str, desc: str) -> dict[str, Any]:
-        nm_model, masks, permuted = nm_pruned_copy(model, self.cfg, self.world)
+    def _nm_stage(self, model: nn.Module, name: str, desc: str, layers: frozenset[str] | None = None) -> dict[str, Any]:
+        nm_model, masks, permuted = nm_pruned_copy(model, self.cfg, self.world, layers)
         result = self.stage(nm_model, masks, name, desc)
         if permuted:  # the magnitude that survives N:M in each group's reading layers, before and after
             result["permutation"] = [asdict(r) for r in permuted]
@@ -324,6 +379,7 @@ def run(
     # loaded before anything is written, so a bad checkpoint leaves no output folder behind
     dense_model = load_dense_checkpoint(dense_checkpoint, data, cfg.model.name) if dense_checkpoint else None
     check_prunable(dense_model if dense_model is not None else new_model(cfg, data, log=lambda _: None), cfg.prune)
+    check_latency_settings(cfg.prune, device)
     with FolderLock(out) if world.main else contextlib.nullcontext() as lock:  # one run per folder
         if lock is not None and lock.replaced_stale:
             log(f"output folder: replaced the lock of a process that is gone ({lock.replaced_stale})")
@@ -335,6 +391,16 @@ def run(
         result = job.results(env, include_nm_only)
         job.write_record(out / "results.json", result)
     return result
+
+
+def check_latency_settings(cfg: PruneConfig, device: torch.device) -> None:
+    """Before any file is written: the latency runtime and dtype can run on `device`, a given table is this
+    device's (a run that needs no table checks nothing)."""
+    if cfg.target_latency is None and cfg.nm_rule != "auto":
+        return
+    resolve_settings(cfg.latency_runtime, cfg.latency_batch, cfg.latency_dtype, device, cfg.latency_step)
+    if cfg.latency_table:
+        load_table(cfg.latency_table, device_name(device))
 
 
 def _log_setting(data: Dataset, device: torch.device, log: Log) -> None:

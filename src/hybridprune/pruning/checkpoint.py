@@ -168,7 +168,10 @@ def _checked_spec(spec: dict[str, Any], path: Path | str) -> tuple[ModelSource, 
             and all(_is_int(i) and 0 <= i < 1_000_000 for i in entry[2])
         ):
             raise HybridPruneError(f"{path}: header history entries must be [module name, bool, [indices]]")
-    return ModelSource(kind, name, args), shape, history
+    try:
+        return ModelSource(kind, name, args), shape, history
+    except HybridPruneError as e:  # a name no --model could give: say which file holds it
+        raise HybridPruneError(f"{path}: header {e}") from None
 
 
 def _check_args(args: dict[str, Any], path: Path | str) -> None:

@@ -240,9 +240,9 @@ class LatencyTable:
             "rest": {k: asdict(e) for k, e in sorted(self.rest.items())},
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the table atomically as JSON."""
-        return write_json(path, self.to_dict())
+    def save(self, path: str | Path, record: bool = False) -> Path:
+        """Write the table atomically as JSON (`record`: list it among a run folder's files)."""
+        return write_json(path, self.to_dict(), record=record)
 
 
 def _interpolate(grid: dict[tuple[int, int], float], c_in: int, c_out: int) -> float | None:
