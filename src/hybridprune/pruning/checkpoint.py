@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,9 @@ def save_checkpoint(
     if path.exists() and not overwrite:
         raise HybridPruneError(f"{path} exists; pass --overwrite to replace it")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    bad = first_nonfinite(tensors)
+    if bad is not None:  # a file that every load would refuse is never written
+        raise HybridPruneError(f"{path} not written: {nonfinite_line(bad, tensors[bad])}; a lower learning rate may help")
     for name, mask in (masks or {}).items():
         tensors[MASK_PREFIX + name] = mask.detach().cpu().to(torch.bool).contiguous()
     header = {"format": FORMAT, "version": VERSION, "spec": model_spec(model), "meta": meta or {}}
@@ -117,7 +121,38 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         )
     if not isinstance(header.get("spec"), dict):
         raise HybridPruneError(f"{path}: header field 'spec' must be an object")
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        raise HybridPruneError(f"{path}: {nonfinite_line(bad, tensors[bad])}; a checkpoint must hold finite numbers")
     return header, tensors
+
+
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity; None when every one is finite. One
+    device sync however many tensors (they share a device).
+
+    Example:
+        >>> first_nonfinite({"a": torch.ones(2), "n": torch.tensor([3]), "b": torch.tensor([1.0, float("inf")])})
+        'b'
+    """
+    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() or t.is_complex()]
+    if not floats:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
+    if bool(finite.all()):
+        return None
+    return floats[int((~finite).nonzero()[0, 0])][0]
+
+
+def nonfinite_line(name: str, tensor: torch.Tensor) -> str:
+    """What is wrong with a tensor `first_nonfinite` named, for a one-line error.
+
+    Example:
+        >>> nonfinite_line("fc.weight", torch.tensor([1.0, float("nan"), float("nan")]))
+        "tensor 'fc.weight' holds NaN (2 of 3 values)"
+    """
+    what = "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
+    return f"tensor {name!r} holds {what} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()} values)"
 
 
 def checkpoint_source(path: str | Path) -> ModelSource:
@@ -239,6 +274,9 @@ def load_weights_(model: Classifier, path: str | Path) -> Classifier:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise HybridPruneError(f"{path} must hold a state dict: parameter names mapped to tensors")
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise HybridPruneError(f"{path}: {nonfinite_line(bad, state[bad])}; --weights must hold finite numbers")
     expected = set(model.net.state_dict())
     if set(state) != expected:  # saved from a DDP wrapper or from a hybridprune model: take the prefix off
         stripped = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}

@@ -58,17 +58,57 @@ class ChannelGroup:
     consumers: tuple[tuple[str, int], ...] = ()
 
 
-def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    """A zero batch of the model's input shape (from `model.input_shape`), on the model's device."""
+def known_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """The shape of one input (no batch dimension) the model is known to take: a `Classifier`'s `input_shape`, or
+    the `pruning_input_shape` that filter pruning records on a plain module; None when neither is there."""
     shape = getattr(model, "input_shape", None)
+    shape = getattr(model, "pruning_input_shape", None) if shape is None else shape
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def as_example(example: object) -> torch.Tensor:
+    """The one tensor batch an `example_inputs=` argument names: a tensor, or the first of a list of batches.
+
+    Example:
+        >>> as_example([torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)]).shape
+        torch.Size([2, 3, 8, 8])
+    """
+    if isinstance(example, (list, tuple)) and example and isinstance(example[0], torch.Tensor):
+        example = example[0]
+    if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.numel() == 0:
+        got = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise HybridPruneError(
+            f"example_inputs must be a non-empty batch of inputs the model takes, e.g. torch.zeros(1, 3, 32, 32); "
+            f"got {got}"
+        )
+    return example
+
+
+def example_input(model: nn.Module, batch: int = 1, example: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch that tracing runs on, on the model's device: the first `batch` inputs of `example` when given,
+    else a zero batch of the model's known input shape (`known_input_shape`). A plain module without either is
+    bad input: the message asks for `example_inputs=`.
+
+    Example:
+        >>> example_input(nn.Conv2d(3, 4, 3), example=torch.rand(8, 3, 16, 16)).shape
+        torch.Size([1, 3, 16, 16])
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if example is not None:
+        return as_example(example)[:batch].to(device)
+    shape = known_input_shape(model)
     if shape is None:
-        raise HybridPruneError(f"{type(model).__name__} has no input_shape; build it with hybridprune.models.sources")
-    return torch.zeros(batch, *shape, device=next(model.parameters()).device)
+        raise HybridPruneError(
+            f"{type(model).__name__} is a plain nn.Module: pass example_inputs= (a batch it takes, e.g. "
+            "torch.zeros(1, 3, 32, 32)) or calibration images, so its structure can be traced"
+        )
+    return torch.zeros(batch, *shape, device=device)
 
 
 def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> tp.DependencyGraph:
     """Torch-Pruning's dependency graph of the model; a model it cannot trace is bad input (one line)."""
-    example = example_input(model) if example is None else example
+    example = example_input(model, example=example)
+    called = forward_order(model, example)  # first: an input the model cannot take is said as such
     was_training = model.training  # Torch-Pruning leaves the model in eval mode
     try:
         with torch.enable_grad():
@@ -80,7 +120,7 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
         ) from None
     finally:
         model.train(was_training)
-    unseen = [n for n in forward_order(model, example) if model.get_submodule(n) not in graph.module2node]
+    unseen = [n for n in called if model.get_submodule(n) not in graph.module2node]
     if unseen:
         raise HybridPruneError(
             f"Torch-Pruning cannot trace how the output of {', '.join(unseen[:3])} is used (an operation outside "
@@ -89,15 +129,21 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
     return graph
 
 
-def channel_groups(model: nn.Module, graph: tp.DependencyGraph, ignore: tuple[str, ...] = ()) -> list[ChannelGroup]:
+def channel_groups(
+    model: nn.Module,
+    graph: tp.DependencyGraph,
+    ignore: tuple[str, ...] = (),
+    example: torch.Tensor | None = None,
+    head: str | None = None,
+) -> list[ChannelGroup]:
     """Every prunable group of conv output channels, in forward order of the convs that root them.
 
-    The classifier head (the last conv or linear in forward order) and modules named in `ignore` (or
-    inside them) are never pruned: a group that would touch their output channels is left out.
+    The classifier head (`head`, by default the last conv or linear in forward order) and modules named in
+    `ignore` (or inside them) are never pruned: a group that would touch their output channels is left out.
     """
     names = {m: n for n, m in model.named_modules()}
-    called = forward_order(model)
-    head = called[-1]
+    called = forward_order(model, example)
+    head = head_name(model, called, head)
     ignored = [m for n, m in model.named_modules() if n == head or any(_within(n, i) for i in ignore)]
     order = {n: i for i, n in enumerate(called)}
     groups = []
@@ -118,6 +164,22 @@ def channel_groups(model: nn.Module, graph: tp.DependencyGraph, ignore: tuple[st
             ChannelGroup(root, size, tuple(producers), tuple(dict.fromkeys(members)), tuple(consumers.items()))
         )
     return sorted(groups, key=lambda g: order.get(g.name, len(order)))
+
+
+def head_name(model: nn.Module, called: list[str], head: str | None = None) -> str:
+    """The classifier head: `head` when the user names it (a conv or linear of the model), else the last conv or
+    linear that the forward pass calls."""
+    if head is None:
+        if not called:
+            raise HybridPruneError(f"{type(model).__name__} calls no conv or linear layer in its forward pass")
+        return called[-1]
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if head not in layers:
+        raise HybridPruneError(
+            f"head {head!r} is not a conv or linear layer of {type(model).__name__}; its last ones: "
+            f"{', '.join(layers[-3:])}"
+        )
+    return head
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -144,16 +206,24 @@ def _hooks(handles: list) -> Iterator[None]:
 
 @torch.no_grad()
 def forward_order(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
-    """Names of the conv and linear layers in the order the forward pass first calls them."""
-    example = example_input(model) if example is None else example
+    """Names of the conv and linear layers in the order the forward pass first calls them; an example input the
+    model cannot take is bad input (one line)."""
+    example = example_input(model, example=example)
     order: list[str] = []
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     handles = [m.register_forward_hook(lambda *_, n=n: order.append(n)) for n, m in layers]
     was_training = model.training
-    with _hooks(handles):
-        model.eval()
-        model(example)
-    model.train(was_training)
+    try:
+        with _hooks(handles):
+            model.eval()
+            model(example)
+    except Exception as e:  # noqa: BLE001 - the user's model fails on the example in any way: one line
+        raise HybridPruneError(
+            f"{type(model).__name__} cannot take an input of shape {tuple(example.shape)} ({first_line(e)}); "
+            "pass example_inputs= that it takes"
+        ) from None
+    finally:
+        model.train(was_training)
     return list(dict.fromkeys(order))
 
 
@@ -172,7 +242,7 @@ class Followers:
 @torch.no_grad()
 def followers(model: nn.Module, example: torch.Tensor | None = None) -> Followers:
     """Find, by one forward pass, the BatchNorm and activation modules that directly follow each conv."""
-    example = example_input(model) if example is None else example
+    example = example_input(model, example=example)
     produced: dict[int, tuple[str, int, torch.Tensor]] = {}  # id(tensor) -> (producer, version, tensor kept alive)
     bn, act = {}, {}
 

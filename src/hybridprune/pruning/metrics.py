@@ -33,7 +33,7 @@ import torch_pruning as tp
 from torch import nn
 
 from hybridprune.config import METRIC_NAMES
-from hybridprune.pruning.graph import ChannelGroup, channel_groups, dependency_graph, followers
+from hybridprune.pruning.graph import ChannelGroup, as_example, channel_groups, dependency_graph, followers
 from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_, nm_prune_weight
 from hybridprune.pruning.plan import Scores
 from hybridprune.registry import Registry
@@ -41,10 +41,20 @@ from hybridprune.registry import Registry
 
 @dataclass
 class ScoringContext:
-    """What a metric may look at: the model, unlabeled calibration batches, the N:M pattern, a seed.
+    """What a metric may look at: the model (any nn.Module), unlabeled calibration batches, the N:M pattern, a seed.
 
     `calibration` holds input batches (images in [0, 1]); output-based metrics average over them.
-    `ignore` names modules whose output channels are never pruned (the classifier head never is).
+    `example_inputs` is a batch the model takes, traced to find its structure; with only one of the two given,
+    it serves as both (a plain module needs one; a `Classifier` knows its input shape).
+    `ignore` names modules whose output channels are never pruned, nor is the classifier head: `head` when
+    named, else the last conv or linear in forward order.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> ctx = ScoringContext(net, example_inputs=torch.zeros(1, 3, 32, 32))
+        >>> [g.name for g in ctx.groups][:3]
+        ['conv1', 'layer1.0.conv1', 'layer1.1.conv1']
     """
 
     model: nn.Module
@@ -54,12 +64,25 @@ class ScoringContext:
     labels: list[torch.Tensor] = field(default_factory=list)  # only the gradient-based `taylor` needs them
     ignore: tuple[str, ...] = ()
     _groups: list[ChannelGroup] | None = None
+    example_inputs: torch.Tensor | None = None
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.example_inputs is not None:
+            self.example_inputs = as_example(self.example_inputs)
+            self.calibration = self.calibration or [self.example_inputs]
+
+    @property
+    def example(self) -> torch.Tensor | None:
+        """What tracing runs on: `example_inputs`, else the first calibration batch (None: the model's known shape)."""
+        return self.example_inputs if self.example_inputs is not None else next(iter(self.calibration), None)
 
     @property
     def groups(self) -> list[ChannelGroup]:
         """The model's prunable channel groups (traced once)."""
         if self._groups is None:
-            self._groups = channel_groups(self.model, dependency_graph(self.model), self.ignore)
+            graph = dependency_graph(self.model, self.example)
+            self._groups = channel_groups(self.model, graph, self.ignore, self.example, self.head)
         return self._groups
 
 
@@ -127,7 +150,7 @@ def l2(ctx: ScoringContext) -> Scores:
 @METRICS.register("hybrid")
 def hybrid(ctx: ScoringContext) -> Scores:
     """Weight-based hybrid: combines the ranks of L1 and of L1 after N:M pruning (summed over producers)."""
-    eligible = eligible_layers(ctx.model, ctx.pattern)
+    eligible = eligible_layers(ctx.model, ctx.pattern, ctx.example)
 
     def nm_l1(name: str, conv: nn.Conv2d) -> torch.Tensor:
         w = conv.weight.detach()
@@ -142,7 +165,7 @@ def _mean_abs_outputs(model: nn.Module, groups: list[ChannelGroup], calibration:
     """Mean |activation| of each group channel where its producing convs make it (see `output_l1`)."""
     if not calibration:
         raise ValueError("output-based metrics need calibration batches")
-    follow = followers(model)
+    follow = followers(model, calibration[0])
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     hooks = []
@@ -189,7 +212,7 @@ def hybrid_output(ctx: ScoringContext) -> Scores:
     """Output-based hybrid: combines the ranks of output_l1 with dense weights and with N:M-pruned weights."""
     dense = output_l1(ctx)
     nm_model = copy.deepcopy(ctx.model)
-    nm_prune_(nm_model, ctx.pattern)
+    nm_prune_(nm_model, ctx.pattern, example_inputs=ctx.example)
     pruned = _mean_abs_outputs(nm_model, ctx.groups, ctx.calibration)
     return {name: combine_hybrid(dense[name], pruned[name]) for name in dense}
 
@@ -230,7 +253,7 @@ def taylor(ctx: ScoringContext) -> Scores:
 
 
 def _torch_pruning_scores(ctx: ScoringContext, importance: Callable) -> Scores:
-    graph = dependency_graph(ctx.model)
+    graph = dependency_graph(ctx.model, ctx.example)
     scores = {}
     for g in ctx.groups:
         root = ctx.model.get_submodule(g.name)

@@ -16,7 +16,7 @@ from torch import nn
 
 from hybridprune.config import NMPattern
 from hybridprune.errors import HybridPruneError
-from hybridprune.pruning.graph import forward_order
+from hybridprune.pruning.graph import example_input, forward_order, known_input_shape
 
 
 def _as_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
@@ -80,20 +80,24 @@ class Eligibility:
     reason: str
 
 
-def nm_eligibility(model: nn.Module, pattern: NMPattern = NMPattern()) -> list[Eligibility]:
+def nm_eligibility(
+    model: nn.Module, pattern: NMPattern = NMPattern(), example_inputs: torch.Tensor | None = None
+) -> list[Eligibility]:
     """Every conv and linear layer, with whether it can take N:M masks and why not: the one rule that masks,
     metrics and the inference conversion all ask.
 
-    The conv that reads the image (the first conv in forward order, found by tracing a hybridprune model;
-    registration order for a bare module) stays dense: its 1 or 3 input channels cannot form groups of 4,
-    and it holds few weights. Grouped and depthwise convs have no sparse tensor core kernel.
+    The conv that reads the image (the first conv in forward order, found by tracing on `example_inputs`, or on
+    the input shape a hybridprune model or a filter-pruned module knows; registration order for a bare module
+    without either) stays dense: its 1 or 3 input channels cannot form groups of 4, and it holds few weights.
+    Grouped and depthwise convs have no sparse tensor core kernel.
 
     Example:
         >>> [e.reason or "N:M" for e in nm_eligibility(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 1)))]
         ['conv that reads the image stays dense', 'N:M']
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    order = forward_order(model) if hasattr(model, "input_shape") else list(layers)
+    traced = example_inputs is not None or known_input_shape(model) is not None
+    order = forward_order(model, example_input(model, example=example_inputs)) if traced else list(layers)
     first_conv = next((n for n in order if isinstance(layers.get(n), nn.Conv2d)), None)
     report = []
     for name in [n for n in order if n in layers] + [n for n in layers if n not in order]:
@@ -115,18 +119,25 @@ def nm_eligibility(model: nn.Module, pattern: NMPattern = NMPattern()) -> list[E
     return report
 
 
-def eligible_layers(model: nn.Module, pattern: NMPattern = NMPattern()) -> set[str]:
+def eligible_layers(
+    model: nn.Module, pattern: NMPattern = NMPattern(), example_inputs: torch.Tensor | None = None
+) -> set[str]:
     """Names of the layers that take N:M masks."""
-    return {e.name for e in nm_eligibility(model, pattern) if e.eligible}
+    return {e.name for e in nm_eligibility(model, pattern, example_inputs) if e.eligible}
 
 
 def compute_masks(
-    model: nn.Module, pattern: NMPattern = NMPattern(), layers: set[str] | frozenset[str] | None = None
+    model: nn.Module,
+    pattern: NMPattern = NMPattern(),
+    layers: set[str] | frozenset[str] | None = None,
+    *,
+    example_inputs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """N:M masks for every eligible layer (of those in `layers`, when given), keyed by module name
-    (magnitude-based, from current weights)."""
+    (magnitude-based, from current weights); `example_inputs` as for `nm_eligibility`."""
     modules = dict(model.named_modules())
-    chosen = [e.name for e in nm_eligibility(model, pattern) if e.eligible and (layers is None or e.name in layers)]
+    report = nm_eligibility(model, pattern, example_inputs)
+    chosen = [e.name for e in report if e.eligible and (layers is None or e.name in layers)]
     return {name: nm_mask(modules[name].weight, pattern) for name in chosen}
 
 
@@ -149,10 +160,23 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def nm_prune_(
-    model: nn.Module, pattern: NMPattern = NMPattern(), layers: set[str] | frozenset[str] | None = None
+    model: nn.Module,
+    pattern: NMPattern = NMPattern(),
+    layers: set[str] | frozenset[str] | None = None,
+    *,
+    example_inputs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute N:M masks for every eligible layer (of those in `layers`, when given) and apply them in place;
-    returns the masks."""
-    masks = compute_masks(model, pattern, layers)
+    returns the masks. Any nn.Module: `example_inputs` (a batch it takes) lets the conv that reads the image be
+    found by tracing (see `nm_eligibility`).
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> masks = nm_prune_(net, example_inputs=torch.zeros(1, 3, 32, 32))
+        >>> len(masks), "conv1" in masks, all(satisfies_nm(net.get_submodule(n).weight) for n in masks)
+        (20, False, True)
+    """
+    masks = compute_masks(model, pattern, layers, example_inputs=example_inputs)
     apply_masks_(model, masks)
     return masks

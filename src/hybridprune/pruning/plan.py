@@ -6,7 +6,10 @@ highest-scoring channels; the kept count is rounded to a multiple of `round_to` 
 reading the group stay aligned: 2:4 groups need a multiple of 4, and cuSPARSELt in fp16/bf16 needs both
 GEMM dimensions of the sparse weight to be multiples of 16 (`kh * kw * in` is a multiple of 16 for every
 kernel size only when `in` is). Removal goes through Torch-Pruning, and its history (module names and
-integer indices) is kept on the model, so a checkpoint can replay it on a freshly built original.
+integer indices) is kept on the model, so a checkpoint can replay it on a freshly built original: on a
+`Classifier` in `pruning_history`; on any other nn.Module in the same attribute, created by the first removal,
+together with `pruning_input_shape` (the shape of one input it was traced with, so it can be traced again
+without an example, saved, and rebuilt from a fresh instance).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 
 from hybridprune.config import DEFAULT_ROUND_TO, validate_ratio
 from hybridprune.errors import HybridPruneError
-from hybridprune.pruning.graph import ChannelGroup, dependency_graph
+from hybridprune.pruning.graph import ChannelGroup, dependency_graph, example_input, known_input_shape
 
 Scores = dict[str, torch.Tensor]  # group name -> one score per channel of the group
 
@@ -128,10 +131,11 @@ def plan_filter_pruning(
     return FilterPlan(ratio, round_to, tuple(plans))
 
 
-def apply_filter_plan_(model: nn.Module, plan: FilterPlan) -> nn.Module:
+def apply_filter_plan_(model: nn.Module, plan: FilterPlan, example_inputs: torch.Tensor | None = None) -> nn.Module:
     """Remove the planned channels physically, in place, through Torch-Pruning: every member of each group
     shrinks with it (BatchNorm, the next layers' inputs, residual partners, the flatten into a linear).
-    The removal is appended to `model.pruning_history`.
+    The removal is appended to `model.pruning_history` (created on a plain module, with `pruning_input_shape`,
+    the shape of one of `example_inputs`: see the module docstring).
 
     Example:
         >>> from hybridprune.models.sources import build_model
@@ -142,17 +146,27 @@ def apply_filter_plan_(model: nn.Module, plan: FilterPlan) -> nn.Module:
         >>> [m.get_submodule(g.name).out_channels for g in plan.groups]
         [8, 24, 48, 32, 32]
     """
-    graph = dependency_graph(model)
+    example = example_input(model, example=example_inputs)
+    graph = dependency_graph(model, example)
     for group in plan.groups:
         root = _root_conv(model, group)
         drop = [i for i in range(group.original) if i not in set(group.keep)]
         if drop:
             pruner = graph.get_pruner_of_module(root)
             graph.get_pruning_group(root, pruner.prune_out_channels, idxs=drop).prune()
-    history = getattr(model, "pruning_history", None)
-    if history is not None:
-        history.extend(_plain(entry) for entry in graph.pruning_history())
+    _remember(model, [_plain(entry) for entry in graph.pruning_history()], example)
     return model
+
+
+def _remember(model: nn.Module, entries: list, example: torch.Tensor) -> None:
+    """Append removals to the model's history; a plain module also learns the input shape it was traced with."""
+    if not entries:
+        return
+    if known_input_shape(model) is None:
+        model.pruning_input_shape = tuple(example.shape[1:])
+    if getattr(model, "pruning_history", None) is None:
+        model.pruning_history = []
+    model.pruning_history.extend(entries)
 
 
 def _root_conv(model: nn.Module, group: GroupPlan) -> nn.Conv2d:
@@ -175,11 +189,22 @@ def _plain(entry: list) -> list:
     return [str(name), bool(is_out), [int(i) for i in idxs]]
 
 
-def replay_history_(model: nn.Module, history: list) -> nn.Module:
-    """Redo a recorded pruning history on a freshly built original model, in place."""
+def replay_history_(model: nn.Module, history: list, example_inputs: torch.Tensor | None = None) -> nn.Module:
+    """Redo a recorded pruning history on a freshly built original model (traced on `example_inputs` when it is
+    a plain module), in place; a history that does not fit the model is bad input (one line).
+
+    Example:
+        >>> import torchvision
+        >>> net, x = torchvision.models.resnet18(num_classes=10), torch.zeros(1, 3, 32, 32)
+        >>> _ = apply_filter_plan_(net, FilterPlan(0.5, 1, (GroupPlan("layer1.0.conv1", 64, tuple(range(32))),)), x)
+        >>> fresh = replay_history_(torchvision.models.resnet18(num_classes=10), net.pruning_history, x)
+        >>> fresh.layer1[0].conv1.out_channels, fresh.pruning_input_shape
+        (32, (3, 32, 32))
+    """
     if not history:
         return model
-    graph = dependency_graph(model)
+    example = example_input(model, example=example_inputs)
+    graph = dependency_graph(model, example)
     for name, is_out, idxs in history:
         module = _module_or_none(model, name)
         pruner = None if module is None else graph.get_pruner_of_module(module)
@@ -197,7 +222,8 @@ def replay_history_(model: nn.Module, history: list) -> nn.Module:
             )
         fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
         graph.get_pruning_group(module, fn, list(idxs)).prune(record_history=False)
-    model.pruning_history = [_plain(entry) for entry in history]
+    model.pruning_history = []
+    _remember(model, [_plain(entry) for entry in history], example)
     return model
 
 
