@@ -138,28 +138,30 @@ def solve(couplings: list[LayerCoupling], values: Values, budget: Budget) -> All
         ({'g': 2}, 2.0, True)
     """
     groups = sorted(values)
-    floor = predict(couplings, {g: min(values[g]) for g in groups}, budget)[0]
-    if floor > budget.budget_ms:
-        raise HybridPruneError(
-            f"the latency target ({budget.budget_ms:.3f} ms predicted) cannot be reached: the smallest model the "
-            f"candidate counts allow predicts {floor:.3f} ms (of which {budget.rest_ms:.3f} ms is the rest of the "
-            "network); raise --target-latency or lower --latency-step"
-        )
     if math.prod(len(values[g]) for g in groups) <= EXACT_LIMIT:
         return _enumerate(couplings, values, budget, groups)
     return _greedy(couplings, values, budget, groups)
 
 
+def _unreachable(budget: Budget, fastest: float) -> HybridPruneError:
+    return HybridPruneError(
+        f"the latency target ({budget.budget_ms:.3f} ms predicted) cannot be reached: the fastest model the candidate "
+        f"counts allow predicts {fastest:.3f} ms (of which {budget.rest_ms:.3f} ms is the rest of the network); "
+        "raise --target-latency or lower --latency-step"
+    )
+
+
 def _enumerate(couplings: list[LayerCoupling], values: Values, budget: Budget, groups: list[str]) -> Allocation:
-    best = None
+    best, fastest = None, math.inf
     for combo in itertools.product(*(sorted(values[g]) for g in groups)):
         counts = dict(zip(groups, combo, strict=True))
         value = sum(values[g][k] for g, k in counts.items())
-        if best is not None and value < best[0]:
-            continue
         time, sparse = predict(couplings, counts, budget)
+        fastest = min(fastest, time)
         if time <= budget.budget_ms and (best is None or (value, -time) > (best[0], -best[1])):
             best = (value, time, counts, sparse)
+    if best is None:
+        raise _unreachable(budget, fastest)
     value, time, counts, sparse = best
     return Allocation(counts, sparse, time, value, exact=True)
 
@@ -181,9 +183,12 @@ def _greedy(couplings: list[LayerCoupling], values: Values, budget: Budget, grou
             break
         _, g, k, dt = min(moves)
         counts[g], time = k, time + dt
-    if time > budget.budget_ms:  # no single move saves time any more, though the smallest model fits: take it
-        counts = {g: min(values[g]) for g in groups}
-        time = predict(couplings, counts, budget)[0]
+    if time > budget.budget_ms:  # no single move saves time any more: the smallest model, if it fits
+        smallest = {g: min(values[g]) for g in groups}
+        floor = predict(couplings, smallest, budget)[0]
+        if floor > budget.budget_ms:
+            raise _unreachable(budget, min(time, floor))
+        counts, time = smallest, floor
     while True:  # up: spend the slack where it buys the most value per ms
         moves = [(dv / max(dt, 1e-9), g, k, dt) for g in groups for k in values[g] if k > counts[g]
                  for dv, dt in [delta(g, k)] if dv > 0 and time + dt <= budget.budget_ms]  # fmt: skip

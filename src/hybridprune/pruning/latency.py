@@ -362,9 +362,9 @@ def _entry(value: Any, where: str, allow_negative: bool = False) -> Entry:
 
 def _check_key(key: str, where: str) -> None:
     parts = key.split("|")
+    ok = len(parts) == 12 and parts[0] in ("conv", "linear") and parts[10] in KERNELS
     try:
-        ok = len(parts) == 12 and parts[0] in ("conv", "linear") and parts[10] in KERNELS
-        c_in, c_out = (int(v) for v in parts[11].split("x"))
+        c_in, c_out = (int(v) for v in parts[-1].split("x"))
         ok = ok and c_in > 0 and c_out > 0
     except ValueError:
         ok = False

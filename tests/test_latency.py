@@ -1,0 +1,266 @@
+"""Latency tables, prediction and latency-target allocation: tables written by the tests themselves, on the zoo."""
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import make_model
+from hybridprune.cli import main
+from hybridprune.config import NM_PAYS_MARGIN
+from hybridprune.deploy import profile as profile_module
+from hybridprune.deploy.profile import ProfileSettings, candidate_counts, layer_grid, new_table, profile_model
+from hybridprune.deploy.runtimes import device_name
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.budget import Budget, importance_values, predict, solve
+from hybridprune.pruning.graph import channel_groups, dependency_graph, example_input
+from hybridprune.pruning.latency import (
+    Entry,
+    LatencyTable,
+    LayerCoupling,
+    LayerShape,
+    Setup,
+    layer_couplings,
+    load_table,
+    predict_latency,
+    table_from_dict,
+)
+from hybridprune.pruning.nm import eligible_layers
+
+SETUP = Setup("torch", 2, "float32")
+ZOO = ["zoo:plain_net", "zoo:residual_net", "zoo:concat_net", "zoo:depthwise_net", "alexnet", "resnet20"]
+
+
+def structure(name: str):
+    model = make_model(name)
+    groups = channel_groups(model, dependency_graph(model))
+    return model, groups, layer_couplings(model, groups, example_input(model))
+
+
+def synthetic_table(couplings, groups, step, dense_ms, sparse_ms=None) -> LatencyTable:
+    """A table holding every grid entry of the model, with times from the given functions of (coupling, shape)."""
+    by_name = {g.name: g for g in groups}
+    table = LatencyTable("test-device")
+    for c in couplings:
+        for shape in layer_grid(c, by_name, step, max_points=64):
+            t = dense_ms(c, shape)
+            table.add(shape.key(SETUP.batch, SETUP.dtype, SETUP.runtime, "dense"), Entry(t, t, t, 1))
+            if sparse_ms is not None:
+                s = sparse_ms(c, shape)
+                table.add(shape.key(SETUP.batch, SETUP.dtype, SETUP.runtime, "2:4"), Entry(s, s, s, 1))
+    return table
+
+
+def macs(shape: LayerShape) -> float:
+    return shape.c_in * shape.c_out * shape.kernel[0] * shape.kernel[1] / max(1, shape.groups) * shape.h * shape.w / 1e6
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_auto_masks_exactly_the_layers_where_the_table_says_2to4_pays(name):
+    model, groups, couplings = structure(name)
+    eligible = frozenset(eligible_layers(model))
+    wide = max(c.dense.c_in for c in couplings if c.name in eligible)  # "large" layers: the widest inputs
+    table = synthetic_table(couplings, groups, 4, lambda c, s: 1 + macs(s),
+                            lambda c, s: (1 + macs(s)) * (0.6 if s.c_in >= wide else 1.2))  # fmt: skip
+    sparse = predict(couplings, {}, Budget(table, SETUP, 0.0, math.inf, "auto", eligible))[1]
+    assert sparse == {c.name for c in couplings if c.name in eligible and c.dense.c_in >= wide}
+    assert sparse  # the test means something: at least one layer pays
+    # a 2:4 entry that is faster, but by less than the margin, does not pay
+    table = synthetic_table(couplings, groups, 4, lambda c, s: 1.0, lambda c, s: 1 - NM_PAYS_MARGIN / 2)
+    assert predict(couplings, {}, Budget(table, SETUP, 0.0, math.inf, "auto", eligible))[1] == frozenset()
+    # all: every eligible layer; none: no layer
+    assert predict(couplings, {}, Budget(table, SETUP, 0.0, math.inf, "all", eligible))[1] == eligible
+    assert predict(couplings, {}, Budget(table, SETUP, 0.0, math.inf, "none", eligible))[1] == frozenset()
+
+
+@pytest.mark.parametrize("name", ["zoo:plain_net", "zoo:residual_net", "alexnet"])
+def test_a_group_whose_latency_does_not_fall_with_its_channels_is_not_pruned(name):
+    model, groups, couplings = structure(name)
+    flat = max(groups, key=lambda g: g.size).name  # this group's channels cost nothing: only a constant
+
+    def time(c: LayerCoupling, s: LayerShape) -> float:
+        touches = c.out_group == flat or any(g == flat for g, _, _ in c.in_parts)
+        return 1.0 if touches else 1.0 + macs(s)
+
+    table = synthetic_table(couplings, groups, 4, time)
+    scores = {g.name: torch.ones(g.size) for g in groups}  # every channel equally important
+    candidates = {g.name: candidate_counts(g.size, 4) for g in groups}
+    dense = predict(couplings, {}, Budget(table, SETUP, 0.0, math.inf))[0]
+    floor = predict(couplings, {g: min(v) for g, v in candidates.items()}, Budget(table, SETUP, 0.0, math.inf))[0]
+    budget = Budget(table, SETUP, 0.0, (dense + floor) / 2)
+    answer = solve(couplings, importance_values(groups, scores, candidates), budget)
+    assert answer.counts[flat] == next(g.size for g in groups if g.name == flat)
+    assert any(answer.counts[g.name] < g.size for g in groups if g.name != flat)
+    assert answer.predicted_ms <= budget.budget_ms
+
+
+def brute_force(couplings, values, budget):
+    best = None
+    groups = sorted(values)
+    for combo in itertools.product(*(sorted(values[g]) for g in groups)):
+        counts = dict(zip(groups, combo, strict=True))
+        time = predict(couplings, counts, budget)[0]
+        value = sum(values[g][k] for g, k in counts.items())
+        if time <= budget.budget_ms and (best is None or value > best[0] + 1e-12):
+            best = (value, counts)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_allocation_equals_a_brute_force_search_on_small_instances(seed):
+    """Three coupled groups (a chain a -> b -> c and a layer reading both a and c, as a concatenation does),
+    random latencies with plateaus, random values: the solver's optimum is the exhaustive one."""
+    rng = random.Random(seed)
+    sizes = {"a": 12, "b": 8, "c": 12}
+    couplings = [
+        LayerCoupling("l1", LayerShape("conv", 4, 12, 4, 4), "a", 12, ()),
+        LayerCoupling("l2", LayerShape("conv", 12, 8, 4, 4), "b", 8, (("a", 12, 12),)),
+        LayerCoupling("l3", LayerShape("conv", 8, 12, 4, 4), "c", 12, (("b", 8, 8),)),
+        LayerCoupling("l4", LayerShape("linear", 24, 10), None, 10, (("a", 12, 12), ("c", 12, 12))),
+    ]
+    candidates = {g: candidate_counts(n, 4) for g, n in sizes.items()}
+    table = LatencyTable("test-device")
+    for c in couplings:
+        groups = ([c.out_group] if c.out_group else []) + [g for g, _, _ in c.in_parts]
+        for combo in itertools.product(*(candidates[g] for g in groups)):
+            shape = c.shape(dict(zip(groups, combo, strict=True)))
+            t = round(rng.uniform(0.2, 1.0) * shape.c_in * shape.c_out / 16) / 4  # steps: many equal times
+            table.add(shape.key(2, "float32", "torch", "dense"), Entry(t, t, t, 1))
+    values = {g: {k: rng.uniform(0, 1) * k for k in candidates[g]} for g in sizes}
+    for g in values:  # value grows with the channels kept
+        running = 0.0
+        for k in sorted(values[g]):
+            running = values[g][k] = max(running, values[g][k])
+    dense = predict(couplings, {}, Budget(table, SETUP, 0.5, math.inf))[0]
+    for fraction in (0.4, 0.6, 0.8):
+        budget = Budget(table, SETUP, 0.5, fraction * dense)
+        try:
+            answer = solve(couplings, values, budget)
+        except HybridPruneError:
+            assert brute_force(couplings, values, budget) is None
+            continue
+        best_value, _ = brute_force(couplings, values, budget)
+        assert answer.exact and answer.predicted_ms <= budget.budget_ms
+        assert answer.value == pytest.approx(best_value)
+
+
+def test_the_greedy_solver_meets_the_budget_where_enumeration_is_too_large(monkeypatch):
+    from hybridprune.pruning import budget as budget_module
+
+    model, groups, couplings = structure("resnet20")
+    table = synthetic_table(couplings, groups, 4, lambda c, s: 0.1 + macs(s))
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(1)) for g in groups}
+    values = importance_values(groups, scores, {g.name: candidate_counts(g.size, 4) for g in groups})
+    dense = predict(couplings, {}, Budget(table, SETUP, 0.0, math.inf))[0]
+    monkeypatch.setattr(budget_module, "EXACT_LIMIT", 0)
+    answer = solve(couplings, values, Budget(table, SETUP, 0.0, 0.5 * dense))
+    assert not answer.exact and answer.predicted_ms <= 0.5 * dense
+    assert answer.predicted_ms >= 0.4 * dense  # the slack is spent, not wasted
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_the_predicted_latency_is_the_rest_plus_the_sum_of_the_entries(name):
+    model, groups, couplings = structure(name)
+    table = synthetic_table(couplings, groups, 4, lambda c, s: 0.5 + macs(s))
+    counts = {g.name: candidate_counts(g.size, 4)[len(candidate_counts(g.size, 4)) // 2] for g in groups}
+    total, per_layer = predict_latency(couplings, counts, table, SETUP, rest_ms=1.25)
+    by_hand = {c.name: 0.5 + macs(c.shape(counts)) for c in couplings}
+    assert per_layer == pytest.approx(by_hand)
+    assert total == pytest.approx(1.25 + sum(by_hand.values()))
+    assert set(per_layer) == {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+@pytest.mark.parametrize("name", ["zoo:plain_net", "zoo:residual_net", "zoo:depthwise_net"])
+def test_profiling_covers_every_group_at_every_candidate_count_and_a_second_profile_reuses_it(
+    name, tmp_path, monkeypatch, one_torch_thread
+):
+    model, groups, couplings = structure(name)
+    settings = ProfileSettings(SETUP, step=8, max_points=64, rounds=2, threads=1)
+    table = new_table(torch.device("cpu"))
+    rest, whole = profile_model(model, groups, couplings, table, settings, torch.device("cpu"), set(), False)
+    by_name = {g.name: g for g in groups}
+    for c in couplings:
+        coupled = ([c.out_group] if c.out_group else []) + [g for g, _, _ in c.in_parts if g != c.out_group]
+        for combo in itertools.product(*(candidate_counts(by_name[g].size, 8) for g in coupled)):
+            shape = c.shape(dict(zip(coupled, combo, strict=True)))
+            assert shape.key(2, "float32", "torch", "dense") in table.entries, (c.name, combo)
+    assert all(e.median_ms > 0 and e.p10_ms <= e.median_ms <= e.p90_ms for e in table.entries.values())
+    assert whole.median_ms == pytest.approx(rest.median_ms + sum(
+        table.entries[c.dense.key(2, "float32", "torch", "dense")].median_ms for c in couplings))  # fmt: skip
+    path = table.save(tmp_path / "table.json")
+    again = load_table(path, table.device)
+    assert again.entries == table.entries and again.rest == table.rest and again.device == table.device
+    measured = []
+    monkeypatch.setattr(profile_module, "_layer_call", lambda *a: measured.append(a) or (lambda: None))
+    profile_model(model, groups, couplings, again, settings, torch.device("cpu"), set(), False)
+    assert measured == []  # every entry came from the saved table
+
+
+def good_table() -> dict:
+    table = LatencyTable("test-device", date="2026-11-30")
+    table.add(LayerShape("linear", 8, 4).key(1, "float32", "torch", "dense"), Entry(1.0, 0.9, 1.1, 5))
+    return json.loads(json.dumps(table.to_dict()))
+
+
+def broken_tables():
+    yield "not a table", [1, 2]
+    yield "wrong format", {**good_table(), "format": "something-else"}
+    for key in ("device", "date", "versions", "entries", "rest"):
+        yield f"missing {key}", {k: v for k, v in good_table().items() if k != key}
+    for field in ("median_ms", "p10_ms", "p90_ms"):
+        for bad in (-1.0, float("nan"), float("inf"), "fast", None):
+            t = good_table()
+            entry = next(iter(t["entries"].values()))
+            entry[field] = bad
+            yield f"{field}={bad}", t
+    t = good_table()
+    next(iter(t["entries"].values())).pop("repeats")
+    yield "entry without repeats", t
+    t = good_table()
+    t["entries"] = {"conv|b1|nonsense": next(iter(t["entries"].values()))}
+    yield "a key that is no layer key", t
+
+
+@pytest.mark.parametrize("why,raw", list(broken_tables()), ids=[w for w, _ in broken_tables()])
+def test_a_bad_table_is_one_line(why, raw):
+    with pytest.raises(HybridPruneError) as e:
+        table_from_dict(raw, "t.json")
+    assert "\n" not in str(e.value) and "t.json" in str(e.value)
+
+
+def test_another_devices_table_and_a_bad_file_are_refused_by_the_cli_in_one_line(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**good_table(), "device": "Some Other GPU"}))
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    nan = tmp_path / "nan.json"
+    raw = {**good_table(), "device": device_name(torch.device("cpu"))}
+    next(iter(raw["entries"].values()))["median_ms"] = float("nan")
+    nan.write_text(json.dumps(raw))
+    for path, why in ((other, "Some Other GPU"), (garbage, "not readable JSON"), (nan, "finite")):
+        out = tmp_path / "out.json"
+        code = main(["profile", "--model", "resnet20", "--latency-table", str(path), "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and why in err, err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_each_layers_predicted_shape_is_its_shape_after_pruning(name):
+    """The couplings say which groups set each layer's channels: pruned for real, every conv and linear layer
+    has exactly the channels (and depthwise groups) its coupling predicts."""
+    from hybridprune.pruning.plan import apply_filter_plan_, plan_filter_pruning
+
+    model, groups, couplings = structure(name)
+    counts = {g.name: candidate_counts(g.size, 4)[len(candidate_counts(g.size, 4)) // 3] for g in groups}
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(0)) for g in groups}
+    apply_filter_plan_(model, plan_filter_pruning(scores, 0.0, 1, groups, counts))
+    for c in couplings:
+        layer, shape = model.get_submodule(c.name), c.shape(counts)
+        if isinstance(layer, torch.nn.Linear):
+            assert (layer.in_features, layer.out_features) == (shape.c_in, shape.c_out), c.name
+        else:
+            assert (layer.in_channels, layer.out_channels, layer.groups) == (shape.c_in, shape.c_out, shape.groups)
