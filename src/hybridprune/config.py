@@ -294,12 +294,14 @@ class PruneConfig(_Dict):
     latency_batch: int = 64
     latency_dtype: str = "auto"
     latency_step: int = 4  # candidate kept counts are multiples of this (and the group's full size)
+    latency_points: int = 9  # counts measured per dimension of a layer's grid; the others are interpolated
     latency_table: str | None = None  # a table file to reuse; only missing entries are measured
 
     RANGES: ClassVar = {
         "target_latency": (0.05, 1.0),
         "latency_batch": (1, 65_536),
         "latency_step": (1, 4096),
+        "latency_points": (2, 1024),
         "round_to": (1, 4096),
         "calib_batches": (1, 10_000),
         "calib_batch_size": (1, 65_536),
@@ -360,7 +362,14 @@ class PruneConfig(_Dict):
 
 
 _LATENCY_FIELDS = (
-    "target_latency", "nm_where", "latency_runtime", "latency_batch", "latency_dtype", "latency_step", "latency_table"
+    "target_latency",
+    "nm_where",
+    "latency_runtime",
+    "latency_batch",
+    "latency_dtype",
+    "latency_step",
+    "latency_points",
+    "latency_table",
 )
 
 

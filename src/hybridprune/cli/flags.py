@@ -270,6 +270,14 @@ def add_latency(p: argparse.ArgumentParser) -> None:
         help="dtype of the measured layers; auto: float16 on GPUs, float32 on CPUs (default auto)",
     )
     numeric(p, "--latency-step", PruneConfig, "latency_step", "candidate kept counts are multiples of this")
+    numeric(
+        p,
+        "--latency-points",
+        PruneConfig,
+        "latency_points",
+        "channel counts measured per dimension of a layer's grid (evenly spaced, both ends); between them the "
+        "table interpolates",
+    )
     p.add_argument(
         "--latency-table", default=None, help="a latency table (JSON) to reuse; only its missing entries are measured"
     )

@@ -61,7 +61,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     batch = args.latency_batch or PruneConfig.latency_batch
     step = args.latency_step or PruneConfig.latency_step
-    settings = resolve_settings(args.latency_runtime, batch, args.latency_dtype, device, step)
+    points = args.latency_points or PruneConfig.latency_points
+    settings = resolve_settings(args.latency_runtime, batch, args.latency_dtype, device, step, points=points)
     reused = args.latency_table and Path(args.latency_table).resolve() == Path(args.out).resolve()
     check_output_file(args.out, args.overwrite or bool(reused))
     check_json_target(args.json, args.overwrite)

@@ -149,7 +149,8 @@ def latency_settings(args: argparse.Namespace) -> dict[str, Any]:
         >>> s["target_latency"], s["allocation"]
         (0.5, 'global')
     """
-    names = ("nm_where", "latency_runtime", "latency_batch", "latency_dtype", "latency_step", "latency_table")
+    names = ("nm_where", "latency_runtime", "latency_batch", "latency_dtype", "latency_step", "latency_points",
+             "latency_table")  # fmt: skip
     settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     target = getattr(args, "target_latency", None)
     if target is None:

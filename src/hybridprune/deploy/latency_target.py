@@ -74,7 +74,8 @@ def allocate_for_latency(
 ) -> tuple[Allocation, LatencyReport]:
     """Counts and 2:4 layers for `cfg.target_latency` on `device`; the table is saved to `table_out` (`record`:
     listed among a run folder's files)."""
-    settings = resolve_settings(cfg.latency_runtime, cfg.latency_batch, cfg.latency_dtype, device, cfg.latency_step)
+    settings = resolve_settings(cfg.latency_runtime, cfg.latency_batch, cfg.latency_dtype, device, cfg.latency_step,
+                                points=cfg.latency_points)  # fmt: skip
     table = load_table(cfg.latency_table, device_name(device)) if cfg.latency_table else new_table(device)
     check_device(table, device)
     ctx = ScoringContext(model, calibration, cfg.pattern, seed, labels, ignore=ignored_modules(model, cfg.ignore))

@@ -55,7 +55,7 @@ class ProfileSettings:
 
 
 def resolve_settings(
-    runtime: str, batch: int, dtype: str, device: torch.device, step: int = 4, rounds: int = 15
+    runtime: str, batch: int, dtype: str, device: torch.device, step: int = 4, rounds: int = 15, points: int = 9
 ) -> ProfileSettings:
     """Settings with `auto` resolved for `device`: the runtime a deployer would pick, fp16 on GPUs, fp32 on CPUs.
 
@@ -68,7 +68,7 @@ def resolve_settings(
         dtype = "float16" if device.type == "cuda" else "float32"
     if device.type == "cpu" and dtype != "float32":
         raise HybridPruneError(f"--latency-dtype {dtype} is for GPUs; on a CPU the tables are float32")
-    return ProfileSettings(Setup(resolved, batch, dtype), step=step, rounds=rounds)
+    return ProfileSettings(Setup(resolved, batch, dtype), step=step, max_points=points, rounds=rounds)
 
 
 def candidate_counts(size: int, step: int) -> list[int]:

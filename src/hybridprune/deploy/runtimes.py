@@ -72,7 +72,11 @@ def module_call(module: nn.Module, x: torch.Tensor, runtime: str, threads: int |
     if runtime == "tensorrt":
         return _tensorrt_call(module, x)
     if x.device.type == "cuda":
-        return cuda_graph_call(module, x)
+        try:
+            return cuda_graph_call(module, x)
+        except Exception:  # noqa: BLE001 - a kernel that cannot be captured runs eagerly (with launch overhead)
+            torch.cuda.synchronize(x.device)
+            return eager_call(module, x)
     return eager_call(module, x)
 
 
