@@ -45,7 +45,7 @@ from hybridprune.pruning.filters import check_prunable, prune_filters_
 from hybridprune.pruning.latency import load_table
 from hybridprune.pruning.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
 from hybridprune.pruning.permute import PermutationReport, permute_for_nm_
-from hybridprune.training.loop import calibration_data, evaluate, fit, recalibrate_bn_
+from hybridprune.training.loop import calibration_data, check_finite, evaluate, fit, recalibrate_bn_
 from hybridprune.world import World, barrier, broadcast, check_batch
 
 LATENCY_TABLE = "latency-table.json"  # a run's latency table, kept in its output folder
@@ -142,6 +142,7 @@ class Job:
         oneshot = evaluate(model, test, self.device)
         epochs = 0 if not finetune else self.cfg.finetune.epochs if epochs is None else epochs
         self._finetune(model, replace(self.cfg.finetune, epochs=epochs), self.cfg.seed, desc, masks)
+        check_finite(model, desc, self.cfg.finetune.lr)  # NaN breaks any pattern: the user's numbers, not a bug
         if masks and not all(satisfies_nm(m.weight, p.pattern) for n, m in model.named_modules() if n in masks):
             raise RuntimeError("N:M pattern broken during fine-tuning")  # an internal bug, not bad input
         accuracy, stats = evaluate(model, test, self.device), model_stats(model, set(masks), p.pattern)

@@ -59,7 +59,8 @@ def save_checkpoint(
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     bad = first_nonfinite(tensors)
     if bad is not None:  # a file that every load would refuse is never written
-        raise HybridPruneError(f"{path} not written: {nonfinite_line(bad, tensors[bad])}; a lower learning rate may help")
+        line = nonfinite_line(bad, tensors[bad])
+        raise HybridPruneError(f"{path} not written: {line}; if training diverged, a lower learning rate may help")
     for name, mask in (masks or {}).items():
         tensors[MASK_PREFIX + name] = mask.detach().cpu().to(torch.bool).contiguous()
     header = {"format": FORMAT, "version": VERSION, "spec": model_spec(model), "meta": meta or {}}
@@ -135,7 +136,7 @@ def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
         >>> first_nonfinite({"a": torch.ones(2), "n": torch.tensor([3]), "b": torch.tensor([1.0, float("inf")])})
         'b'
     """
-    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() or t.is_complex()]
+    floats = [(n, t) for n, t in tensors.items() if t.layout == torch.strided and t.dtype.is_floating_point]
     if not floats:
         return None
     finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
@@ -272,8 +273,10 @@ def load_weights_(model: Classifier, path: str | Path) -> Classifier:
         raise HybridPruneError(f"{path} is not a readable state dict ({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise HybridPruneError(f"{path} must hold a state dict: parameter names mapped to tensors")
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) and v.layout == torch.strided for v in state.values()
+    ):
+        raise HybridPruneError(f"{path} must hold a state dict: parameter names mapped to (dense) tensors")
     bad = first_nonfinite(state)
     if bad is not None:
         raise HybridPruneError(f"{path}: {nonfinite_line(bad, state[bad])}; --weights must hold finite numbers")

@@ -29,6 +29,15 @@ def sync_model_(model: nn.Module, world: World) -> nn.Module:
     return model
 
 
+def any_rank(flag: torch.Tensor, world: World) -> bool:
+    """Whether `flag` (a bool tensor on this rank's device) is true on any rank: a decision every rank takes
+    alike, so none waits in a collective that another has left."""
+    if world.active:
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
 def ddp(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     """The model wrapped for training across ranks (gradients averaged every step); itself when alone."""
     if not world.active:

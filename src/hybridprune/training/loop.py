@@ -13,8 +13,10 @@ from tqdm.auto import tqdm
 from hybridprune.config import TrainConfig
 from hybridprune.data.batching import batches
 from hybridprune.data.images import Dataset, ImageSet
+from hybridprune.errors import HybridPruneError
+from hybridprune.pruning.checkpoint import first_nonfinite, nonfinite_line
 from hybridprune.pruning.nm import apply_masks_
-from hybridprune.training.distributed import ddp, sync_model_, synced_batchnorm
+from hybridprune.training.distributed import any_rank, ddp, sync_model_, synced_batchnorm
 from hybridprune.world import World, check_batch
 
 
@@ -47,7 +49,41 @@ def distillation_loss(
     return (1 - cfg.distill_weight) * hard + cfg.distill_weight * soft
 
 
-LOG_EVERY = 25  # steps between progress updates that read the loss (a device sync)
+LOG_EVERY = 25  # steps between progress updates that read the loss (a device sync), and divergence checks
+
+
+def check_finite(model: nn.Module, where: str, lr: float | None = None) -> None:
+    """One line naming `where` and the first weight or BatchNorm statistic of `model` that holds NaN or infinity,
+    with what to try; nothing when every number is finite.
+
+    Example:
+        >>> m = nn.BatchNorm2d(2)
+        >>> check_finite(m, "fine-tune l1 hybrid, epoch 1/3")
+        >>> m.running_var[0] = float("inf")
+        >>> check_finite(m, "fine-tune l1 hybrid, epoch 1/3", lr=0.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hybridprune.errors.HybridPruneError: fine-tune ...: tensor 'running_var' holds infinity ... than 0.5
+    """
+    state = model.state_dict()
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise HybridPruneError(f"{where}: {nonfinite_line(bad, state[bad])}; {_lower_lr(lr)}")
+
+
+def _lower_lr(lr: float | None) -> str:
+    return "training diverged: try a lower learning rate" + ("" if lr is None else f" than {lr:g}")
+
+
+def _stop_if_diverged(model: nn.Module, losses_finite: torch.Tensor, where: str, lr: float, world: World) -> None:
+    """Every rank stops together when any rank's loss, weights or BatchNorm statistics stopped being finite."""
+    local_bad = ~losses_finite | (first_nonfinite(model.state_dict()) is not None)
+    if not any_rank(local_bad, world):
+        return
+    if not bool(losses_finite):
+        raise HybridPruneError(f"{where}: the loss became NaN or infinite; {_lower_lr(lr)}")
+    check_finite(model, where, lr)
+    raise HybridPruneError(f"{where}: another process's loss or statistics became NaN or infinite; {_lower_lr(lr)}")
 
 
 def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
@@ -125,7 +161,9 @@ def _train(
     total, step = cfg.epochs * steps_per_epoch, 0
     # disable=None: no bar when stderr is not a terminal (logs stay readable)
     bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far; read only where the loss is
     for epoch in range(cfg.epochs):
+        where = f"{desc}, epoch {epoch + 1}/{cfg.epochs}"
         for x, y in batches(
             data.train,
             batch,
@@ -150,8 +188,11 @@ def _train(
                 apply_masks_(model, masks)
             step += 1
             bar.update(1)
+            finite &= torch.isfinite(loss.detach())
             if step % LOG_EVERY == 0 or step == total:  # reading the loss waits for the GPU: not every step
+                _stop_if_diverged(model, finite, where, cfg.lr, world)
                 bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+        _stop_if_diverged(model, finite, where, cfg.lr, world)  # at every epoch's end: the epoch named is right
     bar.close()
 
 
