@@ -176,10 +176,11 @@ def _update_manifest(folder: Path, add: str | None = None, remove: str | None = 
 # --- output targets, checked before any work --------------------------------------------------------
 
 
-def check_output_file(path: str | Path, overwrite: bool) -> Path:
+def check_output_file(path: str | Path, overwrite: bool, example: str = "result.json") -> Path:
     """Refuse, before any work starts, a file target that could not be written at the end: a folder, an
     existing file without overwrite, something that is not a regular file, a parent that is a file or is not
-    writable or cannot be created. Creates nothing; returns the path.
+    writable or cannot be created. Creates nothing; returns the path. `example` names the kind of file the
+    caller writes, for the message about a folder.
 
     Example:
         >>> check_output_file("/etc", overwrite=True)
@@ -190,7 +191,7 @@ def check_output_file(path: str | Path, overwrite: bool) -> Path:
     path = _no_nul(Path(path).expanduser())
     try:
         if path.is_dir():
-            raise HybridPruneError(f"{path} is a folder; give a file name to write to, e.g. {path / 'result.json'}")
+            raise HybridPruneError(f"{path} is a folder; give a file name to write to, e.g. {path / example}")
         if path.exists() or path.is_symlink():
             if not overwrite:
                 raise HybridPruneError(f"{path} exists; pass --overwrite to replace it")

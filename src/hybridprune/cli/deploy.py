@@ -276,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from hybridprune.pruning.checkpoint import load_checkpoint
 
     cfg = config_from_args(ExportConfig, args)
-    check_output_file(args.out, args.overwrite)
+    check_output_file(args.out, args.overwrite, example="model.onnx")
     model, masks, meta = load_checkpoint(args.checkpoint, args.model)
     pattern = checkpoint_pattern(args.checkpoint, meta)
     images, source = _check_images(model, args.dataset, args.data_dir, cfg.check_images)

@@ -291,12 +291,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from hybridprune.outputs import check_output_file
     from hybridprune.provenance import environment
     from hybridprune.pruning.checkpoint import save_checkpoint
-    from hybridprune.training.loop import evaluate, fit
+    from hybridprune.training.loop import check_device_settings, evaluate, fit
     from hybridprune.world import world_from_env
 
-    check_output_file(args.out, args.overwrite)  # before the work, not after it
+    check_output_file(args.out, args.overwrite, example="dense.safetensors")  # before the work, not after it
     cfg = run_config_from_args(args)
     world, device = world_from_env(args.device)
+    note = check_device_settings(cfg.train, device, world)
+    if note and world.main:
+        print(note)
     env, data = environment(), prepare_data(cfg)
     progress = not args.no_progress and world.main
     model = fit(

@@ -45,7 +45,14 @@ from hybridprune.pruning.filters import check_prunable, prune_filters_
 from hybridprune.pruning.latency import load_table
 from hybridprune.pruning.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm
 from hybridprune.pruning.permute import PermutationReport, permute_for_nm_
-from hybridprune.training.loop import calibration_data, check_finite, evaluate, fit, recalibrate_bn_
+from hybridprune.training.loop import (
+    calibration_data,
+    check_device_settings,
+    check_finite,
+    evaluate,
+    fit,
+    recalibrate_bn_,
+)
 from hybridprune.world import World, barrier, broadcast, check_batch
 
 LATENCY_TABLE = "latency-table.json"  # a run's latency table, kept in its output folder
@@ -374,6 +381,9 @@ def run(
     for batch_size in (cfg.train.batch_size, cfg.finetune.batch_size):
         check_batch(batch_size, world)
     log = log if world.main else _silent
+    for note in dict.fromkeys(check_device_settings(c, device, world) for c in (cfg.train, cfg.finetune)):
+        if note:
+            log(note)
     out = check_output_dir(Path(out))
     env = environment()  # now, not at the end: the checkout may change while a long run goes on
     data = prepare_data(cfg)

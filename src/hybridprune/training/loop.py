@@ -98,6 +98,24 @@ def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, tor
     return dtype, torch.amp.GradScaler(device.type, enabled=name == "fp16")
 
 
+def check_device_settings(cfg: TrainConfig, device: torch.device, world: World = World()) -> str:
+    """Refuse, before any work or file, training settings that `device` cannot run (fp16 without CUDA,
+    --sync-bn without GPUs); returns a one-line note for a setting that does nothing here ('' when none).
+
+    Example:
+        >>> check_device_settings(TrainConfig(sync_bn=True), torch.device("cpu"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hybridprune.errors.HybridPruneError: --sync-bn needs GPUs ...
+    """
+    _precision(cfg.precision, device)
+    if cfg.sync_bn and device.type != "cuda":
+        raise HybridPruneError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); drop it on a CPU")
+    if cfg.sync_bn and not world.active:
+        return "note: --sync-bn does nothing in one process (it syncs BatchNorm statistics across torchrun's ranks)"
+    return ""
+
+
 def _compile_failed(e: Exception) -> None:
     from hybridprune.errors import first_line
 
@@ -225,7 +243,7 @@ def fit(
         raise ValueError("distillation needs a teacher model")
     if teacher is not None:
         teacher = teacher.to(device).eval()
-    _precision(cfg.precision, device)  # refuse a precision the device lacks before any work
+    check_device_settings(cfg, device, world)  # refuse what the device cannot run before any work
     model.to(device).train()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # tensor-core convs want NHWC
