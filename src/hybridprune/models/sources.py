@@ -226,12 +226,35 @@ def _check_forward(model: Classifier) -> None:
         raise HybridPruneError(f"{model.source.label} returns {got}, not logits of shape (N, {model.num_classes})")
 
 
-def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the model's input."""
+def input_shape(model: nn.Module, example: torch.Tensor | None = None) -> tuple[int, ...]:
+    """The shape of one input, without the batch: `example`'s when given, else what the model knows (a
+    `Classifier`'s `input_shape`, or the `pruning_input_shape` filter pruning records on a plain module).
+
+    Example:
+        >>> input_shape(nn.Conv2d(3, 8, 3), torch.zeros(2, 3, 16, 16))
+        (3, 16, 16)
+    """
+    if example is not None:
+        return tuple(example.shape[1:])
     shape = getattr(model, "input_shape", None)
+    shape = getattr(model, "pruning_input_shape", None) if shape is None else shape
     if shape is None:
-        raise HybridPruneError(f"{type(model).__name__} is not a hybridprune model; build it with build_model")
+        raise HybridPruneError(
+            f"{type(model).__name__} is a plain nn.Module: pass example_inputs= (a batch it takes, e.g. "
+            "torch.zeros(1, 3, 32, 32))"
+        )
     return tuple(shape)
+
+
+def model_label(model: nn.Module) -> str:
+    """How messages name a model: its source (`resnet20`, `torchvision:resnet18`, ...) or its class.
+
+    Example:
+        >>> model_label(nn.Conv2d(3, 8, 3)), model_label(build_model("alexnet", width=0.125))
+        ('Conv2d', 'alexnet')
+    """
+    source = getattr(model, "source", None)
+    return source.label if isinstance(source, ModelSource) else type(model).__name__
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

@@ -70,13 +70,20 @@ def counts_at(
     return counts
 
 
-def macs_after(model: nn.Module, groups: list[ChannelGroup], scores: Scores, counts: dict[str, int]) -> int:
-    """MACs per image of a copy of the model pruned to `counts` (the model itself is untouched)."""
+def macs_after(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    scores: Scores,
+    counts: dict[str, int],
+    example: torch.Tensor | None = None,
+) -> int:
+    """MACs per image of a copy of the model pruned to `counts` (the model itself is untouched); `example`: a
+    batch a plain module takes."""
     from hybridprune.models.counts import layer_macs
 
     pruned = copy.deepcopy(model)
-    apply_filter_plan_(pruned, plan_filter_pruning(scores, 0.0, 1, groups, counts))
-    return sum(layer_macs(pruned).values())
+    apply_filter_plan_(pruned, plan_filter_pruning(scores, 0.0, 1, groups, counts), example)
+    return sum(layer_macs(pruned, example).values())
 
 
 def counts_for_target(
@@ -87,22 +94,24 @@ def counts_for_target(
     target: float,
     round_to: int,
     curves: Curves | None = None,
+    example: torch.Tensor | None = None,
 ) -> dict[str, int]:
-    """The mildest allocation whose pruned model needs at most `target` x the dense model's MACs."""
+    """The mildest allocation whose pruned model needs at most `target` x the dense model's MACs; `example`: a
+    batch a plain module takes."""
     from hybridprune.models.counts import layer_macs
 
-    budget = target * sum(layer_macs(model).values())
+    budget = target * sum(layer_macs(model, example).values())
     low, high, best = 0.0, 0.99, None
     for _ in range(BISECTION_STEPS):
         mid = (low + high) / 2
         counts = counts_at(mid, allocation, groups, scores, round_to, curves)
-        if macs_after(model, groups, scores, counts) <= budget:
+        if macs_after(model, groups, scores, counts, example) <= budget:
             best, high = counts, mid
         else:
             low = mid
     if best is None:
         counts = counts_at(high, allocation, groups, scores, round_to, curves)
-        if macs_after(model, groups, scores, counts) > budget:
+        if macs_after(model, groups, scores, counts, example) > budget:
             raise HybridPruneError(
                 f"--target-macs {target} cannot be reached with --round-to {round_to} (the smallest model this "
                 "allocation can make is larger); raise the target or lower --round-to"
@@ -134,7 +143,7 @@ def measure_sensitivity(
                 curve.append((ratio, curve[-1][1]))
                 continue
             pruned = copy.deepcopy(model)
-            apply_filter_plan_(pruned, plan_filter_pruning(scores, 0.0, 1, groups, counts))
+            apply_filter_plan_(pruned, plan_filter_pruning(scores, 0.0, 1, groups, counts), images[0])
             curve.append((ratio, base - _accuracy(pruned, images, labels)))
         curves[g.name] = curve
     return curves

@@ -16,8 +16,8 @@ from torch import nn
 
 from hybridprune.config import PruneConfig
 from hybridprune.errors import HybridPruneError
+from hybridprune.models.sources import Classifier, model_label
 from hybridprune.pruning.allocate import counts_at, counts_for_target, measure_sensitivity
-from hybridprune.pruning.graph import ChannelGroup
 from hybridprune.pruning.metrics import ScoringContext, score_filters
 from hybridprune.pruning.plan import FilterPlan, GroupPlan, Scores, apply_filter_plan_, plan_filter_pruning, step_counts
 from hybridprune.world import World, broadcast
@@ -32,8 +32,16 @@ def prune_filters_(
     between: Callable[[nn.Module, int], None] | None = None,
     world: World = World(),
     counts: dict[str, int] | None = None,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    head: str | None = None,
 ) -> FilterPlan:
     """Score filters with `cfg.metric`, plan the removal, and remove them physically, in place.
+
+    Any nn.Module: `example_inputs` (a batch it takes) is traced to find its channel groups; with only
+    calibration images (or only the example) given, one serves as both. The head (`head`, or the last conv or
+    linear in forward order) and `cfg.ignore`'s modules stay whole. The removal goes to `model.pruning_history`
+    (see `plan.apply_filter_plan_`), so the pruned model can be saved and rebuilt.
 
     With `cfg.steps` = K > 1 the channels go in K steps (`plan.step_counts`), each scored on the current
     weights; `between(model, step)` runs after every step but the last (fine-tuning goes there). The plan
@@ -46,16 +54,23 @@ def prune_filters_(
         >>> plan = prune_filters_(m, PruneConfig(metric="l1", filter_ratio=0.5, round_to=4), [])
         >>> [g.kept for g in plan.groups][:4]
         [4, 4, 4, 4]
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> plan = prune_filters_(net, PruneConfig(metric="l1", filter_ratio=0.5), [torch.rand(2, 3, 32, 32)])
+        >>> net.layer1[0].conv1.out_channels, len(net.pruning_history) > 0, net.pruning_input_shape
+        (32, True, (3, 32, 32))
     """
     ignore = ignored_modules(model, cfg.ignore)
 
     def context() -> ScoringContext:
-        return ScoringContext(model, calibration, cfg.pattern, seed, labels or [], ignore=ignore)
+        return ScoringContext(
+            model, calibration, cfg.pattern, seed, labels or [], ignore=ignore, example_inputs=example_inputs, head=head
+        )
 
     ctx = context()
     groups = {g.name: g for g in ctx.groups}
     scores = score_filters(cfg.metric, ctx)
-    final = counts if counts is not None else _final_counts(model, ctx.groups, scores, cfg, calibration, labels or [])
+    final = counts if counts is not None else _final_counts(model, ctx, scores, cfg, labels or [])
     alive = {n: list(range(g.size)) for n, g in groups.items()}  # original index of every channel left
     schedule = step_counts({n: g.size for n, g in groups.items()}, final, cfg.steps, cfg.round_to)
     for step, counts in enumerate(schedule, 1):
@@ -63,7 +78,7 @@ def prune_filters_(
             ctx = context()
             scores = score_filters(cfg.metric, ctx)
         plan = broadcast(plan_filter_pruning(scores, cfg.filter_ratio, cfg.round_to, ctx.groups, counts), world)
-        apply_filter_plan_(model, plan)  # rank 0 decided the plan: every rank removes the same channels
+        apply_filter_plan_(model, plan, ctx.example)  # rank 0 decided the plan: every rank removes the same channels
         for g in plan.groups:
             alive[g.name] = [alive[g.name][k] for k in g.keep]
         if between is not None and step < len(schedule):
@@ -76,19 +91,15 @@ def prune_filters_(
 
 
 def _final_counts(
-    model: nn.Module,
-    groups: list[ChannelGroup],
-    scores: Scores,
-    cfg: PruneConfig,
-    images: list[torch.Tensor],
-    labels: list[torch.Tensor],
+    model: nn.Module, ctx: ScoringContext, scores: Scores, cfg: PruneConfig, labels: list[torch.Tensor]
 ) -> dict[str, int]:
     """Channels each group keeps in the end: `cfg.allocation` at `cfg.filter_ratio`, or at `cfg.target_macs`."""
-    curves = None
+    groups, curves = ctx.groups, None
     if cfg.allocation == "sensitivity":
-        curves = measure_sensitivity(model, groups, scores, images, labels, cfg.round_to)
+        curves = measure_sensitivity(model, groups, scores, ctx.calibration, labels, cfg.round_to)
     if cfg.target_macs is not None:
-        return counts_for_target(model, groups, scores, cfg.allocation, cfg.target_macs, cfg.round_to, curves)
+        target = cfg.target_macs
+        return counts_for_target(model, groups, scores, cfg.allocation, target, cfg.round_to, curves, ctx.example)
     counts = counts_at(cfg.filter_ratio, cfg.allocation, groups, scores, cfg.round_to, curves)
     if cfg.allocation == "uniform":
         plan_filter_pruning(scores, cfg.filter_ratio, cfg.round_to, groups)  # refuses a plan that prunes nothing
@@ -96,21 +107,23 @@ def _final_counts(
 
 
 def ignored_modules(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]:
-    """Full names of the modules to keep unpruned, given as in the user's network (or with the `net.` prefix);
-    unknown names are bad input.
+    """Full names of the modules to keep unpruned, given as in the user's network (or, in a `Classifier`, with the
+    `net.` prefix); unknown names are bad input.
 
     Example:
         >>> from hybridprune.models.sources import build_model
         >>> ignored_modules(build_model("alexnet", width=0.125), ("features",))
         ('net.features',)
+        >>> ignored_modules(nn.Sequential(nn.Conv2d(3, 8, 3)), ("0",))
+        ('0',)
     """
     known = {n for n, _ in model.named_modules()}
-    full = tuple(n if n.startswith("net.") else f"net.{n}" for n in names)
+    prefix = "net." if isinstance(model, Classifier) else ""
+    full = tuple(n if n.startswith(prefix) else f"{prefix}{n}" for n in names)
     missing = [n for n, f in zip(names, full, strict=True) if f not in known]
     if missing:
-        examples = [
-            n.removeprefix("net.") for n, m in model.named_modules() if n.startswith("net.") and "." not in n[4:]
-        ]
+        examples = [n.removeprefix(prefix) for n, _ in model.named_modules() if n.startswith(prefix) and n != prefix]
+        examples = [n for n in examples if n and "." not in n]
         raise HybridPruneError(
             f"--ignore names no module {', '.join(missing)}; top-level modules: {', '.join(examples)}"
         )
@@ -122,6 +135,6 @@ def check_prunable(model: nn.Module, cfg: PruneConfig) -> None:
     removes something (a plan that prunes nothing is refused, not run)."""
     ctx = ScoringContext(model, pattern=cfg.pattern, ignore=ignored_modules(model, cfg.ignore))
     if not ctx.groups:
-        raise HybridPruneError(f"{model.source.label} has no prunable conv channel group (all ignored or the head)")
+        raise HybridPruneError(f"{model_label(model)} has no prunable conv channel group (all ignored or the head)")
     sizes = {g.name: torch.zeros(g.size) for g in ctx.groups}
     plan_filter_pruning(sizes, cfg.filter_ratio, cfg.round_to, ctx.groups)
