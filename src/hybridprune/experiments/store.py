@@ -6,6 +6,9 @@ from its table's columns. A run's key is a hash of its configuration (`run_key`)
 what is finished; baselines and 2:4-only models have keys of their own, since many runs share them.
 
 Old stores keep loading: version 1 (no recipes) is upgraded in place, its runs counted as plain fine-tuning.
+An existing file is read (without writing) before anything else: only a file whose tables and columns are a
+store's of a version this code reads is opened for writing, upgraded or added to; any other SQLite file, of
+whatever tables, is refused in one line and left byte-identical (`read_store_version`).
 Checkpoints of baselines and pruned models sit beside the store, in STORE.artifacts/.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +100,71 @@ def column_names(table: str) -> tuple[str, ...]:
 
 SCHEMA = "\n".join(create_table(name, columns) for name, columns in TABLES.items())
 
+# the tables of each store version this code reads: name -> column names (a version-1 store had no recipe
+# column and, before 2:4-only models were stored, no nm_only table)
+_V2 = {name: frozenset(column_names(name)) for name in TABLES}
+_V1 = {"meta": _V2["meta"], "runs": _V2["runs"] - {"recipe"}}
+KNOWN_SCHEMAS: dict[str, tuple[dict[str, frozenset[str]], ...]] = {
+    "1": (_V1, {**_V1, "nm_only": _V2["nm_only"]}),
+    str(STORE_VERSION): (_V2,),
+}
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def read_store_version(path: Path) -> str:
+    """The version of the hybridprune store in `path`, read through a read-only connection (nothing is written,
+    no journal is made); any file that is not a store of a known schema is one line.
+
+    Example:
+        >>> path = getfixture("tmp_path") / "other.sqlite"
+        >>> with closing(sqlite3.connect(path)) as db:
+        ...     _ = db.execute("CREATE TABLE meta (key TEXT, value TEXT)")
+        ...     _ = db.execute("INSERT INTO meta VALUES ('version', '1')")
+        ...     db.commit()
+        >>> read_store_version(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hybridprune.errors.HybridPruneError: ...other.sqlite is not a hybridprune store (its tables: meta); ...
+    """
+    untouched = "it was left untouched"
+    try:
+        with path.open("rb") as f:
+            head = f.read(100)
+    except OSError as e:  # a folder, a dangling link, no permission
+        raise HybridPruneError(f"cannot read the store {path}: {e.strerror or e}") from None
+    if not head.startswith(SQLITE_MAGIC) or head[18:20] != b"\x01\x01":  # 2: write-ahead log, never a store's
+        raise HybridPruneError(f"{path} is not a hybridprune store (not an SQLite file of its kind); {untouched}")
+    try:
+        tables, version = _schema(path)
+    except sqlite3.DatabaseError as e:
+        raise HybridPruneError(f"{path} is not a hybridprune store ({e}); {untouched}") from None
+    if version is not None and version not in KNOWN_SCHEMAS:
+        raise HybridPruneError(
+            f"{path} was written by store version {version}; this hybridprune reads versions "
+            f"{', '.join(KNOWN_SCHEMAS)}; {untouched}"
+        )
+    if version is None or tables not in KNOWN_SCHEMAS[version]:
+        shown = ", ".join(sorted(tables)[:5]) or "none"
+        raise HybridPruneError(f"{path} is not a hybridprune store (its tables: {shown}); {untouched}")
+    return version
+
+
+def _schema(path: Path) -> tuple[dict[str, frozenset[str]], str | None]:
+    """Every schema object's table and columns (any object but a table counts as a foreign one), and the
+    version that a `meta` table of a store's shape records."""
+    with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as db:
+        objects = db.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall()
+        tables = {
+            name if kind == "table" else f"{kind} {name}": frozenset(
+                c for (c,) in db.execute("SELECT name FROM pragma_table_info(?)", (name,))
+            )
+            for kind, name in objects
+        }
+        if tables.get("meta") != _V2["meta"]:
+            return tables, None
+        row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+    return tables, str(row[0]) if row else None
+
 
 # --- keys ---------------------------------------------------------------------------------------------
 
@@ -138,7 +207,7 @@ class Store:
         self.path = Path(path)
         if not self.path.exists() and not create:
             raise HybridPruneError(f"store {self.path} not found")
-        self._check_version()
+        self._check_version()  # before the folder or the file is touched
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect() as db:
@@ -154,22 +223,9 @@ class Store:
         return sqlite3.connect(self.path, timeout=60)
 
     def _check_version(self) -> None:
-        if not self.path.exists():
-            return
-        try:
-            with self._connect() as db:
-                row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise HybridPruneError(f"{self.path} is not a hybridprune store ({e}); it was left untouched") from None
-        if row is not None and row[0] == "1":
+        """An existing file must be a store of a known schema (read without writing); version 1 is upgraded."""
+        if (self.path.exists() or self.path.is_symlink()) and read_store_version(self.path) == "1":
             self._upgrade_from_v1()
-            return
-        if row is None or row[0] != str(STORE_VERSION):
-            found = row[0] if row else "none"
-            raise HybridPruneError(
-                f"{self.path} was written by store version {found}; this hybridprune reads "
-                f"version {STORE_VERSION}; it was left untouched"
-            )
 
     def _upgrade_from_v1(self) -> None:
         """Version 1 had no recipes: every run in it was plain fine-tuning. One transaction."""
