@@ -100,21 +100,34 @@ def _apply(graph: tp.DependencyGraph, items: list, group: ChannelGroup, perm: to
 
 
 def permute_for_nm_(
-    model: nn.Module, pattern: NMPattern = NMPattern(), tries_per_channel: int = 20, seed: int = 0
+    model: nn.Module,
+    pattern: NMPattern = NMPattern(),
+    tries_per_channel: int = 20,
+    seed: int = 0,
+    *,
+    example_inputs: torch.Tensor | None = None,
 ) -> list[PermutationReport]:
     """Reorder every channel group's channels, in place, so more magnitude survives N:M in the layers that read
-    it; the network computes the same function. Returns, per group, the kept magnitude before and after.
+    it; the network computes the same function. Returns, per group, the kept magnitude before and after. Any
+    nn.Module, traced on `example_inputs` (a batch it takes) where it knows no input shape.
 
     Example:
         >>> from hybridprune.models.sources import build_model
         >>> report = permute_for_nm_(build_model("resnet20", width=0.5), tries_per_channel=2)
         >>> all(r.kept_after >= r.kept_before for r in report)
         True
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+        ...                     nn.Conv2d(16, 8, 1))  # a plain module: traced on its example input
+        >>> x = torch.rand(2, 3, 12, 12)
+        >>> before = net.eval()(x)
+        >>> report = permute_for_nm_(net, tries_per_channel=5, example_inputs=x)
+        >>> [r.group for r in report], torch.allclose(net(x), before, atol=1e-5)
+        (['0', '3'], True)
     """
-    eligible = eligible_layers(model, pattern)
-    graph = dependency_graph(model)  # one graph for every group: a permutation changes no shape
+    eligible = eligible_layers(model, pattern, example_inputs)
+    graph = dependency_graph(model, example_inputs)  # one graph for every group: a permutation changes no shape
     reports = []
-    for group in channel_groups(model, graph):
+    for group in channel_groups(model, graph, example=example_inputs):
         items = _items(graph, model, group)
         readers = [n for n in _readers(graph, model, items, group) if n in eligible]
         weights = [model.get_submodule(n).weight.detach() for n in readers]
