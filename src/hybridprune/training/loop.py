@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 
 from hybridprune.config import TrainConfig
 from hybridprune.data.batching import batches
-from hybridprune.data.images import Dataset, ImageSet
+from hybridprune.data.images import Dataset, ImageSet, StreamedSplit
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.checkpoint import first_nonfinite, nonfinite_line
 from hybridprune.pruning.nm import apply_masks_
@@ -266,25 +267,48 @@ def evaluate(model: nn.Module, data: ImageSet, device: torch.device, batch_size:
 
 @torch.no_grad()
 def recalibrate_bn_(
-    model: nn.Module, data: ImageSet, device: torch.device, num_batches: int = 8, batch_size: int = 128, seed: int = 0
+    model: nn.Module,
+    data: ImageSet | StreamedSplit | Iterable,
+    device: torch.device | None = None,
+    num_batches: int = 8,
+    batch_size: int = 128,
+    seed: int = 0,
 ) -> nn.Module:
     """Re-estimate BatchNorm running statistics on a few unlabeled training batches, in place.
 
     Pruning changes every downstream activation, so the stored statistics describe a network
-    that no longer exists; a cumulative average over fresh batches costs seconds.
+    that no longer exists; a cumulative average over fresh batches costs seconds. `data` is an `ImageSet`
+    (seeded shuffled batches of `batch_size`) or any iterable of batches, such as a list of image tensors or
+    the user's own DataLoader (of `(images, labels)` pairs: the labels are not read); `device`: the model's
+    own when not given.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=10)
+        >>> net = recalibrate_bn_(net, [torch.rand(8, 3, 32, 32) for _ in range(2)])
+        >>> int(net.bn1.num_batches_tracked), net.training
+        (2, False)
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or num_batches == 0:
         return model
+    device = device or next(model.parameters()).device
+    if isinstance(data, (ImageSet, StreamedSplit)):
+        data = batches(data, batch_size, shuffle=True, seed=seed, device=device)
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
     model.to(device).train()
-    for i, (x, _) in enumerate(batches(data, batch_size, shuffle=True, seed=seed, device=device)):
+    for i, batch in enumerate(data):
         if i == num_batches:
             break
-        model(x)
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise HybridPruneError(
+                f"recalibrate_bn_ needs batches of image tensors (or (images, labels)), got {type(x).__name__}"
+            )
+        model(x.to(device))
     for m, momentum in zip(norms, saved, strict=False):
         m.momentum = momentum
     return model.eval()
