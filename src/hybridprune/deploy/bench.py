@@ -21,8 +21,10 @@ from hybridprune.deploy.export import onnxruntime_session
 from hybridprune.deploy.sparse import InferenceModel, to_inference_model
 from hybridprune.deploy.timing import time_calls
 from hybridprune.errors import HybridPruneError
+from hybridprune.models import sources
 from hybridprune.models.sources import build_model, input_shape
 from hybridprune.pruning.checkpoint import load_checkpoint
+from hybridprune.pruning.graph import as_example
 from hybridprune.pruning.metrics import ScoringContext, score_filters
 from hybridprune.pruning.nm import NMPattern, nm_prune_
 from hybridprune.pruning.plan import apply_filter_plan_, plan_filter_pruning
@@ -211,14 +213,30 @@ def bench(
     pattern: NMPattern = NMPattern(),
     progress: bool = True,
     onnxruntime: bool = False,
+    example_inputs: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Time every variant at every batch size and dtype; returns runs, per-layer kernels and weight bytes.
 
     `onnxruntime`: also time each variant exported to ONNX and run by ONNX Runtime (CPU, float32 only).
+    Variants may hold any nn.Module: `example_inputs` (a batch they take) gives the input shape that plain
+    modules do not know; its values are not used (timed batches are random).
+
+    Example:
+        >>> import torchvision
+        >>> from hybridprune.pruning.nm import nm_prune_
+        >>> dense = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)
+        >>> x = torch.zeros(1, 3, 32, 32)
+        >>> nm = copy.deepcopy(dense)
+        >>> variants = [Variant("dense", dense), Variant("nm", nm, nm_prune_(nm, example_inputs=x))]
+        >>> out = bench(variants, torch.device("cpu"), [torch.float32], [2], rounds=1, calls=1, warmup=0,
+        ...             progress=False, example_inputs=x)
+        >>> sorted({r["variant"] for r in out["runs"]})
+        ['dense', 'nm']
     """
     if onnxruntime and (device.type != "cpu" or any(d != torch.float32 for d in dtypes)):
         raise HybridPruneError("the onnxruntime variant runs on the CPU in float32 only")
-    sessions = {v.name: onnxruntime_session(v.model) for v in variants} if onnxruntime else {}
+    example = None if example_inputs is None else as_example(example_inputs)[:1].cpu()
+    sessions = {v.name: onnxruntime_session(v.model, example_inputs=example) for v in variants} if onnxruntime else {}
     runs: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
     sizes: list[dict[str, Any]] = []
@@ -227,7 +245,7 @@ def bench(
     bar = tqdm(total=total, desc="bench", unit="round", disable=None if progress else True, leave=False)
     for dtype in dtypes:
         for batch in batch_sizes:
-            x = torch.rand(batch, *input_shape(variants[0].model), device=device, dtype=dtype)
+            x = torch.rand(batch, *input_shape(variants[0].model, example), device=device, dtype=dtype)
             converted = {
                 v.name: to_inference_model(v.model, v.masks, device, dtype, choose=choose, pattern=pattern, example=x)
                 for v in variants
@@ -324,4 +342,4 @@ def speedups(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def model_label(variant: Variant) -> str:
-    return variant.model.source.label
+    return sources.model_label(variant.model)

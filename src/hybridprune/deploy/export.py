@@ -22,7 +22,9 @@ from torch import nn
 from hybridprune.config import ONNX_OPSET
 from hybridprune.deploy.sparse import fold_batchnorm_
 from hybridprune.errors import HybridPruneError, first_line
+from hybridprune.models.sources import input_shape, model_label
 from hybridprune.outputs import atomic_target
+from hybridprune.pruning.graph import as_example
 from hybridprune.pruning.nm import NMPattern
 
 OPSET = ONNX_OPSET
@@ -37,19 +39,27 @@ def _onnx():
     return onnx, onnxruntime
 
 
-def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
-    """Write the model (BatchNorm folded, normalisation inside, dynamic batch) to `path` atomically.
+def export_onnx(
+    model: nn.Module, path: str | Path, opset: int = OPSET, *, example_inputs: torch.Tensor | None = None
+) -> Path:
+    """Write the model (BatchNorm folded, normalisation inside, dynamic batch) to `path` atomically. Any
+    nn.Module: a plain one is traced on `example_inputs` (a batch it takes; its shape, not its values, is used)
+    unless filter pruning recorded its input shape.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, torchvision
         >>> from hybridprune.models.sources import build_model
         >>> p = export_onnx(build_model("resnet20", width=0.5), Path(tempfile.mkdtemp()) / "m.onnx")
         >>> p.stat().st_size > 10_000
         True
+        >>> net = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.25)
+        >>> p = export_onnx(net, Path(tempfile.mkdtemp()) / "m.onnx", example_inputs=torch.zeros(1, 3, 32, 32))
+        >>> p.stat().st_size > 10_000
+        True
     """
     _onnx()
-    folded = fold_batchnorm_(copy.deepcopy(model).cpu().eval()).eval()
-    example = torch.zeros(1, *model.input_shape)
+    example = torch.zeros(1, *input_shape(model, None if example_inputs is None else as_example(example_inputs)))
+    folded = fold_batchnorm_(copy.deepcopy(model).cpu().eval(), example).eval()
     with atomic_target(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on tracing; the check below is what counts
         try:
@@ -64,11 +74,13 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET) -> Path:
                 dynamo=False,  # the TorchScript exporter: fast and complete for CNNs, no onnxscript needed
             )
         except Exception as e:  # noqa: BLE001 - an operator ONNX lacks, in any of the user's layers
-            raise HybridPruneError(f"ONNX export of {model.source.label} failed ({first_line(e)})") from None
+            raise HybridPruneError(f"ONNX export of {model_label(model)} failed ({first_line(e)})") from None
     return Path(path)
 
 
-def onnxruntime_session(model: nn.Module, threads: int | None = None):  # noqa: ANN201 - onnxruntime's type
+def onnxruntime_session(  # noqa: ANN201 - onnxruntime's type
+    model: nn.Module, threads: int | None = None, example_inputs: torch.Tensor | None = None
+):
     """An ONNX Runtime CPU session of the model's exported graph (through a temporary file), using `threads`
     intra-op threads (default: as many as torch uses, so the two compare on equal terms)."""
     import tempfile
@@ -80,7 +92,7 @@ def onnxruntime_session(model: nn.Module, threads: int | None = None):  # noqa: 
     # in the same round-robin
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     with tempfile.TemporaryDirectory() as folder:
-        path = export_onnx(model, Path(folder) / "model.onnx")
+        path = export_onnx(model, Path(folder) / "model.onnx", example_inputs=example_inputs)
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from hybridprune.deploy.timing import median_ms
 from hybridprune.errors import HybridPruneError
-from hybridprune.pruning.graph import dependency_graph, followers, set_module, sole_consumer
+from hybridprune.pruning.graph import as_example, dependency_graph, example_input, followers, set_module, sole_consumer
 from hybridprune.pruning.nm import NMPattern, nm_eligibility, satisfies_nm
 
 KERNEL_CHOICES = ("sparse", "fastest", "dense", "gemm")
@@ -142,13 +142,21 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
     return (conv.weight * scale.view(-1, 1, 1, 1)).detach(), bias.detach()
 
 
-def fold_batchnorm_(model: nn.Module) -> nn.Module:
+def fold_batchnorm_(model: nn.Module, example_inputs: torch.Tensor | None = None) -> nn.Module:
     """Fold every BatchNorm into the conv it directly follows (found by tracing, for any model), in place:
-    the conv gets the folded weight and a bias, the BatchNorm becomes an identity (eval semantics).
+    the conv gets the folded weight and a bias, the BatchNorm becomes an identity (eval semantics). A plain
+    module is traced on `example_inputs` (a batch it takes) where it knows no input shape.
 
     A BatchNorm is folded only when it is the sole consumer of its conv's output.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> folded = fold_batchnorm_(copy.deepcopy(net), x)
+        >>> type(folded[1]).__name__, torch.allclose(folded(x), net(x), atol=1e-6)
+        ('Identity', True)
     """
-    example = torch.zeros(1, *model.input_shape, device=next(model.parameters()).device)
+    example = example_input(model, example=example_inputs)
     graph = dependency_graph(model, example)
     pairs = followers(model, example).bn
     for conv_name, bn_name in pairs.items():
@@ -240,27 +248,38 @@ def to_inference_model(
     *,
     choose: str = "sparse",
     pattern: NMPattern = NMPattern(),
+    example_inputs: torch.Tensor | None = None,
     example: torch.Tensor | None = None,
 ) -> InferenceModel:
     """Fold BatchNorm and run every eligible N:M layer on the semi-structured sparse kernel.
 
     `choose`: 'sparse' uses the sparse kernel wherever eligible; 'fastest' times dense and sparse on
-    the layer's real input shape (from `example`) and keeps the faster; 'dense' converts nothing;
-    'gemm' lowers every N:M conv to unfold + a dense GEMM (checks the lowering on any device).
-    Without sparse tensor cores (CPU, pre-Ampere GPU) the result is the dense folded model, said once
-    in `notice`.
+    the layer's real input shape (from `example_inputs`, a batch of the size to time) and keeps the faster;
+    'dense' converts nothing; 'gemm' lowers every N:M conv to unfold + a dense GEMM (checks the lowering on any
+    device). Without sparse tensor cores (CPU, pre-Ampere GPU) the result is the dense folded model, said once
+    in `notice`. Any nn.Module: a plain one is traced on `example_inputs` (`example` is that argument's
+    older name).
 
     Example:
         >>> from hybridprune.models.sources import build_model
         >>> inf = to_inference_model(build_model("resnet20", width=0.5), {}, torch.device("cpu"), torch.float32)
         >>> inf.sparse_layers, inf.notice.startswith("cpu")
         ([], True)
+        >>> import torchvision
+        >>> from hybridprune.pruning.nm import nm_prune_
+        >>> net, x = torchvision.models.resnet18(num_classes=10).eval(), torch.rand(2, 3, 32, 32)
+        >>> masks = nm_prune_(net, example_inputs=x)
+        >>> inf = to_inference_model(net, masks, torch.device("cpu"), torch.float32, example_inputs=x)
+        >>> torch.allclose(inf.model(x), net(x), atol=1e-4)
+        True
     """
     if choose not in KERNEL_CHOICES:
         raise HybridPruneError(f"unknown kernel choice {choose!r}; valid: {', '.join(KERNEL_CHOICES)}")
     check_dtype(dtype, device)
-    why_dense = {e.name: e.reason for e in nm_eligibility(model, pattern)}
-    model = fold_batchnorm_(copy.deepcopy(model).eval()).to(device=device, dtype=dtype)
+    example = example_inputs if example_inputs is not None else example
+    example = None if example is None else as_example(example)
+    why_dense = {e.name: e.reason for e in nm_eligibility(model, pattern, example)}
+    model = fold_batchnorm_(copy.deepcopy(model).eval(), example).to(device=device, dtype=dtype)
     backend = sparse_backend(device)
     shapes = _layer_input_shapes(model, example.to(device, dtype)) if example is not None else {}
     result = InferenceModel(model, backend=backend)
