@@ -43,7 +43,9 @@ _API = {
     "hybridprune.pruning.plan": "FilterPlan apply_filter_plan_ plan_filter_pruning",
     "hybridprune.pruning.checkpoint": "load_checkpoint load_weights_ rebuild save_checkpoint",
     "hybridprune.experiments.job": "prune_filters_ run",
+    "hybridprune.pruning.permute": "permute_for_nm_",
     "hybridprune.training.loop": "calibration_batches evaluate fit recalibrate_bn_",
+    "hybridprune.training.masks": "MaskHandle hold_masks",
 }
 _WHERE = {name: module for module, names in _API.items() for name in names.split()}
 __all__ = sorted([*_WHERE, "__version__"])
@@ -88,5 +90,7 @@ if TYPE_CHECKING:  # what editors and type checkers see
         nm_prune_,
         satisfies_nm,
     )
+    from hybridprune.pruning.permute import permute_for_nm_  # noqa: F401
     from hybridprune.pruning.plan import FilterPlan, apply_filter_plan_, plan_filter_pruning  # noqa: F401
     from hybridprune.training.loop import calibration_batches, evaluate, fit, recalibrate_bn_  # noqa: F401
+    from hybridprune.training.masks import MaskHandle, hold_masks  # noqa: F401
