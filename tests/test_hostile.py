@@ -114,6 +114,7 @@ def fail_safe(command: str, root: Path, ckpt: Path) -> list[str]:
         "convert": ["convert", f"{absent}.safetensors", "--device", "cpu", "--json", out / "c.json"],
         "experiment": ["experiment", f"{absent}.yaml", "--store", out / "s.sqlite", "--list"],
         "export": ["export", f"{absent}.safetensors", "--out", out / "m.onnx"],
+        "profile": ["profile", "--model", "alexnet", "--latency-table", f"{absent}.json", "--out", out / "t.json"],
     }[command]
 
 
@@ -163,9 +164,13 @@ def test_bad_value_in_a_text_flag(tmp_path, capsys, tiny_checkpoint, command, fl
     refused_unchanged(argv, tmp_path, capsys, not_names="absent")
 
 
+# Flags whose bad values are generated in another module: malformed model strings in test_hostile_inputs.py.
+ELSEWHERE = {"--model"}
+
+
 def test_every_flag_that_converts_its_value_meets_bad_values():
     """A flag with a `type` (a number, a ratio) is parsed by a Bound, so the cases above feed it bad numbers, or
-    is in TEXT_FLAGS for its command: one added without either would escape every case here."""
+    is in TEXT_FLAGS for its command (or in ELSEWHERE): one added without either would escape every case."""
     escaped = [
         f"{name} {'/'.join(action.option_strings)} ({getattr(action.type, '__name__', action.type)})"
         for name, sub in subcommands().items()
@@ -173,6 +178,7 @@ def test_every_flag_that_converts_its_value_meets_bad_values():
         if action.option_strings
         and action.type is not None
         and not isinstance(action.type, Bound)
+        and not set(action.option_strings) & ELSEWHERE
         and not any(name in TEXT_FLAGS.get(flag, ((),))[0] for flag in action.option_strings)
     ]
     assert escaped == []
