@@ -182,6 +182,38 @@ def head_name(model: nn.Module, called: list[str], head: str | None = None) -> s
     return head
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # what DistributedDataParallel and torch.compile put before names
+
+
+def unwrapped_name(name: str) -> str:
+    """A module name without the leading prefixes that DDP and torch.compile add.
+
+    Example:
+        >>> unwrapped_name("_orig_mod.module.layer1.0.conv1")
+        'layer1.0.conv1'
+    """
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel and torch.compile wrappers (itself when unwrapped).
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> unwrapped(torch.compile(net)) is net
+        True
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at a dotted name."""
     parent, _, child = name.rpartition(".")

@@ -32,20 +32,7 @@ import torch
 from torch import nn
 
 from hybridprune.errors import HybridPruneError
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-
-
-def unwrapped_name(name: str) -> str:
-    """A module name without the leading prefixes that DDP and torch.compile add.
-
-    Example:
-        >>> unwrapped_name("_orig_mod.module.layer1.0.conv1")
-        'layer1.0.conv1'
-    """
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
+from hybridprune.pruning.graph import unwrapped_name
 
 
 @dataclass
