@@ -6,6 +6,12 @@ name, or a user's `module:factory`) and how it was pruned (Torch-Pruning's histo
 Loading builds the original, replays the history and loads the weights strictly. A user-code model is
 rebuilt only when the caller names the same `module:factory` again. Every header field is checked for
 type and range before anything is built: a header is untrusted input.
+
+Any other nn.Module (a torchvision model built directly, the user's own class) saves the same way, its
+header holding kind `instance`: its class name (shown in messages, never imported), the shape of one
+input it was traced with, and its pruning history (`model.pruning_history`, kept on the module by filter
+pruning). Loading it takes an unpruned instance, `load_checkpoint(path, model=fresh)`, and replays the
+history onto that instance.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 from hybridprune.errors import HybridPruneError
 from hybridprune.models.sources import Classifier, ModelSource, build_model, model_spec
 from hybridprune.outputs import atomic_target
+from hybridprune.pruning.graph import known_input_shape, unwrapped, unwrapped_name
 from hybridprune.pruning.plan import replay_history_
 
 FORMAT = "hybridprune-checkpoint"
@@ -33,6 +40,8 @@ MASK_PREFIX = "__nm_mask__."
 MAX_CLASSES = 100_000
 MAX_IMAGE_SIZE = 4096
 MAX_WIDTH = 16.0
+INSTANCE = "instance"  # the header's model kind for a plain nn.Module: loading needs an unpruned instance
+MAX_INPUT_DIMS = 8
 
 
 def save_checkpoint(
@@ -42,9 +51,15 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
     overwrite: bool = False,
     record: bool = False,
+    *,
+    example_inputs: torch.Tensor | None = None,
 ) -> Path:
     """Write weights, masks and architecture to `path` atomically (a temporary file, then a rename); with
     `record`, list it in its folder's manifest (a run folder's files, which --overwrite may remove).
+
+    Any nn.Module (unwrapped from DDP and torch.compile): a plain one is saved with its pruning history and
+    the input shape it was traced with (`example_inputs` gives it where filter pruning did not record it), to be
+    loaded with `load_checkpoint(path, model=an unpruned instance)`.
 
     Example:
         >>> import tempfile
@@ -56,40 +71,68 @@ def save_checkpoint(
     path = Path(path)
     if path.exists() and not overwrite:
         raise HybridPruneError(f"{path} exists; pass --overwrite to replace it")
+    model = unwrapped(model)
+    spec = model_spec(model) if isinstance(model, Classifier) else module_spec(model, example_inputs)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     bad = first_nonfinite(tensors)
     if bad is not None:  # a file that every load would refuse is never written
         line = nonfinite_line(bad, tensors[bad])
         raise HybridPruneError(f"{path} not written: {line}; if training diverged, a lower learning rate may help")
     for name, mask in (masks or {}).items():
-        tensors[MASK_PREFIX + name] = mask.detach().cpu().to(torch.bool).contiguous()
-    header = {"format": FORMAT, "version": VERSION, "spec": model_spec(model), "meta": meta or {}}
+        tensors[MASK_PREFIX + unwrapped_name(name)] = mask.detach().cpu().to(torch.bool).contiguous()
+    header = {"format": FORMAT, "version": VERSION, "spec": spec, "meta": meta or {}}
     with atomic_target(path, record=record) as tmp:
         save_file(tensors, str(tmp), metadata={"hybridprune": json.dumps(header)})
     return path
 
 
 def load_checkpoint(
-    path: str | Path, user_model: str | None = None
-) -> tuple[Classifier, dict[str, torch.Tensor], dict[str, Any]]:
+    path: str | Path, model: str | nn.Module | None = None, *, user_model: str | None = None
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Any]]:
     """Rebuild `(model, masks, meta)` from a checkpoint; bad files fail with one clear line.
 
-    `user_model`: the `module:factory` the user named; a checkpoint of user code loads only with it.
+    `model`: the `module:factory` the user named (a checkpoint of user code loads only with it; `user_model=`
+    is its older name), or an unpruned nn.Module instance built by the user: the checkpoint's pruning history
+    is replayed onto that instance and the weights loaded into it strictly (a history or weights that do not
+    fit it are one line). A checkpoint of a plain module (see the module docstring) loads only that way.
+
+    Example:
+        >>> import tempfile, torchvision
+        >>> from hybridprune.pruning.filters import prune_filters_
+        >>> from hybridprune.config import PruneConfig
+        >>> net, x = torchvision.models.resnet18(num_classes=10).eval(), torch.rand(2, 3, 32, 32)
+        >>> _ = prune_filters_(net, PruneConfig(metric="l1", filter_ratio=0.5), [x])
+        >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "r18.safetensors", net)
+        >>> fresh = torchvision.models.resnet18(num_classes=10)
+        >>> loaded, masks, meta = load_checkpoint(p, model=fresh)
+        >>> loaded is fresh, torch.equal(loaded(x), net(x))
+        (True, True)
     """
     path = Path(path)
+    if user_model is not None and model is not None and model != user_model:
+        raise HybridPruneError("give the model once: model= (user_model= is its older name)")
+    model = user_model if model is None else model
+    if model is not None and not isinstance(model, (str, nn.Module)):
+        raise HybridPruneError(f"model= takes a module:factory string or an nn.Module, got {type(model).__name__}")
     header, tensors = read_checkpoint(path)
     masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     if header["version"] == 1:
-        model, state = _rebuild_v1(path, header["spec"], state)
+        built, state = _rebuild_v1(path, header["spec"], state)
         masks = {_v1_key(k): v for k, v in masks.items()}
+    elif isinstance(model, nn.Module):
+        built = _replayed_instance(header["spec"], model, path)
     else:
-        model = rebuild(header["spec"], user_model, path)
+        built = rebuild(header["spec"], model, path)
+    model = built
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise HybridPruneError(f"{path}: weights do not match the stored architecture ({first[-1].strip()})") from None
+        raise HybridPruneError(
+            f"{path}: weights do not match the {'stored architecture' if isinstance(model, Classifier) else 'model'} "
+            f"({first[-1].strip()})"
+        ) from None
     layers = dict(model.named_modules())
     for name, mask in masks.items():
         if (
@@ -161,11 +204,13 @@ def checkpoint_source(path: str | Path) -> ModelSource:
     header, _ = read_checkpoint(Path(path))
     if header["version"] == 1:
         return ModelSource("builtin", "alexnet")
+    _refuse_instance(header["spec"], path)
     return _checked_spec(header["spec"], path)[0]
 
 
 def rebuild(spec: dict[str, Any], user_model: str | None = None, path: Path | str = "checkpoint") -> Classifier:
     """Build the original model a spec describes and replay its pruning history (weights left as built)."""
+    _refuse_instance(spec, path)
     source, shape, history = _checked_spec(spec, path)
     if source.kind == "user" and user_model != source.name:
         raise HybridPruneError(
@@ -181,6 +226,95 @@ def rebuild(spec: dict[str, Any], user_model: str | None = None, path: Path | st
     return replay_history_(model, history)
 
 
+# --- any nn.Module: saved with its class name, input shape and history; loaded into the user's instance ---------
+
+
+def module_spec(model: nn.Module, example_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """The architecture of a plain nn.Module as data: its class (for messages; never imported), the shape of one
+    input (from `example_inputs`, else as recorded by filter pruning; needed only with a history), its history.
+
+    Example:
+        >>> module_spec(nn.Conv2d(3, 8, 3), torch.zeros(1, 3, 16, 16))["input"]
+        {'shape': [3, 16, 16]}
+    """
+    cls = type(model)
+    history = [list(entry) for entry in getattr(model, "pruning_history", None) or []]
+    shape = known_input_shape(model) if example_inputs is None else tuple(example_inputs.shape[1:])
+    if history and shape is None:
+        raise HybridPruneError(f"{cls.__name__} has a pruning history but no input shape: pass example_inputs=")
+    return {
+        "model": {"kind": INSTANCE, "name": f"{cls.__module__}.{cls.__qualname__}", "args": {}},
+        "input": {} if shape is None else {"shape": list(shape)},
+        "history": history,
+    }
+
+
+def _refuse_instance(spec: dict[str, Any], path: Path | str) -> None:
+    """A plain module's checkpoint names no code that could build it: say how to load it."""
+    model = spec.get("model")
+    if isinstance(model, dict) and model.get("kind") == INSTANCE:
+        raise HybridPruneError(
+            f"{path} holds a plain {str(model.get('name'))[:200]} saved from Python: load it with "
+            "hybridprune.load_checkpoint(path, model=<an unpruned instance of it>)"
+        )
+
+
+def _replayed_instance(spec: dict[str, Any], model: nn.Module, path: Path | str) -> nn.Module:
+    """The user's unpruned instance with the checkpoint's pruning history replayed onto it, in place."""
+    kind = spec.get("model", {}).get("kind") if isinstance(spec.get("model"), dict) else None
+    if kind != INSTANCE:
+        if not isinstance(model, Classifier):
+            label = _checked_spec(spec, path)[0].label
+            raise HybridPruneError(
+                f"{path} holds {label} wrapped by hybridprune (a Classifier): load it without model=, or with the "
+                "module:factory string for user code, or pass an unpruned Classifier"
+            )
+        _, _, history = _checked_spec(spec, path)
+        example = None
+    else:
+        shape, history = _checked_instance_spec(spec, path)
+        example = None if shape is None else torch.zeros(1, *shape)
+    if getattr(model, "pruning_history", None):
+        raise HybridPruneError(f"{path}: model= must be an unpruned instance; this {type(model).__name__} is pruned")
+    try:
+        return replay_history_(model, history, example)
+    except HybridPruneError as e:
+        saved = spec["model"].get("name", "?") if kind == INSTANCE else kind
+        raise HybridPruneError(f"{path}: {e} (the file holds a {saved}; model= is a {type(model).__name__})") from None
+
+
+def _checked_instance_spec(spec: dict[str, Any], path: Path | str) -> tuple[tuple[int, ...] | None, list]:
+    shape, history = spec.get("input"), spec.get("history", [])
+    if not isinstance(shape, dict) or not isinstance(history, list):
+        raise HybridPruneError(f"{path}: header needs an object 'input' and a list 'history'")
+    dims = shape.get("shape")
+    if dims is not None and not (
+        isinstance(dims, list)
+        and 1 <= len(dims) <= MAX_INPUT_DIMS
+        and all(_is_int(d) and 1 <= d <= MAX_IMAGE_SIZE for d in dims)
+    ):
+        raise HybridPruneError(
+            f"{path}: header input.shape must be a list of 1 to {MAX_INPUT_DIMS} integers in [1, {MAX_IMAGE_SIZE}]"
+        )
+    _check_history(history, path)
+    if history and dims is None:
+        raise HybridPruneError(f"{path}: header has a pruning history but no input.shape to trace it with")
+    return None if dims is None else tuple(dims), history
+
+
+def _check_history(history: list, path: Path | str) -> None:
+    for entry in history:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], bool)
+            and isinstance(entry[2], list)
+            and all(_is_int(i) and 0 <= i < 1_000_000 for i in entry[2])
+        ):
+            raise HybridPruneError(f"{path}: header history entries must be [module name, bool, [indices]]")
+
+
 def _checked_spec(spec: dict[str, Any], path: Path | str) -> tuple[ModelSource, dict[str, int], list]:
     model, shape, history = spec.get("model"), spec.get("input"), spec.get("history", [])
     if not isinstance(model, dict) or not isinstance(shape, dict) or not isinstance(history, list):
@@ -194,16 +328,7 @@ def _checked_spec(spec: dict[str, Any], path: Path | str) -> tuple[ModelSource, 
         value = shape.get(key)
         if not _is_int(value) or not (1 <= value <= top):
             raise HybridPruneError(f"{path}: header input.{key} must be an integer in [1, {top}], got {value!r}")
-    for entry in history:
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and isinstance(entry[0], str)
-            and isinstance(entry[1], bool)
-            and isinstance(entry[2], list)
-            and all(_is_int(i) and 0 <= i < 1_000_000 for i in entry[2])
-        ):
-            raise HybridPruneError(f"{path}: header history entries must be [module name, bool, [indices]]")
+    _check_history(history, path)
     try:
         return ModelSource(kind, name, args), shape, history
     except HybridPruneError as e:  # a name no --model could give: say which file holds it
