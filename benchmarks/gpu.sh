@@ -25,7 +25,7 @@ run 90 $py benchmarks/layers.py --out "$out/layers-gpu.json"
 # 3. latency table of torchvision ResNet-50 at 224x224, batch 256, fp16, PyTorch with CUDA graphs: every layer at
 #    its candidate counts, dense and cuSPARSELt 2:4; predicted beside measured for the dense and pruned models
 run 150 $py -m hybridprune profile --model torchvision:resnet50 --image-size 224 --latency-runtime torch \
-    --latency-batch 256 --latency-dtype float16 --latency-step 32 --latency-points 5 --check-ratios 0.25,0.5 \
+    --latency-batch 256 --latency-dtype float16 --latency-step 64 --latency-points 4 --check-ratios 0.25,0.5 \
     --out "$out/latency-gpu-resnet50-b256.json" --json "$out/profile-gpu-resnet50-b256.json" --overwrite --no-progress
 # 4. pruning to 70% of the measured latency with 2:4 where it pays (--nm-where auto), on random 224x224 images
 #    (speed does not depend on the data), reusing that table: which layers take 2:4, predicted vs measured
@@ -33,7 +33,7 @@ $py -c "import numpy as np; r = np.random.default_rng(0); np.savez('/tmp/rand224
 x=r.integers(0, 256, (320, 224, 224, 3), dtype=np.uint8), y=np.arange(320) % 10)"
 run 120 $py -m hybridprune run --model torchvision:resnet50 --dataset npz:/tmp/rand224.npz --epochs 0 \
     --finetune-epochs 0 --metric l1 --target-latency 0.7 --latency-runtime torch --latency-batch 256 \
-    --latency-dtype float16 --latency-step 32 --latency-points 5 --latency-table "$out/latency-gpu-resnet50-b256.json" \
+    --latency-dtype float16 --latency-step 64 --latency-points 4 --latency-table "$out/latency-gpu-resnet50-b256.json" \
     --calib-batches 1 --bn-recalib-batches 1 --device cuda --no-progress \
     --out /tmp/r50-auto --json "$out/auto-gpu-resnet50-b256.json" --overwrite
 # 5. the four variants of the paper's AlexNet, 4x wider (CIFAR shape), and of ResNet-50 at 224x224, synthetic weights

@@ -26,7 +26,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hybridprune.config import NMPattern
-from hybridprune.deploy.runtimes import device_name, interleaved_times, module_call, quantiles, resolve_runtime
+from hybridprune.deploy.runtimes import (
+    device_name,
+    eager_call,
+    interleaved_times,
+    module_call,
+    quantiles,
+    resolve_runtime,
+)
 from hybridprune.deploy.sparse import kernel_ineligibility, sparse_backend, sparse_module, to_inference_model
 from hybridprune.errors import HybridPruneError
 from hybridprune.provenance import environment
@@ -142,6 +149,8 @@ def profile_model(
     missing = {k: v for k, v in wanted.items() if k not in table.entries}
     with pinned_threads(settings.threads) as threads:
         table.threads = threads
+        if device.type == "cpu":
+            say_if_busy(threads)
         measure_entries(missing, table, settings, device, progress)
         whole = measure_deployed(model, frozenset(), settings, device)
     dense_sum = sum(layer_latency(table, c.dense, settings.setup, "dense") for c in couplings)
@@ -182,8 +191,9 @@ def measure_entries(
     """Time each (shape, kernel) into `table`, CHUNK entries interleaved at a time."""
     items = sorted(wanted.items())
     bar = tqdm(total=len(items), desc="profile layers", unit="entry", disable=not progress or not items)
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
+    size = 1 if device.type == "cuda" else CHUNK  # on an H200, many CUDA-graph and cuSPARSELt layers alive at
+    for start in range(0, len(items), size):  # once faulted (illegal memory access); one at a time did not
+        chunk = items[start : start + size]
         calls = [_layer_call(shape, kernel, settings, device) for _, (shape, kernel) in chunk]
         for (key, _), times in zip(chunk, _timed(calls, settings, device), strict=True):
             table.add(key, Entry(*quantiles(times), len(times)))
@@ -192,12 +202,13 @@ def measure_entries(
 
 
 def measure_model(
-    model: nn.Module, settings: ProfileSettings, device: torch.device, rounds: int | None = None
+    model: nn.Module, settings: ProfileSettings, device: torch.device, rounds: int | None = None, eager: bool = False
 ) -> Entry:
-    """The whole model's latency in the settings' runtime, batch and dtype (median of interleaved repeats)."""
+    """The whole model's latency in the settings' runtime, batch and dtype (median of interleaved repeats);
+    `eager`: no CUDA graph (a model with cuSPARSELt layers)."""
     x = torch.rand(settings.setup.batch, *model.input_shape, device=device, dtype=settings.torch_dtype)
     net = model.to(device=device, dtype=settings.torch_dtype).eval()
-    call = module_call(net, x, settings.setup.runtime, settings.threads)
+    call = eager_call(net, x) if eager else module_call(net, x, settings.setup.runtime, settings.threads)
     times = _timed([call], settings, device, rounds or max(settings.rounds, 30))[0]
     model.float()
     return Entry(*quantiles(times), len(times))
@@ -213,7 +224,7 @@ def measure_deployed(
         masks = {n: m for n, m in nm_prune_(net).items() if n in sparse} if sparse else {}
         net = to_inference_model(net, masks, device, settings.torch_dtype, choose="sparse").model
         net.input_shape = model.input_shape
-    return measure_model(net, settings, device)
+    return measure_model(net, settings, device, eager=bool(sparse) and device.type == "cuda")
 
 
 def _layer_call(shape: LayerShape, kernel: str, settings: ProfileSettings, device: torch.device):  # noqa: ANN202
@@ -226,6 +237,8 @@ def _layer_call(shape: LayerShape, kernel: str, settings: ProfileSettings, devic
         module = sparse_module(module, sparse_backend(device))
         if shape.kind == "conv":
             x = x.contiguous(memory_format=torch.channels_last)
+        if device.type == "cuda":  # cuSPARSELt calls are not captured in CUDA graphs (seen to fault on an H200)
+            return eager_call(module, x)
     return module_call(module, x, settings.setup.runtime, settings.threads)
 
 
@@ -241,20 +254,23 @@ def _timed(
 
 @contextlib.contextmanager
 def pinned_threads(threads: int | None) -> Iterator[int]:
-    """torch's intra-op threads fixed for the block (ONNX Runtime sessions take the same number); says so once,
-    and says when the machine is busy with other work (a load average above its idle cores)."""
+    """torch's intra-op threads fixed for the block (ONNX Runtime sessions take the same number)."""
     before = torch.get_num_threads()
     threads = threads or before
     torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def say_if_busy(threads: int) -> None:
+    """One line when other work shares the CPU being timed (a load average above its idle cores)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     idle = (os.cpu_count() or 1) - threads
     if load > idle + 0.5:
         print(f"note: load average {load:.1f} with {threads} of {os.cpu_count()} cores timed: other work shares "
               "this machine, so the latencies may be off", file=sys.stderr)  # fmt: skip
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(before)
 
 
 def profile_report(
