@@ -274,13 +274,16 @@ def _run_and_print(args: argparse.Namespace, cfg: RunConfig, out: Path, include_
 
 
 def _print_result(result: dict[str, Any], json_path: str | None) -> None:
-    from hybridprune.experiments.tables import layer_table, run_table
+    from hybridprune.experiments.tables import latency_tables, layer_table, run_table
     from hybridprune.outputs import write_json
 
     print("\nlayers (filters kept shown for the first metric; every metric keeps the same counts):")
     print(layer_table(result))
     print(f"\naccuracy (%) on {result['dataset']['name']} test, {result['dataset']['test']} images:")
     print(run_table(result))
+    latency = latency_tables(result)
+    if latency:
+        print(f"\nlatency (kept channels and predicted savings per channel group):\n{latency}")
     if json_path:
         write_json(json_path, result)
         print(f"\nwrote {json_path}")

@@ -115,6 +115,40 @@ def layer_table(result: dict[str, Any]) -> str:
     return markdown_table(["layer", "kind", "dense shape", "channel group", "channels kept", "N:M"], rows)
 
 
+def latency_tables(result: dict[str, Any]) -> str:
+    """For each metric pruned to a latency target: the target, the dense and pruned latency predicted beside
+    measured, every solve, and per channel group the kept count, its predicted saving and whether its layers run
+    2:4 ('' when no metric ran with a latency target).
+
+    Example:
+        >>> latency_tables({"results": [{"metric": "l1"}]})
+        ''
+    """
+    parts = []
+    for r in result.get("results", []):
+        lat = r.get("latency")
+        if not lat:
+            continue
+        d, p = lat["dense_ms"], lat["pruned_ms"]
+        parts.append(
+            f"{r['metric']}: target {lat['target']:g} x {d['median']:.3f} ms = {lat['target_ms']:.3f} ms on "
+            f"{lat['device']} ({lat['runtime']}, batch {lat['batch']}, {lat['dtype']}, {lat['threads']} threads); pruned: predicted "
+            f"{p['predicted']:.3f} ms, measured {p['median']:.3f} ms (p10-p90 {p['p10']:.3f}-{p['p90']:.3f}), "
+            f"{100 * (p['median'] / lat['target_ms'] - 1):+.1f}% off the target after {len(lat['solves'])} solve(s)"
+            f"{' (exact)' if lat['exact'] else ''}; 2:4 ({lat['nm_rule']}) on {len(lat['sparse_layers'])} layer(s)"
+            + (f"; {lat['notice']}" if lat.get("notice") else "")
+        )
+        sparse = set(lat["sparse_layers"])
+        members = {g["name"]: g["members"] for g in r.get("plan", {}).get("groups", [])}
+        rows = [
+            [g["group"].removeprefix("net."), f"{g['size']} -> {g['kept']}", f"{g['predicted_saving_ms']:.3f}",
+             "2:4" if sparse & set(members.get(g["group"], ())) else "dense"]
+            for g in lat["groups"]
+        ]  # fmt: skip
+        parts.append(markdown_table(["channel group", "channels kept", "predicted saving ms", "layers"], rows))
+    return "\n\n".join(parts)
+
+
 def bench_tables(result: dict[str, Any]) -> str:
     """Latency/throughput per variant and the speedup ratios of one `hybridprune bench` result."""
     runs = [
