@@ -132,8 +132,9 @@ def latency_tables(result: dict[str, Any]) -> str:
         d, p = lat["dense_ms"], lat["pruned_ms"]
         parts.append(
             f"{r['metric']}: target {lat['target']:g} x {d['median']:.3f} ms = {lat['target_ms']:.3f} ms on "
-            f"{lat['device']} ({lat['runtime']}, batch {lat['batch']}, {lat['dtype']}, {lat['threads']} threads); pruned: predicted "
-            f"{p['predicted']:.3f} ms, measured {p['median']:.3f} ms (p10-p90 {p['p10']:.3f}-{p['p90']:.3f}), "
+            f"{lat['device']} ({lat['runtime']}, batch {lat['batch']}, {lat['dtype']}, {lat['threads']} threads); "
+            f"pruned: predicted {p['predicted']:.3f} ms, measured {p['median']:.3f} ms "
+            f"(p10-p90 {p['p10']:.3f}-{p['p90']:.3f}), "
             f"{100 * (p['median'] / lat['target_ms'] - 1):+.1f}% off the target after {len(lat['solves'])} solve(s)"
             f"{' (exact)' if lat['exact'] else ''}; 2:4 ({lat['nm_rule']}) on {len(lat['sparse_layers'])} layer(s)"
             + (f"; {lat['notice']}" if lat.get("notice") else "")
