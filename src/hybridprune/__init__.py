@@ -46,6 +46,7 @@ _API = {
     "hybridprune.pruning.permute": "permute_for_nm_",
     "hybridprune.training.loop": "calibration_batches evaluate fit recalibrate_bn_",
     "hybridprune.training.masks": "MaskHandle hold_masks",
+    "hybridprune.training.lightning": "HybridPruningCallback",  # needs the optional extra: lightning
 }
 _WHERE = {name: module for module, names in _API.items() for name in names.split()}
 __all__ = sorted([*_WHERE, "__version__"])
@@ -92,5 +93,6 @@ if TYPE_CHECKING:  # what editors and type checkers see
     )
     from hybridprune.pruning.permute import permute_for_nm_  # noqa: F401
     from hybridprune.pruning.plan import FilterPlan, apply_filter_plan_, plan_filter_pruning  # noqa: F401
+    from hybridprune.training.lightning import HybridPruningCallback  # noqa: F401
     from hybridprune.training.loop import calibration_batches, evaluate, fit, recalibrate_bn_  # noqa: F401
     from hybridprune.training.masks import MaskHandle, hold_masks  # noqa: F401
