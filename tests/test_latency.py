@@ -264,3 +264,46 @@ def test_each_layers_predicted_shape_is_its_shape_after_pruning(name):
             assert (layer.in_features, layer.out_features) == (shape.c_in, shape.c_out), c.name
         else:
             assert (layer.in_channels, layer.out_channels, layer.groups) == (shape.c_in, shape.c_out, shape.groups)
+
+
+def test_a_grid_takes_a_target_latency_axis_and_measures_with_one_worker(tmp_path):
+    from hybridprune.experiments.grid import grid_from_dict, run_grid
+    from hybridprune.experiments.store import Store
+
+    grid = grid_from_dict({"metrics": ["l1", "hybrid"], "target_latencies": [0.5, 0.8], "seeds": [0, 1],
+                           "prune": {"latency_runtime": "torch", "latency_batch": 4}})  # fmt: skip
+    runs = grid.runs()
+    assert sorted({(r.prune.target_latency, r.prune.allocation) for r in runs}) == [(0.5, "global"), (0.8, "global")]
+    assert len(runs) == 8 and len({r.to_dict()["prune"]["target_latency"] for r in runs}) == 2
+    with pytest.raises(HybridPruneError, match="not both"):
+        grid_from_dict({"target_latencies": [0.5], "ratios": [0.3]})
+    with pytest.raises(HybridPruneError, match="target-latency"):
+        grid_from_dict({"target_latencies": [1.5]})
+    with pytest.raises(HybridPruneError, match="--workers 1"):
+        run_grid(grid, Store(tmp_path / "s.sqlite"), workers=2, progress=False, log=lambda _: None)
+    assert not (tmp_path / "s.sqlite").exists() or Store(tmp_path / "s.sqlite").rows() == []
+
+
+@pytest.mark.parametrize(
+    "model", [["--model", "resnet20", "--width", "0.5"], ["--model", "alexnet", "--width", "0.25"]]
+)
+def test_run_with_a_latency_target_records_predicted_and_measured_latency(model, tmp_path, capsys, one_torch_thread):
+    out = tmp_path / "run"
+    argv = ["run", *model, "--epochs", "0", "--finetune-epochs", "0", "--train-size", "64", "--test-size", "32",
+            "--metric", "l1", "--target-latency", "0.8", "--latency-runtime", "torch", "--latency-batch", "16",
+            "--latency-points", "3", "--calib-batches", "1", "--bn-recalib-batches", "1", "--no-progress",
+            "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    step = result["results"][0]
+    lat = step["latency"]
+    assert lat["nm_rule"] == "auto" and lat["sparse_layers"] == [] and "no 2:4 kernel" in lat["notice"]
+    assert step["hybrid"]["nm_layers"] == [] and result["nm"]["nm_layers"] == []  # auto on a CPU: no 2:4
+    assert lat["target_ms"] == pytest.approx(0.8 * lat["dense_ms"]["median"])
+    assert lat["pruned_ms"]["predicted"] > 0 and lat["pruned_ms"]["median"] > 0 and 1 <= len(lat["solves"]) <= 4
+    kept = {g["group"]: g["kept"] for g in lat["groups"]}
+    assert kept == {g["name"]: len(g["keep"]) for g in step["plan"]["groups"]}  # the solver's counts were pruned
+    assert any(g["kept"] < g["size"] for g in lat["groups"])
+    table = load_table(out / "latency-table.json")
+    assert table.entries and table.rest
+    assert "latency (kept channels" in capsys.readouterr().out

@@ -50,6 +50,7 @@ GRID_KEYS = {
     "models",
     "metrics",
     "ratios",
+    "target_latencies",
     "seeds",
     "train",
     "finetune",
@@ -82,13 +83,16 @@ class Grid:
     # recovery recipes (name -> overrides, see config.RECIPES), one more axis of the grid
     recipes: tuple[tuple[str, dict[str, Any]], ...] = (("plain", {}),)
     nm_only: bool = True  # also the 2:4-only model of every baseline (plain fine-tuning), for the frontier plot
+    # instead of the ratios: fractions of the dense model's measured latency (prune.latency_* say how it is measured)
+    target_latencies: tuple[float, ...] = ()
 
     def runs(self) -> list[RunConfig]:
         """Every grid point as a one-metric RunConfig."""
+        points = self.target_latencies or self.ratios
         return [
-            self._run(d, m, metric, ratio, seed).with_recipe(name, recipe)
-            for d, m, seed, (name, recipe), ratio, metric in product(
-                self.datasets, self.models, self.seeds, self.recipes, self.ratios, self.metrics
+            self._run(d, m, metric, point, seed).with_recipe(name, recipe)
+            for d, m, seed, (name, recipe), point, metric in product(
+                self.datasets, self.models, self.seeds, self.recipes, points, self.metrics
             )
         ]
 
@@ -101,8 +105,11 @@ class Grid:
             for d, m, seed in product(self.datasets, self.models, self.seeds)
         ]
 
-    def _run(self, data: DataConfig, model: ModelConfig, metric: str, ratio: float, seed: int) -> RunConfig:
-        prune = PruneConfig(**{**self.prune, "metric": metric, "filter_ratio": ratio})
+    def _run(self, data: DataConfig, model: ModelConfig, metric: str, point: float, seed: int) -> RunConfig:
+        """One grid point: `point` is a filter ratio, or a latency target when the grid has target_latencies."""
+        axis = {"target_latency": point, "allocation": self.prune.get("allocation", "global")} if (
+            self.target_latencies) else {"filter_ratio": point}  # fmt: skip
+        prune = PruneConfig(**{**self.prune, "metric": metric, **axis})
         return RunConfig(
             data=data,
             model=model,
@@ -150,10 +157,15 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
     if any(not (0 <= s < 2**32) for s in seeds):
         raise HybridPruneError(f"seeds must be integers in [0, 2^32), got {list(seeds)}")
     prune = _mapping(raw, "prune")
-    bad = sorted(set(prune) & {"metric", "filter_ratio"})
+    bad = sorted(set(prune) & {"metric", "filter_ratio", "target_latency"})
     if bad:
-        raise HybridPruneError(f"prune.{bad[0]} is set by the grid axes (metrics, ratios), not under prune")
+        raise HybridPruneError(f"prune.{bad[0]} is set by the grid axes (metrics, ratios, target_latencies)")
     PruneConfig(**prune)  # validates the keys and values now, not in a worker later
+    targets = tuple(float(t) for t in _items(raw, "target_latencies", [], float))
+    if targets and "ratios" in raw:
+        raise HybridPruneError("give ratios or target_latencies, not both: a latency target replaces the ratio")
+    for target in targets:  # each point checked now (bounds, allocation), not in a worker later
+        PruneConfig(**{**prune, "target_latency": target, "allocation": prune.get("allocation", "global")})
     finetune = {**DEFAULT_FINETUNE.to_dict(), **_mapping(raw, "finetune")}
     if not (datasets and models and metrics and ratios and seeds):
         raise HybridPruneError("datasets, models, metrics, ratios and seeds must each be non-empty")
@@ -170,6 +182,7 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
         _flag(raw, "filter_finetune", True),
         _recipes(raw),
         _flag(raw, "nm_only", True),
+        targets,
     )
 
 
@@ -248,6 +261,10 @@ def run_grid(
     Baselines are trained first (one per dataset/model/seed), then the 2:4-only models, then the pruning
     runs, each phase in parallel over `workers`. Ctrl-C stops after writing every run that had finished.
     """
+    if workers > 1 and (grid.target_latencies or grid.prune.get("nm_where") == "auto"):
+        raise HybridPruneError(
+            "this grid measures latency: run it with --workers 1, so no second worker shares the machine it times"
+        )
     runs, finished = grid.runs(), store.finished_keys()
     pending = [c for c in runs if run_key(c) not in finished]
     nm_done = store.finished_nm_only()

@@ -96,13 +96,19 @@ def run_row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: 
         **_model_columns(run_key(cfg), experiment, cfg),
         "metric": cfg.prune.metric,
         "recipe": cfg.recipe,
-        "ratio": cfg.prune.filter_ratio,
+        "ratio": _removed_fraction(result) if cfg.prune.target_latency is not None else cfg.prune.filter_ratio,
         "seed": cfg.seed,
         "dense_accuracy": dense["accuracy"],
         **stages,
         **{c: result["hybrid"][c] for c in COUNT_COLUMNS},  # the final model's
         **_finished_columns(cfg, wall, {"dense": dense, **result, "dataset_name": dataset}),
     }
+
+
+def _removed_fraction(result: dict[str, Any]) -> float:
+    """The fraction of all channels a latency-target run removed (its ratio column: the ratio it came to)."""
+    groups = result["plan"]["groups"]
+    return 1 - sum(len(g["keep"]) for g in groups) / max(1, sum(g["original"] for g in groups))
 
 
 def _model_columns(key: str, experiment: str, cfg: RunConfig) -> Row:

@@ -19,7 +19,15 @@ from hybridprune.errors import HybridPruneError
 from hybridprune.models.sources import Classifier, model_label
 from hybridprune.pruning.allocate import counts_at, counts_for_target, measure_sensitivity
 from hybridprune.pruning.metrics import ScoringContext, score_filters
-from hybridprune.pruning.plan import FilterPlan, GroupPlan, Scores, apply_filter_plan_, plan_filter_pruning, step_counts
+from hybridprune.pruning.plan import (
+    FilterPlan,
+    GroupPlan,
+    Scores,
+    apply_filter_plan_,
+    grouping_note,
+    plan_filter_pruning,
+    step_counts,
+)
 from hybridprune.world import World, broadcast
 
 
@@ -86,7 +94,16 @@ def prune_filters_(
     return FilterPlan(
         cfg.filter_ratio,
         cfg.round_to,
-        tuple(GroupPlan(n, g.size, tuple(alive[n]), tuple(p.name for p in g.producers)) for n, g in groups.items()),
+        tuple(
+            GroupPlan(
+                n,
+                g.size,
+                tuple(alive[n]),
+                tuple(p.name for p in g.producers),
+                grouping_note(g, len(alive[n]), cfg.round_to),
+            )
+            for n, g in groups.items()
+        ),
     )
 
 
@@ -136,5 +153,6 @@ def check_prunable(model: nn.Module, cfg: PruneConfig) -> None:
     ctx = ScoringContext(model, pattern=cfg.pattern, ignore=ignored_modules(model, cfg.ignore))
     if not ctx.groups:
         raise HybridPruneError(f"{model_label(model)} has no prunable conv channel group (all ignored or the head)")
-    sizes = {g.name: torch.zeros(g.size) for g in ctx.groups}
-    plan_filter_pruning(sizes, cfg.filter_ratio, cfg.round_to, ctx.groups)
+    if cfg.target_latency is None:  # a latency target's counts come from the table, not from the ratio
+        sizes = {g.name: torch.zeros(g.size) for g in ctx.groups}
+        plan_filter_pruning(sizes, cfg.filter_ratio, cfg.round_to, ctx.groups)
