@@ -102,6 +102,7 @@ def layer_table(result: dict[str, Any]) -> str:
     for e in result["layers"]:
         g = groups.get(e["name"])
         kept = f"{g['original']} -> {len(g['keep'])} ({100 * g['real_ratio']:.0f}% pruned)" if g else "-"
+        kept += f"; {g['note']}" if g and g.get("note") else ""  # grouped convs: how the count was cut, or why not
         rows.append(
             [
                 e["name"].removeprefix("net."),

@@ -24,7 +24,7 @@ from torch import nn
 from hybridprune.config import SENSITIVITY_PROBES
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import ChannelGroup
-from hybridprune.pruning.plan import Scores, apply_filter_plan_, kept_count, plan_filter_pruning
+from hybridprune.pruning.plan import Scores, apply_filter_plan_, group_step, kept_count, plan_filter_pruning
 
 BISECTION_STEPS = 14
 TIE_SLOPE = 1e-3  # points of accuracy per unit ratio added to every curve, see `tolerated_ratio`
@@ -51,7 +51,7 @@ def counts_at(
         ({'a': 3, 'b': 3}, {'a': 4, 'b': 2})
     """
     if allocation == "uniform":
-        return {g.name: kept_count(g.size, ratio, round_to) for g in groups}
+        return {g.name: kept_count(g.size, ratio, group_step(g, round_to)) for g in groups}
     if allocation == "sensitivity":
         if curves is None:
             raise ValueError("sensitivity allocation needs the curves of measure_sensitivity")  # a caller's bug
@@ -65,8 +65,8 @@ def counts_at(
     counts = {}
     for g in groups:
         kept = int((normalised[g.name] > threshold).sum())
-        rounded = int(round(kept / round_to)) * round_to
-        counts[g.name] = min(g.size, max(round_to, rounded))
+        step = group_step(g, round_to)
+        counts[g.name] = min(g.size, max(step, int(round(kept / step)) * step))
     return counts
 
 
@@ -138,7 +138,7 @@ def measure_sensitivity(
     for g in groups:
         curve = [(0.0, 0.0)]
         for ratio in probes:
-            counts = {h.name: h.size for h in groups} | {g.name: kept_count(g.size, ratio, round_to)}
+            counts = {h.name: h.size for h in groups} | {g.name: kept_count(g.size, ratio, group_step(g, round_to))}
             if counts[g.name] == g.size:  # rounding keeps every channel: nothing to measure
                 curve.append((ratio, curve[-1][1]))
                 continue
@@ -188,7 +188,10 @@ def _sensitivity_counts(ratio: float, groups: list[ChannelGroup], curves: Curves
     total = sum(g.size for g in groups)
 
     def counts(tolerance: float) -> dict[str, int]:
-        return {g.name: kept_count(g.size, tolerated_ratio(curves[g.name], tolerance), round_to) for g in groups}
+        return {
+            g.name: kept_count(g.size, tolerated_ratio(curves[g.name], tolerance), group_step(g, round_to))
+            for g in groups
+        }
 
     def removed(c: dict[str, int]) -> float:
         return 1 - sum(c.values()) / total

@@ -11,6 +11,7 @@ conv) are answered by one forward pass with hooks, so they hold for any model, n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class ChannelGroup:
     members: tuple[str, ...]  # every module the group touches (conv, BN, linear, ... in or out channels)
     # (conv or linear, how many of its input channels or features are this group's): what reads the group
     consumers: tuple[tuple[str, int], ...] = ()
+    # grouped convs (1 < groups < channels) and GroupNorms among the members split the channels into this many
+    # equal conv groups: every conv group must keep the same positions (`plan.plan_filter_pruning`); a group
+    # that cannot be split so (a grouped member sees only part of it) has `channel_groups == size`: kept whole
+    channel_groups: int = 1
+    aligned: bool = True  # some reader can take N:M (a dense conv or a linear): the kept count needs --round-to
 
 
 def known_input_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -160,10 +166,35 @@ def channel_groups(
                 consumers[names[module]] = len(set(item.idxs))
         root = names[group[0].dep.target.module]
         size = len(group[0].idxs)
-        groups.append(
-            ChannelGroup(root, size, tuple(producers), tuple(dict.fromkeys(members)), tuple(consumers.items()))
+        split = conv_groups(graph, group, size)
+        aligned = split == 1 or any(
+            isinstance(m := model.get_submodule(n), nn.Linear) or m.groups == 1 for n in consumers
         )
+        members = tuple(dict.fromkeys(members))
+        groups.append(ChannelGroup(root, size, tuple(producers), members, tuple(consumers.items()), split, aligned))
     return sorted(groups, key=lambda g: order.get(g.name, len(order)))
+
+
+def conv_groups(graph: tp.DependencyGraph, group: tp.Group, size: int) -> int:
+    """Into how many equal conv groups the members of a Torch-Pruning group split its `size` channels: the least
+    common multiple of the grouped convs' `groups` (1 < groups < out channels; depthwise convs shrink their
+    groups with the channels instead) and GroupNorms' `num_groups`; `size` (kept whole) when a grouped member
+    sees only part of the channels (a slice of a concatenation) or the groups do not divide them."""
+    split = 1
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Conv2d) and 1 < module.groups != module.out_channels:
+            n = module.groups
+            out = graph.is_out_channel_pruning_fn(item.dep.handler)
+            channels = module.out_channels if out else module.in_channels
+        elif isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels:
+            n, channels = module.num_groups, module.num_channels
+        else:
+            continue
+        if len(set(item.idxs)) != size or channels != size:
+            return size
+        split = math.lcm(split, n)
+    return split if size % split == 0 else size
 
 
 def head_name(model: nn.Module, called: list[str], head: str | None = None) -> str:

@@ -36,6 +36,7 @@ class GroupPlan:
     original: int
     keep: tuple[int, ...]
     members: tuple[str, ...] = ()
+    note: str = ""  # how grouped convs shaped the count (see `grouping_note`); "" for an ordinary group
 
     @property
     def kept(self) -> int:
@@ -80,6 +81,52 @@ def kept_count(n: int, ratio: float, round_to: int) -> int:
     return min(n, max(k, round_to))
 
 
+def group_step(group: ChannelGroup, round_to: int) -> int:
+    """What a group's kept count must be a multiple of: `round_to`; for a group split into G conv groups (grouped
+    convs, see `graph.ChannelGroup`), a multiple of G too (every conv group keeps as many channels), and of G
+    alone when no reader can take N:M (all readers are grouped convs, which stay dense).
+
+    Example:
+        >>> group_step(ChannelGroup("a", 400, (), (), channel_groups=25), 16)
+        400
+        >>> group_step(ChannelGroup("a", 400, (), (), channel_groups=25, aligned=False), 16)
+        25
+    """
+    g = group.channel_groups
+    return round_to if g == 1 else math.lcm(g, round_to) if group.aligned else g
+
+
+def snap_count(group: ChannelGroup, k: int) -> int:
+    """A kept count made valid for a grouped group: the nearest multiple of its conv groups, within [G, size]."""
+    g = group.channel_groups
+    return k if g == 1 else min(group.size, max(g, int(math.floor(k / g + 0.5)) * g))
+
+
+def grouping_note(group: ChannelGroup, kept: int, round_to: int) -> str:
+    """What grouped convs did to a group's count, for the layer table: channels cut within each conv group (the
+    same positions in every one), or the group kept whole and why; "" for an ordinary group.
+
+    Example:
+        >>> grouping_note(ChannelGroup("a", 128, (), (), channel_groups=32), 64, 16)
+        'grouped: 32 conv groups keep 2 of 4 channels each'
+    """
+    g = group.channel_groups
+    if g == 1:
+        return ""
+    if g == group.size:
+        return f"grouped: kept whole ({group.size} channels cannot be split into equal conv groups)"
+    per = group.size // g
+    if kept < group.size:
+        return f"grouped: {g} conv groups keep {kept // g} of {per} channels each"
+    step = group_step(group, round_to)
+    why = (
+        f"--round-to {round_to} with {g} conv groups needs a multiple of {step}"
+        if step >= group.size
+        else "the ratio rounds to all"
+    )
+    return f"grouped: {g} conv groups of {per} kept whole ({why})"
+
+
 def step_counts(sizes: dict[str, int], final: dict[str, int], steps: int, round_to: int) -> list[dict[str, int]]:
     """Channels each group keeps after each of `steps` pruning steps: a linear path from its size to its final
     count, rounded to multiples of `round_to`, never growing, ending exactly at `final`.
@@ -116,12 +163,14 @@ def plan_filter_pruning(
         >>> plan.groups[0].keep
         (0, 2)
     """
-    members = {g.name: tuple(p.name for p in g.producers) for g in groups or []}
+    known = {g.name: g for g in groups or []}
     plans = []
     for name, s in scores.items():
-        k = counts[name] if counts is not None else kept_count(s.numel(), ratio, round_to)
-        keep = torch.argsort(s, stable=True)[s.numel() - k :]
-        plans.append(GroupPlan(name, s.numel(), tuple(sorted(keep.tolist())), tuple(members.get(name, ()))))
+        group = known.get(name, ChannelGroup(name, s.numel(), (), ()))
+        k = counts[name] if counts is not None else kept_count(s.numel(), ratio, group_step(group, round_to))
+        keep = _top_channels(s, snap_count(group, k), group.channel_groups)
+        members = tuple(p.name for p in group.producers)
+        plans.append(GroupPlan(name, s.numel(), keep, members, grouping_note(group, len(keep), round_to)))
     if counts is None and ratio > 0 and plans and all(p.kept == p.original for p in plans):
         sizes = sorted({p.original for p in plans})
         raise HybridPruneError(
@@ -129,6 +178,16 @@ def plan_filter_pruning(
             f"{', '.join(map(str, sizes))} channels; use a smaller --round-to (e.g. {max(1, min(sizes) // 4)})"
         )
     return FilterPlan(ratio, round_to, tuple(plans))
+
+
+def _top_channels(scores: torch.Tensor, k: int, split: int) -> tuple[int, ...]:
+    """The k highest-scoring channels (sorted); split into `split` equal conv groups, the same k / split positions
+    in every one, chosen by the mean score of each position over the conv groups (as Torch-Pruning does)."""
+    if split == 1 or k == scores.numel():
+        return tuple(sorted(torch.argsort(scores, stable=True)[scores.numel() - k :].tolist()))
+    per = scores.numel() // split
+    positions = _top_channels(scores.reshape(split, per).mean(dim=0), k // split, 1)
+    return tuple(j * per + p for j in range(split) for p in positions)
 
 
 def apply_filter_plan_(model: nn.Module, plan: FilterPlan, example_inputs: torch.Tensor | None = None) -> nn.Module:
