@@ -64,8 +64,9 @@ def _markdown(result: dict) -> str:
     table = markdown_table(
         ["model", "input", "batch", "pruned", "predicted ms", "measured ms", "p10-p90 ms", "error"],
         [[r["network"], f"{r['image_size']}x{r['image_size']}", str(r["batch"]), r["model"],
-          f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}", f"{r['measured_p10_ms']:.3f}-{r['measured_p90_ms']:.3f}",
-          f"{100 * r['error']:+.1f}%"] for r in result["rows"]],
+          f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}",
+          f"{r['measured_p10_ms']:.3f}-{r['measured_p90_ms']:.3f}", f"{100 * r['error']:+.1f}%"]
+         for r in result["rows"]],
     )  # fmt: skip
     env = result["environment"]
     return (
