@@ -32,6 +32,10 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model", BUILTIN_MODELS)
 for _name, _factory in BUILTIN.items():
     MODELS.register(_name)(_factory)
 
+# torchvision models with auxiliary classifiers that run only in training mode: built without them (aux_logits=False),
+# so the network trains on its main logits alone (as fine-tuning a pretrained GoogLeNet or Inception-v3 usually does)
+# and inception_v3 takes images from 75x75 up; `aux_logits=True` in the model's arguments is refused by tracing
+AUX_HEADS = ("googlenet", "inception_v3")
 MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights: a bound checked before anything is allocated
 
 
@@ -163,6 +167,8 @@ def _torchvision_net(name: str, num_classes: int, args: dict[str, Any]) -> nn.Mo
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if name not in known:
         raise HybridPruneError(f"unknown torchvision classification model {name!r}; valid: {', '.join(known)}")
+    if name in AUX_HEADS:  # heads that run only in training: dropped unless asked for (see AUX_HEADS)
+        args = {"aux_logits": False, "init_weights": True, **args}
     try:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
     except (TypeError, ValueError) as e:

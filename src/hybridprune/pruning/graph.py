@@ -126,6 +126,13 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
         ) from None
     finally:
         model.train(was_training)
+    train_only = train_only_layers(model, example, called)
+    if train_only:
+        raise HybridPruneError(
+            f"{type(model).__name__} calls {', '.join(train_only[:3])} only in training mode (an auxiliary head); "
+            "filter pruning traces the model in eval mode and cannot shrink them with the layers they read: build "
+            "the model without them (torchvision's googlenet and inception_v3: aux_logits=False, the default here)"
+        )
     unseen = [n for n in called if model.get_submodule(n) not in graph.module2node]
     if unseen:
         raise HybridPruneError(
@@ -288,6 +295,35 @@ def forward_order(model: nn.Module, example: torch.Tensor | None = None) -> list
     finally:
         model.train(was_training)
     return list(dict.fromkeys(order))
+
+
+@torch.no_grad()
+def train_only_layers(model: nn.Module, example: torch.Tensor, called: list[str]) -> list[str]:
+    """Conv and linear layers that the forward pass calls in training mode but not in eval mode (`called`), such
+    as auxiliary classifiers; the model's buffers (BatchNorm statistics) are left as they were.
+
+    Example:
+        >>> train_only_layers(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.zeros(1, 3, 4, 4), ["0"])
+        []
+    """
+    seen: list[str] = []
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in called]
+    if not layers:
+        return []
+    handles = [m.register_forward_hook(lambda *_, n=n: seen.append(n)) for n, m in layers]
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        with _hooks(handles):
+            model.train()
+            model(torch.cat([example[:1]] * 2))  # BatchNorm in training mode needs more than one value
+    except Exception:  # noqa: BLE001 - a model that fails in training mode on this input: nothing more to learn
+        pass
+    finally:
+        model.train(was_training)
+        for n, b in model.named_buffers():
+            b.copy_(saved[n])
+    return list(dict.fromkeys(seen))
 
 
 @dataclass(frozen=True)
