@@ -6,8 +6,10 @@ The mechanism is a pair of optimizer step hooks (`Optimizer.register_step_pre_ho
 - before each step, the gradients of pruned weights are set to zero, so momentum and Adam's moments never
   gather anything there; after it, the pruned weights and every optimizer state tensor of their shape
   (SGD's momentum buffer, Adam's moments) are set to zero, so decoupled weight decay, Nesterov and
-  numerical residue cannot leave a nonzero behind. The zeros are written with `masked_fill_`, so an inf or
-  NaN in a pruned position becomes 0 rather than NaN;
+  numerical residue cannot leave a nonzero behind. The zeros are written by a bitwise AND of the tensor's
+  bits with all-ones (kept) or all-zeros (pruned): exact even where a pruned value is inf or NaN (a multiply
+  by 0 would leave NaN there), and as fast as a multiply (`masked_fill_` and `torch.where` take about 20
+  times as long on a CPU);
 - hooks see every step however it is called: a plain `optimizer.step()`, `GradScaler.step` (a step that the
   scaler skips for inf gradients calls no hook and changes no weight), after several backward passes
   (gradient accumulation), with DistributedDataParallel (after its all-reduce) or on a `torch.compile`d model
@@ -26,7 +28,7 @@ written directly or loaded from a file, `handle.apply()` re-zeroes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,19 +36,25 @@ from torch import nn
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import unwrapped_name
 
+BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> integer of that size
+
 
 @dataclass
 class _Held:
-    """One masked weight: its parameter and where it is pruned (True = pruned, on the parameter's device)."""
+    """One masked weight: its parameter, where it is kept, and that mask as bit patterns per device and size."""
 
     name: str
     param: nn.Parameter
-    pruned: torch.Tensor
+    kept: torch.Tensor
+    bits: dict[tuple[torch.device, int], torch.Tensor] = field(default_factory=dict)
 
-    def pruned_on(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.pruned.device != tensor.device:  # the model moved after hold_masks
-            self.pruned = self.pruned.to(tensor.device)
-        return self.pruned
+    def zero_pruned(self, tensor: torch.Tensor) -> None:
+        """Set `tensor` to exactly 0 where pruned, in place (see the module docstring for the bitwise AND)."""
+        key = (tensor.device, tensor.element_size())
+        if key not in self.bits:  # first use on this device and dtype size (the model may move after hold_masks)
+            dtype = BITS[tensor.element_size()]
+            self.bits[key] = torch.where(self.kept, -1, 0).to(device=tensor.device, dtype=dtype)
+        tensor.view(self.bits[key].dtype).bitwise_and_(self.bits[key])
 
 
 class MaskHandle:
@@ -73,16 +81,16 @@ class MaskHandle:
     @torch.no_grad()
     def _zero_grads(self) -> None:
         for h in self._held:
-            if h.param.grad is not None:
-                h.param.grad.masked_fill_(h.pruned_on(h.param.grad), 0)
+            if h.param.grad is not None and h.param.grad.layout == torch.strided:
+                h.zero_pruned(h.param.grad)
 
     @torch.no_grad()
     def _zero_weights_and_state(self) -> None:
         for h in self._held:
-            h.param.masked_fill_(h.pruned_on(h.param), 0)
+            h.zero_pruned(h.param.data)
             for value in self._optimizer.state.get(h.param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == h.param.shape:
-                    value.masked_fill_(h.pruned_on(value), 0)
+                if isinstance(value, torch.Tensor) and value.shape == h.param.shape and value.is_floating_point():
+                    h.zero_pruned(value)
 
     def apply(self) -> None:
         """Zero the pruned weights, their gradients and their optimizer state now."""
@@ -165,4 +173,4 @@ def _resolve(model: nn.Module, name: str, mask: torch.Tensor) -> _Held:
             f"the mask of {name!r} has shape {tuple(mask.shape)}, the layer's weight {tuple(weight.shape)} (masks of "
             "another model, or made before filter pruning changed the layer?)"
         )
-    return _Held(name, weight, ~mask.detach().to(device=weight.device, dtype=torch.bool))
+    return _Held(name, weight, mask.detach().to(device=weight.device, dtype=torch.bool))
