@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ def load_checkpoint(
         built = rebuild(header["spec"], model, path)
     model = built
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_metadata(state, model), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise HybridPruneError(
@@ -143,6 +144,24 @@ def load_checkpoint(
             raise HybridPruneError(f"{path}: the N:M mask of {name!r} does not fit the model's layer")
     meta = header.get("meta", {})
     return model.eval(), masks, meta if isinstance(meta, dict) else {}
+
+
+def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with the version metadata of `model`'s own state dict where it carries none (a safetensors file, or
+    a dict rebuilt key by key): modules whose `_load_from_state_dict` reads it (torchvision's MNASNet) then load
+    it as written by this code.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.mnasnet0_5(num_classes=10)
+        >>> net.load_state_dict(with_metadata(dict(net.state_dict()), net))
+        <All keys matched successfully>
+    """
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    state = OrderedDict(state)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return state
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -410,7 +429,7 @@ def load_weights_(model: Classifier, path: str | Path) -> Classifier:
         stripped = {k.removeprefix("module.").removeprefix("net."): v for k, v in state.items()}
         state = stripped if set(stripped) == expected else state
     try:
-        model.net.load_state_dict(state, strict=True)
+        model.net.load_state_dict(with_metadata(state, model.net), strict=True)
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
         raise HybridPruneError(f"{path} does not fit {model.source.label}: {lines[-1][:300] if lines else e}") from None
