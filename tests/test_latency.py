@@ -199,6 +199,36 @@ def test_profiling_covers_every_group_at_every_candidate_count_and_a_second_prof
     assert measured == []  # every entry came from the saved table
 
 
+@pytest.fixture
+def deterministic_times(monkeypatch):
+    """Layer and model latencies from their shapes instead of a clock, so the plumbing of latency-target runs is
+    tested without timing noise (a shared CI machine): a layer costs 0.01 ms + 1e-6 ms per MAC of the batch, a
+    model the sum of its layers plus 0.5 ms."""
+    from hybridprune.deploy import latency_target
+
+    def cost(shape: LayerShape, batch: int) -> float:
+        return 0.01 + 1e-6 * batch * macs(shape) * 1e6
+
+    def layer_call(shape, kernel, settings, device):
+        ms = cost(shape, settings.setup.batch)
+        return lambda: ms
+
+    def timed(calls, settings, device, rounds=None):
+        return [[call()] * 3 for call in calls]
+
+    def deployed(model, sparse, settings, device):
+        groups = channel_groups(model, dependency_graph(model))
+        total = 0.5 + sum(
+            cost(c.dense, settings.setup.batch) for c in layer_couplings(model, groups, example_input(model))
+        )
+        return Entry(total, total, total, 3)
+
+    monkeypatch.setattr(profile_module, "_layer_call", layer_call)
+    monkeypatch.setattr(profile_module, "_timed", timed)
+    monkeypatch.setattr(profile_module, "measure_deployed", deployed)
+    monkeypatch.setattr(latency_target, "measure_deployed", deployed)
+
+
 def good_table() -> dict:
     table = LatencyTable("test-device", date="2026-11-30")
     table.add(LayerShape("linear", 8, 4).key(1, "float32", "torch", "dense"), Entry(1.0, 0.9, 1.1, 5))
@@ -287,7 +317,7 @@ def test_a_grid_takes_a_target_latency_axis_and_measures_with_one_worker(tmp_pat
 @pytest.mark.parametrize(
     "model", [["--model", "resnet20", "--width", "0.5"], ["--model", "alexnet", "--width", "0.25"]]
 )
-def test_run_with_a_latency_target_records_predicted_and_measured_latency(model, tmp_path, capsys, one_torch_thread):
+def test_run_with_a_latency_target_records_predicted_and_measured_latency(model, tmp_path, capsys, deterministic_times):
     out = tmp_path / "run"
     argv = ["run", *model, "--epochs", "0", "--finetune-epochs", "0", "--train-size", "64", "--test-size", "32",
             "--metric", "l1", "--target-latency", "0.8", "--latency-runtime", "torch", "--latency-batch", "16",
@@ -301,9 +331,37 @@ def test_run_with_a_latency_target_records_predicted_and_measured_latency(model,
     assert step["hybrid"]["nm_layers"] == [] and result["nm"]["nm_layers"] == []  # auto on a CPU: no 2:4
     assert lat["target_ms"] == pytest.approx(0.8 * lat["dense_ms"]["median"])
     assert lat["pruned_ms"]["predicted"] > 0 and lat["pruned_ms"]["median"] > 0 and 1 <= len(lat["solves"]) <= 4
+    assert lat["pruned_ms"]["median"] == pytest.approx(lat["target_ms"], rel=0.05)  # the target is met
     kept = {g["group"]: g["kept"] for g in lat["groups"]}
     assert kept == {g["name"]: len(g["keep"]) for g in step["plan"]["groups"]}  # the solver's counts were pruned
     assert any(g["kept"] < g["size"] for g in lat["groups"])
     table = load_table(out / "latency-table.json")
     assert table.entries and table.rest
     assert "latency (kept channels" in capsys.readouterr().out
+
+
+def test_a_latency_grid_runs_and_its_report_shows_measured_latency(tmp_path, deterministic_times):
+    from hybridprune.experiments.grid import grid_from_dict, run_grid
+    from hybridprune.experiments.report import write_grid_report
+    from hybridprune.experiments.store import Store
+
+    raw = {
+        "datasets": [{"dataset": "digits", "train_size": 96, "test_size": 48}],
+        "models": [{"name": "resnet20", "width": 0.5}],
+        "metrics": ["l1"],
+        "target_latencies": [0.6, 0.9],
+        "seeds": [0],
+        "train": {"epochs": 1, "batch_size": 32},
+        "finetune": {"epochs": 1, "batch_size": 32},
+        "prune": {"calib_batches": 1, "bn_recalib_batches": 1, "calib_batch_size": 32, "latency_runtime": "torch",
+                  "latency_batch": 16, "latency_points": 3},
+    }  # fmt: skip
+    store = Store(tmp_path / "s.sqlite")
+    counts = run_grid(grid_from_dict(raw, "lat"), store, workers=1, progress=False, log=lambda _: None)
+    assert counts["failed"] == 0 and counts["done"] == 2
+    rows = store.rows()
+    assert all(0 < r["ratio"] < 1 for r in rows)  # the fraction of channels the latency target removed
+    written = write_grid_report(rows, tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Pruned to a measured latency target" in report and "0.6" in report and "0.9" in report
+    assert any(p.name.startswith("latency-") and p.suffix == ".png" for p in written)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from hybridprune.experiments.statistics import (
@@ -18,6 +19,7 @@ from hybridprune.experiments.statistics import (
     group_rows,
     has_full_results,
     mean_std,
+    measured_latencies,
     metric_order,
 )
 from hybridprune.experiments.tables import STAGE_COLUMNS, dataset_label
@@ -34,6 +36,7 @@ def write_plots(rows: list[Row], out: Path, bench_files: list[str], nm_rows: lis
     written = [_accuracy_plot(setup, rows, out, plt) for setup in setups]
     if has_full_results(rows):
         written += [_frontier_plot(setup, rows, nm_rows, out, plt) for setup in setups]
+    written += [_measured_plot(setup, runs, out, plt) for setup, runs in sorted(measured_latencies(rows).items())]
     return written + [_pareto_plot(Path(bench_file), out, plt) for bench_file in bench_files]
 
 
@@ -87,12 +90,34 @@ def _frontier_plot(setup: tuple, rows: list[Row], nm_rows: list[Row], out: Path,
     ds, model, width = setup
     ax.set(
         title=f"{dataset_label(ds)}, {model} w{width:g}: accuracy vs cost",
-        xlabel="effective MACs per image (millions; N:M layers counted at N/M)",
+        xlabel="effective MACs per image (millions; N:M layers counted at N/M: a model of the hardware, not a "
+        "measurement)",
         ylabel="top-1 accuracy (%), fine-tuned",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save_figure(fig, plt, out / f"frontier-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png")
+
+
+def _measured_plot(setup: tuple, runs: list[dict], out: Path, plt: Any) -> Path:
+    """Fine-tuned hybrid accuracy against measured latency of the runs pruned to a latency target, one series
+    per metric, the target of each as a vertical tick; the dense model's measured latency as a dashed line."""
+    ds, model, width, device, runtime, batch, dtype = setup
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for metric in sorted({r["metric"] for r in runs}, key=metric_order):
+        mine = sorted((r["measured_ms"], r["accuracy"]) for r in runs if r["metric"] == metric)
+        ax.plot([m for m, _ in mine], [a for _, a in mine], marker="o", linestyle="none", label=metric)
+    dense = fmean(r["dense_ms"] for r in runs)
+    ax.axvline(dense, linestyle="--", color="gray", label=f"dense ({dense:.2f} ms)")
+    for target in sorted({r["target_ms"] for r in runs}):
+        ax.axvline(target, linestyle=":", color="lightgray")
+    ax.set(title=f"{dataset_label(ds)}, {model} w{width:g}: accuracy vs measured latency",
+           xlabel=f"measured latency (ms), {device}, {runtime}, batch {batch}, {dtype}",
+           ylabel="top-1 accuracy (%), fine-tuned")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    name = f"latency-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}-{_slug(runtime)}-b{batch}.png"
+    return _save_figure(fig, plt, out / name)
 
 
 def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:

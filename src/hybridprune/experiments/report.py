@@ -21,6 +21,8 @@ from hybridprune.experiments.statistics import (
     has_full_results,
     iso_accuracy,
     latency_iso_accuracy,
+    mean_std,
+    measured_latencies,
     paired_differences,
     recipe_comparison,
     run_label,
@@ -53,7 +55,7 @@ def write_grid_report(
         headers, body = accuracy_table(rows, column)
         md += _section(f"Top-1 accuracy (%), {title}: mean ± std (seeds)", markdown_table(headers, body))
         written.append(write_text(out / f"accuracy-{column}.csv", _csv([headers, *body])))
-    md += _differences_section(rows) + _recipes_section(rows) + _iso_section(rows)
+    md += _differences_section(rows) + _recipes_section(rows) + _iso_section(rows) + _measured_section(rows)
     if bench_files:
         md += _latency_section([json.loads(Path(f).read_text()) for f in bench_files])
     written += write_plots(rows, out, bench_files or [], nm_rows or [])
@@ -161,6 +163,27 @@ def _iso_section(rows: list[Row]) -> list[str]:
         "than the hybrid model, counting the hybrid's 2:4 layers in full (MACs) or at half (effective MACs).",
         "Hybrid points outside the range of the filter-only accuracies are left out.",
     )
+
+
+def _measured_section(rows: list[Row]) -> list[str]:
+    """Runs pruned to a latency target: target, measured and predicted latency, accuracy, mean ± std (seeds)."""
+    found = measured_latencies(rows)
+    if not found:
+        return []
+    body = []
+    for (ds, model, width, device, runtime, batch, dtype), runs in sorted(found.items()):
+        by_point: dict[tuple, list[dict]] = {}
+        for run in runs:
+            by_point.setdefault((run["metric"], run["target"]), []).append(run)
+        for (metric, target), points in sorted(by_point.items()):
+            cells = [mean_std([p[k] for p in points]) for k in ("target_ms", "measured_ms", "predicted_ms", "accuracy")]
+            body.append([dataset_label(ds), f"{model} w{width:g}", f"{device}, {runtime}, batch {batch}, {dtype}",
+                         metric, f"{target:g}", *(f"{m:.3f} ± {s:.3f}" for m, s in cells[:3]),
+                         f"{cells[3][0]:.2f} ± {cells[3][1]:.2f}", str(len(points))])  # fmt: skip
+    headers = ["dataset", "model", "measured on", "metric", "target", "target ms", "measured ms", "predicted ms",
+               "hybrid accuracy (%)", "seeds"]  # fmt: skip
+    return _section("Pruned to a measured latency target: latency (ms) and accuracy, mean ± std (seeds)",
+                    markdown_table(headers, body))  # fmt: skip
 
 
 def _latency_section(bench_results: list[dict]) -> list[str]:

@@ -293,3 +293,26 @@ def has_full_results(rows: list[Row]) -> bool:
         return all(json.loads(r["result"])["filter"]["macs"] > 0 for r in rows)
     except (KeyError, TypeError, ValueError):
         return False
+
+
+def measured_latencies(rows: list[Row]) -> dict[tuple, list[dict[str, Any]]]:
+    """Runs pruned to a latency target, by setup (dataset, model, width, device, runtime, batch, dtype): each
+    with its metric, target, measured and predicted latency (ms) and fine-tuned hybrid accuracy.
+
+    Example:
+        >>> measured_latencies([{"result": "{}"}])
+        {}
+    """
+    found: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        result = json.loads(r["result"]) if isinstance(r.get("result"), str) else r.get("result") or {}
+        lat = result.get("latency")
+        if not lat:
+            continue
+        setup = (r["dataset"], r["model"], r["width"], lat["device"], lat["runtime"], lat["batch"], lat["dtype"])
+        found.setdefault(setup, []).append({
+            "metric": r["metric"], "seed": r["seed"], "target": lat["target"], "target_ms": lat["target_ms"],
+            "dense_ms": lat["dense_ms"]["median"], "measured_ms": lat["pruned_ms"]["median"],
+            "predicted_ms": lat["pruned_ms"]["predicted"], "accuracy": r["hybrid_accuracy"],
+        })  # fmt: skip
+    return found
