@@ -120,6 +120,14 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways; the user needs one line either way
+        construct = untraceable_construct(model, e)
+        if construct is not None:
+            label = getattr(getattr(model, "source", None), "label", type(model).__name__)
+            raise HybridPruneError(
+                f"{label} cannot be filter-pruned: Torch-Pruning cannot map channels through "
+                f"{construct}; --ignore cannot skip it (every operation of the forward pass is traced), so use "
+                "2:4 pruning alone (nm_prune_) or a model without that operation"
+            ) from None
         raise HybridPruneError(
             f"Torch-Pruning cannot trace {type(model).__name__} ({first_line(e)}); "
             "filter pruning needs a model built from nn.Module layers that runs on one image tensor"
@@ -140,6 +148,40 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
             "autograd, such as detach or numpy, cuts the graph); this model cannot be filter-pruned"
         )
     return graph
+
+
+# Torch-Pruning's index-mapping steps, by the operation they map channel indices through
+INDEX_MAPPINGS = {
+    "update_reshape_index_mapping": "a reshape or view (a channel shuffle, as in ShuffleNet)",
+    "update_split_index_mapping": "a split or chunk",
+    "update_concat_index_mapping": "a concatenation",
+    "update_unbind_index_mapping": "an unbind",
+    "update_expand_index_mapping": "an expand",
+    "update_slice_index_mapping": "a slice of channels",
+}
+
+
+def untraceable_construct(model: nn.Module, error: BaseException) -> str | None:
+    """The operation (and the module whose output it reads) where Torch-Pruning's index mapping failed, read from
+    the error's traceback; None when it failed elsewhere."""
+    node, op, tb = None, None, error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in INDEX_MAPPINGS and code.co_argcount >= 2:
+            node, op = tb.tb_frame.f_locals.get(code.co_varnames[1]), INDEX_MAPPINGS[code.co_name]
+        tb = tb.tb_next
+    if node is None:
+        return None
+    names = {m: n for n, m in model.named_modules()}
+    order = {n: i for i, n in enumerate(names.values())}
+    level, seen = list(getattr(node, "inputs", [])), set()
+    while level:  # breadth first up the graph: the nearest modules whose output the operation reads
+        found = [names[n.module] for n in level if n.module in names]
+        if found:
+            return f"{op} after {max(found, key=order.__getitem__)}"
+        seen.update(map(id, level))
+        level = [i for n in level for i in n.inputs if id(i) not in seen]
+    return op
 
 
 def channel_groups(
