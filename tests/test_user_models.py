@@ -11,6 +11,7 @@ from torch import nn
 
 import hybridprune as hp
 from hybridprune.deploy.bench import Variant, bench
+from hybridprune.deploy.export import export_onnx
 from hybridprune.deploy.sparse import to_inference_model
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.nm import satisfies_nm
@@ -114,11 +115,7 @@ def test_permutation_inference_model_export_and_bench_take_a_plain_module(name, 
     masks = hp.nm_prune_(net, example_inputs=x)
     inference = to_inference_model(net, masks, torch.device("cpu"), torch.float32, choose="gemm", example_inputs=x)
     assert torch.allclose(inference.model(x), net(x), atol=1e-4)
-    path = hp.export_onnx(net, tmp_path / "m.onnx", example_inputs=x) if hasattr(hp, "export_onnx") else None
-    if path is None:
-        from hybridprune.deploy.export import export_onnx
-
-        path = export_onnx(net, tmp_path / "m.onnx", example_inputs=x)
+    path = export_onnx(net, tmp_path / "m.onnx", example_inputs=x)
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     assert torch.allclose(torch.from_numpy(got), net(x), atol=1e-4)
     result = bench([Variant("nm", net, masks)], torch.device("cpu"), [torch.float32], [2], rounds=1, calls=1,
