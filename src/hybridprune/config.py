@@ -25,6 +25,7 @@ DATASET_PREFIXES = ("npz:", "folder:")  # a user's file or image folder: npz:PAT
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 SENSITIVITY_PROBES = (0.2, 0.4, 0.6, 0.8)  # per-group ratios tried; the largest bounds what a group can lose
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"  # any timm model by its architecture name, built with pretrained=False (the `timm` extra)
 DEFAULT_ROUND_TO = 16
 ONNX_OPSET = 17
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "hybridprune" / "data"  # torchvision-layout datasets
@@ -73,10 +74,21 @@ def default_workers() -> int:
 
 def model_names() -> str:
     """One line for --help: what --model accepts."""
-    return f"{', '.join(BUILTIN_MODELS)}, torchvision:NAME (e.g. torchvision:resnet18) or a factory module:function"
+    return (
+        f"{', '.join(BUILTIN_MODELS)}, torchvision:NAME (e.g. torchvision:resnet18), timm:NAME (e.g. timm:resnet18) "
+        "or a factory module:function"
+    )
 
 
-MODEL_FORMS = f"{', '.join(BUILTIN_MODELS)}, torchvision:NAME (e.g. torchvision:resnet18) or module.path:factory"
+MODEL_FORMS = (
+    f"{', '.join(BUILTIN_MODELS)}, torchvision:NAME (e.g. torchvision:resnet18), timm:NAME (e.g. timm:resnet18) "
+    "or module.path:factory"
+)
+PREFIXES = {"torchvision": TORCHVISION_PREFIX, "timm": TIMM_PREFIX}  # source kind -> its --model prefix
+# the only create_model arguments a timm:NAME source takes (from a grid, the Python API or a checkpoint's header):
+# shape and width, numbers only; never pretrained, checkpoint_path, pretrained_cfg* or a path, so that no file can
+# make the tool read or download anything
+TIMM_ARGS = ("channel_multiplier", "depth_multiplier", "width_multiplier", "output_stride")
 
 
 def dataset_names() -> list[str]:
@@ -118,7 +130,7 @@ class NMPattern:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a network comes from: `kind` is builtin, torchvision or user; `args` are its factory arguments.
+    """Where a network comes from: `kind` is builtin, torchvision, timm or user; `args` are its factory arguments.
 
     Example:
         >>> ModelSource.parse("torchvision:resnet18")
@@ -139,10 +151,11 @@ class ModelSource:
         well_formed = {
             "builtin": True,
             "torchvision": isinstance(name, str) and name.isidentifier(),
+            "timm": isinstance(name, str) and name.isidentifier(),  # an architecture: no pretrained tag (.a1_in1k)
             "user": all(part.isidentifier() for part in module.split(".")) and factory.isidentifier(),
         }
         if not well_formed.get(self.kind, False):
-            shown = TORCHVISION_PREFIX + str(name) if self.kind == "torchvision" else name
+            shown = PREFIXES.get(self.kind, "") + str(name)
             raise HybridPruneError(f"model {shown!r} is malformed; valid: {MODEL_FORMS}")
 
     @classmethod
@@ -158,13 +171,14 @@ class ModelSource:
             hybridprune.errors.HybridPruneError: model 'pkg..nets:make' is malformed; valid: alexnet, ...
         """
         text = text.strip()
-        if text.startswith(TORCHVISION_PREFIX):
-            return cls("torchvision", text[len(TORCHVISION_PREFIX) :], dict(args or {}))
+        for kind, prefix in PREFIXES.items():
+            if text.startswith(prefix):
+                return cls(kind, text[len(prefix) :], dict(args or {}))
         return cls("user" if ":" in text else "builtin", text, dict(args or {}))
 
     @property
     def label(self) -> str:
-        return TORCHVISION_PREFIX + self.name if self.kind == "torchvision" else self.name
+        return PREFIXES.get(self.kind, "") + self.name
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -400,7 +414,7 @@ class DataConfig(_Dict):
 
 @dataclass(frozen=True)
 class ModelConfig(_Dict):
-    """Which network: a built-in name, `torchvision:NAME` or a user's `module:factory` (see `models.py`);
+    """Which network: a built-in name, `torchvision:NAME`, `timm:NAME` or a user's `module:factory` (see `models.py`);
     `width` scales a built-in model (None: its own default, 1.0); `weights` a trained state dict to start from."""
 
     name: str = "alexnet"

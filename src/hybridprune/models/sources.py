@@ -4,6 +4,7 @@
 
 - a built-in network: `alexnet`, `resnet20`, `resnet56`, `vgg16` (see `architectures.py`), scaled by `width`;
 - any torchvision classification model: `torchvision:resnet18`, `torchvision:mobilenet_v2`, ...;
+- any timm model: `timm:resnet18`, `timm:efficientnet_b0`, ... (random init, the `timm` extra installed);
 - the user's own code: `my_package.models:make_net`, a factory imported only because the user named it.
 
 Every network is wrapped in a `Classifier` that normalises its input with the dataset's statistics (kept
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridprune.config import BUILTIN_MODELS, ModelSource
+from hybridprune.config import BUILTIN_MODELS, TIMM_ARGS, ModelSource
 from hybridprune.errors import HybridPruneError, first_line
 from hybridprune.models.builtin import BUILTIN
 from hybridprune.registry import Registry
@@ -154,10 +155,12 @@ def _build_net(source: ModelSource, in_channels: int, num_classes: int, image_si
         if unknown:
             raise HybridPruneError(f"{source.name} takes no argument {', '.join(unknown)}")
         return factory(**shape, **source.args)
+    if source.kind in ("torchvision", "timm") and "width" in source.args:
+        raise HybridPruneError(f"--width scales the built-in models only; {source.kind} models have fixed widths")
     if source.kind == "torchvision":
-        if "width" in source.args:
-            raise HybridPruneError("--width scales the built-in models only; torchvision models have fixed widths")
         return _torchvision_net(source.name, num_classes, source.args)
+    if source.kind == "timm":
+        return _timm_net(source.name, in_channels, num_classes, source.args)
     return _user_net(source.name, shape, source.args)
 
 
@@ -173,6 +176,28 @@ def _torchvision_net(name: str, num_classes: int, args: dict[str, Any]) -> nn.Mo
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
     except (TypeError, ValueError) as e:
         raise HybridPruneError(f"torchvision:{name} cannot be built with {args} ({e})") from None
+
+
+def _timm_net(name: str, in_channels: int, num_classes: int, args: dict[str, Any]) -> nn.Module:
+    """A timm model by architecture name, randomly initialised (pretrained=False: nothing is read or downloaded),
+    shaped for the data (num_classes, in_chans); `args` only from `config.TIMM_ARGS`."""
+    try:
+        import timm
+    except ImportError:
+        raise HybridPruneError(
+            f"timm:{name} needs timm: pip install 'hybridprune[timm]' (or pip install timm)"
+        ) from None
+    bad = sorted(set(args) - set(TIMM_ARGS))
+    if bad:
+        raise HybridPruneError(f"timm:{name} takes no argument {', '.join(bad)}; valid: {', '.join(TIMM_ARGS)}")
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:6]}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else "; timm.list_models() lists them"
+        raise HybridPruneError(f"unknown timm model {name!r}{hint}")
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **args)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be built with these arguments, whatever the reason
+        raise HybridPruneError(f"timm:{name} cannot be built with {args or 'its defaults'} ({first_line(e)})") from None
 
 
 def _user_net(spec: str, shape: dict[str, int], args: dict[str, Any]) -> nn.Module:

@@ -2,7 +2,7 @@
 
 Loading never unpickles anything, so a checkpoint cannot run code, and a checkpoint never decides which
 code is imported: the header names where the architecture came from (a built-in name, a torchvision
-name, or a user's `module:factory`) and how it was pruned (Torch-Pruning's history as plain integers).
+or timm name, or a user's `module:factory`) and how it was pruned (Torch-Pruning's history as plain integers).
 Loading builds the original, replays the history and loads the weights strictly. A user-code model is
 rebuilt only when the caller names the same `module:factory` again. Every header field is checked for
 type and range before anything is built: a header is untrusted input.
@@ -28,8 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from hybridprune.config import TIMM_ARGS, ModelSource
 from hybridprune.errors import HybridPruneError
-from hybridprune.models.sources import Classifier, ModelSource, build_model, model_spec
+from hybridprune.models.sources import Classifier, build_model, model_spec
 from hybridprune.outputs import atomic_target
 from hybridprune.pruning.graph import known_input_shape, unwrapped, unwrapped_name
 from hybridprune.pruning.plan import replay_history_
@@ -339,8 +340,14 @@ def _checked_spec(spec: dict[str, Any], path: Path | str) -> tuple[ModelSource, 
     if not isinstance(model, dict) or not isinstance(shape, dict) or not isinstance(history, list):
         raise HybridPruneError(f"{path}: header needs objects 'model' and 'input' and a list 'history'")
     kind, name, args = model.get("kind"), model.get("name"), model.get("args", {})
-    if kind not in ("builtin", "torchvision", "user") or not isinstance(name, str) or not isinstance(args, dict):
-        raise HybridPruneError(f"{path}: header 'model' needs kind builtin|torchvision|user, a name and args")
+    if (
+        kind not in ("builtin", "torchvision", "timm", "user")
+        or not isinstance(name, str)
+        or not isinstance(args, dict)
+    ):
+        raise HybridPruneError(f"{path}: header 'model' needs kind builtin|torchvision|timm|user, a name and args")
+    if kind == "timm" and set(args) - set(TIMM_ARGS):  # never pretrained, a path or a config from a file
+        raise HybridPruneError(f"{path}: header timm arguments may only be {', '.join(TIMM_ARGS)}, got {sorted(args)}")
     _check_args(args, path)
     bounds = {"channels": 16, "image_size": MAX_IMAGE_SIZE, "num_classes": MAX_CLASSES, "net_channels": 16}
     for key, top in bounds.items():
