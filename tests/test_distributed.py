@@ -61,6 +61,7 @@ def _rank_worker(rank: int, size: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_end_with_identical_weights_and_masks(tmp_path):
     mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
@@ -80,6 +81,7 @@ def test_a_batch_that_does_not_divide_over_the_ranks_is_refused_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_runs_the_whole_job_and_only_rank_0_writes(tmp_path):
     out = tmp_path / "run"
     args = ["--model", "resnet20", "--width", "0.5", "--train-size", "96", "--test-size", "48", "--epochs", "1"]
@@ -104,6 +106,7 @@ def test_torchrun_runs_the_whole_job_and_only_rank_0_writes(tmp_path):
     assert not list(out.glob(".*.tmp"))  # nothing half-written
 
 
+@pytest.mark.slow
 def test_a_job_killed_mid_run_leaves_no_corrupt_file_and_resumes(tmp_path):
     import signal
     import time

@@ -74,6 +74,7 @@ def test_export_command_writes_a_checked_file_and_refuses_to_overwrite(tmp_path,
     assert not (tmp_path / "b.onnx").exists()
 
 
+@pytest.mark.slow
 def test_bench_times_the_onnxruntime_variant_beside_pytorch(tmp_path):
     import json
 

@@ -692,7 +692,9 @@ def process_cases(root: Path, bases) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["numeric flag", "header width 1e12", "data cut short"])
+@pytest.mark.parametrize(
+    "case", ["numeric flag", "header width 1e12", pytest.param("data cut short", marks=pytest.mark.slow)]
+)
 def test_in_a_real_process(tmp_path, bases, case):
     argv = process_cases(tmp_path, bases)[case]
     before = tree(tmp_path)

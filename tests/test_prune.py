@@ -202,6 +202,7 @@ def test_iterative_pruning_removes_exactly_the_planned_counts_and_maps_to_origin
     assert torch.equal(zoo_model.get_submodule(conv).weight, kept)
 
 
+@pytest.mark.slow
 def test_iterative_pruning_spends_the_same_fine_tuning_epochs(monkeypatch, tmp_path):
     from hybridprune.cli import main
     from hybridprune.experiments import job as pipeline
@@ -231,7 +232,8 @@ def _self_labelled(model: nn.Module, batches: int = 2) -> tuple[list[torch.Tenso
     return images, labels
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
+# sensitivity measures an accuracy curve per group on pruned copies: the slow part of this test
+@pytest.mark.parametrize("allocation", ["uniform", "global", pytest.param("sensitivity", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("target", [0.3, 0.6])
 def test_a_mac_target_is_met_within_one_rounding_step(zoo_model, allocation, target):
     """At most `target` x the dense MACs, and pruned no further than one `round_to` step per group past it:

@@ -219,6 +219,7 @@ def test_augmented_gray_batches_have_standard_strides():
         assert x.stride() == torch.empty(x.shape).stride()  # oneDNN convs corrupt memory on odd strides
 
 
+@pytest.mark.slow
 def test_training_a_residual_net_on_gray_images_at_an_odd_batch_size_does_not_crash():
     import subprocess
     import sys

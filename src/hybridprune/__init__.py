@@ -9,7 +9,8 @@ layers first; a layer imports only the layers before it:
     models        where networks come from, the built-in architectures, MAC and size counts
     pruning       channel groups, importance metrics, allocation, plans and history, N:M masks, permutations,
                   checkpoints (a pruned model as data)
-    training      fit/evaluate with masks held, distillation, DistributedDataParallel
+    training      fit/evaluate with masks held, distillation, DistributedDataParallel, hold_masks for your own
+                  loop, the Lightning callback
     deploy        timing, sparse kernels and the inference model, bench, ONNX export
     experiments   the staged job, grids, the experiment store, reports and plots
     cli           one module per command family

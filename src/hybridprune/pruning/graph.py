@@ -66,7 +66,16 @@ class ChannelGroup:
 
 def known_input_shape(model: nn.Module) -> tuple[int, ...] | None:
     """The shape of one input (no batch dimension) the model is known to take: a `Classifier`'s `input_shape`, or
-    the `pruning_input_shape` that filter pruning records on a plain module; None when neither is there."""
+    the `pruning_input_shape` that filter pruning records on a plain module; None when neither is there.
+
+    Example:
+        >>> net = nn.Conv2d(3, 8, 3)
+        >>> known_input_shape(net) is None
+        True
+        >>> net.pruning_input_shape = (3, 32, 32)
+        >>> known_input_shape(net)
+        (3, 32, 32)
+    """
     shape = getattr(model, "input_shape", None)
     shape = getattr(model, "pruning_input_shape", None) if shape is None else shape
     return None if shape is None else tuple(int(s) for s in shape)
@@ -248,7 +257,13 @@ def conv_groups(graph: tp.DependencyGraph, group: tp.Group, size: int) -> int:
 
 def head_name(model: nn.Module, called: list[str], head: str | None = None) -> str:
     """The classifier head: `head` when the user names it (a conv or linear of the model), else the last conv or
-    linear that the forward pass calls."""
+    linear that the forward pass calls.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1))
+        >>> head_name(net, forward_order(net, torch.zeros(1, 3, 8, 8))), head_name(net, [], head="0")
+        ('1', '0')
+    """
     if head is None:
         if not called:
             raise HybridPruneError(f"{type(model).__name__} calls no conv or linear layer in its forward pass")

@@ -58,7 +58,18 @@ class _Held:
 
 
 class MaskHandle:
-    """What `hold_masks` returns: `remove()` takes the hooks off, `apply()` re-zeroes now; also a context manager."""
+    """What `hold_masks` returns: `remove()` takes the hooks off, `apply()` re-zeroes now; also a context manager.
+
+    Example:
+        >>> from hybridprune.pruning.nm import nm_prune_
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1))
+        >>> masks = nm_prune_(net, example_inputs=torch.zeros(1, 3, 4, 4))
+        >>> with hold_masks(net, masks, torch.optim.SGD(net.parameters(), lr=0.1)) as handle:
+        ...     handle.layers, handle.active
+        (['1'], True)
+        >>> handle
+        MaskHandle(1 layers, removed)
+    """
 
     def __init__(self, held: list[_Held], optimizer: torch.optim.Optimizer) -> None:
         self._held = held
