@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hybridprune.config import TrainConfig
 from hybridprune.data.batching import batches
 from hybridprune.data.images import Dataset, ImageSet
-from hybridprune.experiments.report import markdown_table
+from hybridprune.experiments.tables import markdown_table
 from hybridprune.models.sources import build_model
 from hybridprune.outputs import write_json
 from hybridprune.provenance import environment

@@ -20,7 +20,7 @@ from torch import nn
 
 from hybridprune.deploy.sparse import GemmConv2d, sparse_backend, sparse_module
 from hybridprune.deploy.timing import median_ms
-from hybridprune.experiments.report import markdown_table
+from hybridprune.experiments.tables import markdown_table
 from hybridprune.outputs import write_json
 from hybridprune.provenance import environment
 from hybridprune.pruning.nm import nm_mask

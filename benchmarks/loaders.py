@@ -20,7 +20,7 @@ from PIL import Image
 from hybridprune.data.batching import batches
 from hybridprune.data.folders import FolderSet
 from hybridprune.data.images import ImageSet
-from hybridprune.experiments.report import markdown_table
+from hybridprune.experiments.tables import markdown_table
 from hybridprune.outputs import write_json
 from hybridprune.provenance import environment
 

@@ -6,8 +6,8 @@ from safetensors.torch import save_file
 
 from hybridprune.config import PruneConfig
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiments.job import prune_filters_
 from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
+from hybridprune.pruning.filters import prune_filters_
 from hybridprune.pruning.nm import nm_prune_
 
 

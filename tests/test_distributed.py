@@ -39,8 +39,9 @@ def _rank_worker(rank: int, size: int, port: int, folder: str) -> None:
     import torch.distributed as dist
 
     from hybridprune.data.datasets import load_dataset
-    from hybridprune.experiments.job import nm_pruned_copy, prune_filters_
+    from hybridprune.experiments.job import nm_pruned_copy
     from hybridprune.models.sources import build_model
+    from hybridprune.pruning.filters import prune_filters_
     from hybridprune.training.loop import calibration_batches, fit
     from hybridprune.world import world_from_env
 

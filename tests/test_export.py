@@ -6,11 +6,11 @@ import torch
 
 from conftest import make_model
 from hybridprune.cli import main
-from hybridprune.config import PruneConfig
+from hybridprune.config import NMPattern, PruneConfig
 from hybridprune.deploy.export import check_onnx, count_broken_groups, export_onnx
-from hybridprune.experiments.job import prune_filters_
 from hybridprune.pruning.checkpoint import save_checkpoint
-from hybridprune.pruning.nm import NMPattern, nm_prune_
+from hybridprune.pruning.filters import prune_filters_
+from hybridprune.pruning.nm import nm_prune_
 
 ort = pytest.importorskip("onnxruntime")
 

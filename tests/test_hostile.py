@@ -56,9 +56,10 @@ from helpers import (
 )
 from hybridprune.cli import build_parser
 from hybridprune.cli.flags import Bound, numeric_flags
+from hybridprune.config import NMPattern
 from hybridprune.models.sources import build_model
 from hybridprune.pruning.checkpoint import save_checkpoint
-from hybridprune.pruning.nm import NMPattern, nm_prune_
+from hybridprune.pruning.nm import nm_prune_
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the few cases that compute are tiny
 

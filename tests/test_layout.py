@@ -184,3 +184,30 @@ def test_every_declared_name_has_its_object():
         assert registry.missing() == [] and registry.names() == list(declared)
     with pytest.raises(KeyError, match="not declared"):
         METRICS.register("undeclared")
+
+
+def defined_names(path: Path) -> set[str]:
+    """Names a module defines at its top level (functions, classes, assigned names), not those it imports."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_every_name_is_imported_from_its_one_home():
+    """No module re-exports another's names for others to import: each import names the module that defines it
+    (the package's lazy `__init__` aside), so a concept has one home."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    defined = {name: defined_names(path) for name, path in modules.items()}
+    stray = []
+    for folder in (PACKAGE, ROOT / "tests", ROOT / "benchmarks"):
+        for path in folder.rglob("*.py"):
+            for target, name, line in imports_of(module_name(path) if folder == PACKAGE else "x", path):
+                if target in modules and target != "hybridprune" and name and f"{target}.{name}" not in modules:
+                    if name not in defined[target]:
+                        stray.append(f"{path.relative_to(ROOT)}:{line} imports {name} from {target}")
+    assert stray == []

@@ -12,9 +12,9 @@ from conftest import coupled_shapes_match, kill_channels
 from hybridprune.config import PruneConfig
 from hybridprune.deploy.sparse import to_inference_model
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiments.job import prune_filters_
 from hybridprune.models.sources import build_model
 from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_, save_checkpoint
+from hybridprune.pruning.filters import prune_filters_
 from hybridprune.pruning.graph import channel_groups, dependency_graph
 from hybridprune.pruning.nm import apply_masks_, nm_prune_, satisfies_nm
 from hybridprune.pruning.plan import FilterPlan, GroupPlan, apply_filter_plan_

@@ -2,16 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from hybridprune.config import NMPattern
 from hybridprune.errors import HybridPruneError
-from hybridprune.pruning.nm import (
-    NMPattern,
-    apply_masks_,
-    compute_masks,
-    nm_eligibility,
-    nm_mask,
-    nm_prune_,
-    satisfies_nm,
-)
+from hybridprune.pruning.nm import apply_masks_, compute_masks, nm_eligibility, nm_mask, nm_prune_, satisfies_nm
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])

@@ -6,7 +6,8 @@ import torch
 
 from conftest import make_model
 from hybridprune.cli import main
-from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_weight
+from hybridprune.config import NMPattern
+from hybridprune.pruning.nm import eligible_layers, nm_prune_weight
 from hybridprune.pruning.permute import kept_magnitude, permute_for_nm_
 
 

@@ -7,8 +7,8 @@ from torch import nn
 from conftest import coupled_shapes_match, kill_channels, make_model
 from hybridprune.config import PruneConfig
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiments.job import prune_filters_
 from hybridprune.models.sources import build_model
+from hybridprune.pruning.filters import prune_filters_
 from hybridprune.pruning.graph import channel_groups, dependency_graph
 from hybridprune.pruning.metrics import ScoringContext, score_filters
 from hybridprune.pruning.nm import apply_masks_, nm_eligibility, nm_prune_, satisfies_nm

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridprune.config import NMPattern
 from hybridprune.deploy.sparse import (
     GemmConv2d,
     conv_weight_as_gemm,
@@ -12,7 +13,7 @@ from hybridprune.deploy.sparse import (
     unfold_channels_last,
 )
 from hybridprune.errors import HybridPruneError
-from hybridprune.pruning.nm import NMPattern, nm_mask, nm_prune_
+from hybridprune.pruning.nm import nm_mask, nm_prune_
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1), (5, 1, 2), (5, 2, 0), (3, 1, 0)])
@@ -121,7 +122,7 @@ def test_cpu_conversion_is_dense_says_so_and_matches(zoo_model):
 
 def test_gemm_lowering_of_every_nm_conv_equals_the_masked_model(zoo_model):
     from hybridprune.config import PruneConfig
-    from hybridprune.experiments.job import prune_filters_
+    from hybridprune.pruning.filters import prune_filters_
 
     prune_filters_(zoo_model, PruneConfig(metric="l1", filter_ratio=0.4, round_to=4), [])
     masks = nm_prune_(zoo_model)

@@ -43,7 +43,8 @@ _API = {
     "hybridprune.pruning.nm": "apply_masks_ compute_masks nm_eligibility nm_mask nm_prune_ satisfies_nm",
     "hybridprune.pruning.plan": "FilterPlan apply_filter_plan_ plan_filter_pruning",
     "hybridprune.pruning.checkpoint": "load_checkpoint load_weights_ rebuild save_checkpoint",
-    "hybridprune.experiments.job": "prune_filters_ run",
+    "hybridprune.experiments.job": "run",
+    "hybridprune.pruning.filters": "prune_filters_",
     "hybridprune.pruning.permute": "permute_for_nm_",
     "hybridprune.training.loop": "calibration_batches evaluate fit recalibrate_bn_",
     "hybridprune.training.masks": "MaskHandle hold_masks",
@@ -79,10 +80,11 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from hybridprune.data.datasets import load_dataset  # noqa: F401
     from hybridprune.data.images import Dataset, ImageSet  # noqa: F401
     from hybridprune.errors import HybridPruneError  # noqa: F401
-    from hybridprune.experiments.job import prune_filters_, run  # noqa: F401
+    from hybridprune.experiments.job import run  # noqa: F401
     from hybridprune.models.counts import model_stats  # noqa: F401
     from hybridprune.models.sources import MODELS, Classifier, build_model, model_spec  # noqa: F401
     from hybridprune.pruning.checkpoint import load_checkpoint, load_weights_, rebuild, save_checkpoint  # noqa: F401
+    from hybridprune.pruning.filters import prune_filters_  # noqa: F401
     from hybridprune.pruning.metrics import METRICS, ScoringContext, score_filters  # noqa: F401
     from hybridprune.pruning.nm import (  # noqa: F401
         apply_masks_,

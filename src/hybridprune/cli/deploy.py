@@ -309,7 +309,7 @@ def _check_images(model: Any, dataset: str | None, data_dir: str | None, count: 
         return images, "random images (give --dataset for real test images)"
     from hybridprune.data.batching import batches
     from hybridprune.data.datasets import load_dataset
-    from hybridprune.experiments.job import check_fits
+    from hybridprune.experiments.inputs import check_fits
 
     data = load_dataset(dataset, data_dir)
     check_fits(model, data)

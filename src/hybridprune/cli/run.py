@@ -290,7 +290,7 @@ def _print_result(result: dict[str, Any], json_path: str | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from hybridprune.experiments.job import data_meta, new_model, prepare_data
+    from hybridprune.experiments.inputs import data_meta, new_model, prepare_data
     from hybridprune.outputs import check_output_file
     from hybridprune.provenance import environment
     from hybridprune.pruning.checkpoint import save_checkpoint
@@ -317,7 +317,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from hybridprune.experiments.job import check_classes, check_fits, prepare_data_config
+    from hybridprune.experiments.inputs import check_classes, check_fits, prepare_data_config
     from hybridprune.models.counts import model_stats
     from hybridprune.outputs import write_json
     from hybridprune.pruning.checkpoint import load_checkpoint

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hybridprune.config import NMPattern
 from hybridprune.deploy.export import onnxruntime_session
 from hybridprune.deploy.sparse import InferenceModel, to_inference_model
 from hybridprune.deploy.timing import time_calls
@@ -26,7 +27,7 @@ from hybridprune.models.sources import build_model, input_shape
 from hybridprune.pruning.checkpoint import load_checkpoint
 from hybridprune.pruning.graph import as_example
 from hybridprune.pruning.metrics import ScoringContext, score_filters
-from hybridprune.pruning.nm import NMPattern, nm_prune_
+from hybridprune.pruning.nm import nm_prune_
 from hybridprune.pruning.plan import apply_filter_plan_, plan_filter_pruning
 
 VARIANTS = ("dense", "filter", "nm", "hybrid")

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybridprune.config import ONNX_OPSET
+from hybridprune.config import ONNX_OPSET, NMPattern
 from hybridprune.deploy.sparse import fold_batchnorm_
 from hybridprune.errors import HybridPruneError, first_line
 from hybridprune.models.sources import input_shape, model_label
 from hybridprune.outputs import atomic_target
 from hybridprune.pruning.graph import as_example
-from hybridprune.pruning.nm import NMPattern
 
 OPSET = ONNX_OPSET
 

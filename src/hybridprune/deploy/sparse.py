@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridprune.config import NMPattern
 from hybridprune.deploy.timing import median_ms
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import as_example, dependency_graph, example_input, followers, set_module, sole_consumer
-from hybridprune.pruning.nm import NMPattern, nm_eligibility, satisfies_nm
+from hybridprune.pruning.nm import nm_eligibility, satisfies_nm
 
 KERNEL_CHOICES = ("sparse", "fastest", "dense", "gemm")
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -25,15 +25,12 @@ from hybridprune.deploy.latency_target import LatencyReport, allocate_for_latenc
 from hybridprune.deploy.profile import resolve_settings
 from hybridprune.deploy.runtimes import device_name
 from hybridprune.errors import HybridPruneError
-from hybridprune.experiments.inputs import (  # noqa: F401 - three names kept here for cli, marked below
+from hybridprune.experiments.inputs import (
     Log,
-    check_classes,  # re-export: cli imports it from here until it takes it from experiments.inputs
-    check_fits,  # re-export: cli imports it from here until it takes it from experiments.inputs
     data_meta,
     load_dense_checkpoint,
     new_model,
     prepare_data,
-    prepare_data_config,  # re-export: cli imports it from here until it takes it from experiments.inputs
 )
 from hybridprune.lock import LOCK_NAME, FolderLock
 from hybridprune.models.counts import model_stats

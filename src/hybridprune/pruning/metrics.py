@@ -32,9 +32,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from hybridprune.config import METRIC_NAMES
+from hybridprune.config import METRIC_NAMES, NMPattern
 from hybridprune.pruning.graph import ChannelGroup, as_example, channel_groups, dependency_graph, followers
-from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_, nm_prune_weight
+from hybridprune.pruning.nm import eligible_layers, nm_prune_, nm_prune_weight
 from hybridprune.pruning.plan import Scores
 from hybridprune.registry import Registry
 

@@ -15,9 +15,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from hybridprune.config import NMPattern
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import ChannelGroup, channel_groups, dependency_graph
-from hybridprune.pruning.nm import NMPattern, eligible_layers, nm_prune_weight
+from hybridprune.pruning.nm import eligible_layers, nm_prune_weight
 
 
 @dataclass(frozen=True)
