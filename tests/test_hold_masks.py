@@ -215,3 +215,29 @@ def test_a_ddp_user_loop_keeps_the_ranks_identical_and_the_pattern_exact(tmp_pat
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_fp16_with_a_grad_scaler_and_a_skipped_step_keeps_the_pattern():
+    net, masks, x, y = pruned("resnet18")
+    net, x, y = net.cuda(), x.cuda(), y.cuda()
+    opt = sgd(net)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
+    hp.hold_masks(net, masks, opt)  # masks on the CPU, weights on the GPU: moved once, on first use
+    name, mask = next(iter(masks.items()))
+    skipped = []
+    for step in range(20):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(net(x), y)
+        scaler.scale(loss).backward()
+        if step == 5:
+            net.get_submodule(name).weight.grad[tuple(mask.nonzero()[0].tolist())] = float("inf")
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() < scale:
+            skipped.append(step)
+            net.zero_grad()
+        assert_held(net, {n: m.cuda() for n, m in masks.items()}, opt)
+        opt.zero_grad()
+    assert 5 in skipped
