@@ -11,6 +11,7 @@ minutes on two CPU cores.
 import pytest
 import torch
 
+from helpers import call
 from hybridprune.config import ModelSource, PruneConfig
 from hybridprune.deploy.sparse import to_inference_model
 from hybridprune.errors import HybridPruneError
@@ -140,3 +141,12 @@ def test_timm_sources_take_only_shape_arguments(tmp_path):
             build_model(ModelSource("timm", "resnet10t", bad))
     with pytest.raises(HybridPruneError, match="unknown timm model"):
         build_model("timm:no_such_net")
+
+
+def test_the_cli_takes_timm_models_and_refuses_a_pretrained_tag_in_one_line(capsys):
+    pytest.importorskip("timm")
+    args = ["bench", "--synthetic", "--batch-sizes", "2", "--rounds", "1", "--calls", "1", "--no-progress"]
+    assert call([*args, "--model", "timm:resnet10t", "--round-to", "8"], capsys).code == 0
+    refused = call([*args, "--model", "timm:resnet10t.a1_in1k"], capsys)
+    assert refused.code == 2 and "'timm:resnet10t.a1_in1k' is malformed" in refused.err
+    assert len(refused.err.strip().splitlines()) <= 2  # argparse's usage line, then the one line
