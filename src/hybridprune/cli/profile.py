@@ -23,8 +23,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="a hybridprune checkpoint to profile (instead of --model)")
     p.add_argument("--model", default=None, help=f"{model_names()}; with --checkpoint of user code, its factory")
     numeric(p, "--width", ModelConfig, "width", "width multiplier of a built-in model")
-    numeric(p, "--channels", BenchConfig, "channels", "input channels of --model")
-    numeric(p, "--image-size", BenchConfig, "image_size", "input height and width of --model")
+    numeric(p, "--channels", BenchConfig, "channels", "input channels of --model (default 3)", default=None)
+    numeric(
+        p, "--image-size", BenchConfig, "image_size", "input height and width of --model (default 32)", default=None
+    )
     add_latency(p)
     p.add_argument(
         "--check-ratios",

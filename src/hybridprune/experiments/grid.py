@@ -161,7 +161,7 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
     if bad:
         raise HybridPruneError(f"prune.{bad[0]} is set by the grid axes (metrics, ratios, target_latencies)")
     PruneConfig(**prune)  # validates the keys and values now, not in a worker later
-    targets = tuple(float(t) for t in _items(raw, "target_latencies", [], float))
+    targets = tuple(float(t) for t in _items(raw, "target_latencies", [], float)) if "target_latencies" in raw else ()
     if targets and "ratios" in raw:
         raise HybridPruneError("give ratios or target_latencies, not both: a latency target replaces the ratio")
     for target in targets:  # each point checked now (bounds, allocation), not in a worker later
