@@ -365,3 +365,20 @@ def test_a_latency_grid_runs_and_its_report_shows_measured_latency(tmp_path, det
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Pruned to a measured latency target" in report and "0.6" in report and "0.9" in report
     assert any(p.name.startswith("latency-") and p.suffix == ".png" for p in written)
+
+
+def test_profile_takes_a_checkpoint_and_reports_predicted_beside_measured(tmp_path, capsys, deterministic_times):
+    from hybridprune.models.sources import build_model
+    from hybridprune.pruning.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", build_model("resnet20", width=0.5))
+    out, check = tmp_path / "table.json", tmp_path / "check.json"
+    argv = ["profile", "--checkpoint", str(ckpt), "--latency-runtime", "torch", "--latency-batch", "4",
+            "--check-ratios", "0.5", "--out", str(out), "--json", str(check), "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(check.read_text())
+    assert [c["model"] for c in report["checks"]] == ["dense", "uniform 0.5"]
+    assert all(c["error"] == pytest.approx(0, abs=1e-9) for c in report["checks"])  # exact times: exact prediction
+    assert load_table(out).entries
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err  # no overwrite without --overwrite
