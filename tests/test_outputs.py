@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import hybridprune
+from helpers import holder
 from hybridprune.errors import HybridPruneError
 from hybridprune.lock import LOCK_NAME, FolderLock
 from hybridprune.outputs import (
@@ -266,38 +267,6 @@ def test_check_output_dir(tmp_path):
 
 
 # --- the folder lock --------------------------------------------------------------------------------------------
-
-HOLDER = r"""
-import os, sys, time
-sys.path.insert(0, sys.argv[4])  # the same hybridprune as the test; importing it costs no torch, so this starts fast
-from hybridprune.errors import HybridPruneError
-from hybridprune.lock import FolderLock
-folder, go, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
-if go != "-":
-    print("ready", flush=True)
-while go != "-" and not os.path.exists(go):
-    time.sleep(0.001)
-try:
-    lock = FolderLock(folder).acquire()
-except HybridPruneError as e:
-    print("refused", e, flush=True)
-    sys.exit(0)
-print("held", flush=True)
-sys.stdin.read() if hold < 0 else time.sleep(hold)
-lock.release()
-"""
-
-
-def holder(folder, go="-", hold=-1.0):
-    """A real second process running FolderLock(folder): holds it until its stdin closes (hold < 0) or for
-    `hold` seconds, starting when the file `go` exists."""
-    package = SRC  # the same hybridprune as this test
-    return subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(folder), str(go), str(hold), package],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
 
 
 def held_by_another_process(folder):
