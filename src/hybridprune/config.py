@@ -188,9 +188,11 @@ class ModelSource:
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
 
 
-class _Dict:
-    # Inclusive (low, high) bounds of numeric fields: a value outside them is bad input, whether it comes
-    # from a flag, an experiment file or the Python API.
+class _CheckedConfig:
+    """The base of every config: checks each field's type and bound at construction (`_check_fields`) and
+    converts to and from plain dicts. `RANGES` holds the inclusive (low, high) bounds of numeric fields: a value
+    outside them is bad input, whether it comes from a flag, an experiment file or the Python API."""
+
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,7 +234,7 @@ def _flag(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Dict):
+class TrainConfig(_CheckedConfig):
     """SGD with Nesterov momentum and a warm-up then linear-decay learning rate.
 
     Example:
@@ -281,7 +283,7 @@ DEFAULT_METRICS = ("l1", "output_l1", "hybrid", "hybrid_output", "random")
 
 
 @dataclass(frozen=True)
-class PruneConfig(_Dict):
+class PruneConfig(_CheckedConfig):
     """How filters are chosen and removed, and the N:M pattern that follows.
 
     `ignore`: module names (as in `model.net.named_modules()`, or with the `net.` prefix) whose output
@@ -388,7 +390,7 @@ _LATENCY_FIELDS = (
 
 
 @dataclass(frozen=True)
-class DataConfig(_Dict):
+class DataConfig(_CheckedConfig):
     """Which dataset, where it lives, and optional seeded subsets (for quick runs on a CPU)."""
 
     dataset: str = "digits"
@@ -413,7 +415,7 @@ class DataConfig(_Dict):
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Dict):
+class ModelConfig(_CheckedConfig):
     """Which network: a built-in name, `torchvision:NAME`, `timm:NAME` or a user's `module:factory` (see `models.py`);
     `width` scales a built-in model (None: its own default, 1.0); `weights` a trained state dict to start from."""
 
@@ -441,7 +443,7 @@ DEFAULT_MODEL = ModelConfig("alexnet", 0.5)  # the job run with no --model: the 
 
 
 @dataclass(frozen=True)
-class RunConfig(_Dict):
+class RunConfig(_CheckedConfig):
     """Everything `hybridprune run` needs: the dense model, the metrics to compare, fine-tuning."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -550,7 +552,7 @@ def check_recipe(name: str, recipe: Any) -> dict[str, dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class BenchConfig(_Dict):
+class BenchConfig(_CheckedConfig):
     """How `hybridprune bench` times its variants, and the input of synthetic ones.
 
     Example:
@@ -577,7 +579,7 @@ class BenchConfig(_Dict):
 
 
 @dataclass(frozen=True)
-class ConvertConfig(_Dict):
+class ConvertConfig(_CheckedConfig):
     """How `hybridprune convert` chooses each layer's kernel: measured on an input batch of `batch_size`."""
 
     batch_size: int = 256
@@ -589,7 +591,7 @@ class ConvertConfig(_Dict):
 
 
 @dataclass(frozen=True)
-class ExportConfig(_Dict):
+class ExportConfig(_CheckedConfig):
     """How `hybridprune export` writes the ONNX file and how many images check it against PyTorch."""
 
     opset: int = ONNX_OPSET
@@ -602,7 +604,7 @@ class ExportConfig(_Dict):
 
 
 @dataclass(frozen=True)
-class PoolConfig(_Dict):
+class PoolConfig(_CheckedConfig):
     """The workers that run a grid's runs (`hybridprune experiment`): how many at once, and where.
 
     Grid workers start at 1 (one run at a time, in this process); they are not a dataset's decoding workers

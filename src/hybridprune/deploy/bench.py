@@ -57,13 +57,13 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 
 def parse_dtypes(text: str) -> list[torch.dtype]:
-    from hybridprune.deploy.sparse import HALF_DTYPES
+    from hybridprune.deploy.sparse import DTYPES_BY_NAME
 
     names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in HALF_DTYPES]
+    bad = [n for n in names if n not in DTYPES_BY_NAME]
     if bad or not names:
-        raise HybridPruneError(f"unknown dtype {', '.join(bad) or text!r}; valid: {', '.join(HALF_DTYPES)}")
-    return [HALF_DTYPES[n] for n in names]
+        raise HybridPruneError(f"unknown dtype {', '.join(bad) or text!r}; valid: {', '.join(DTYPES_BY_NAME)}")
+    return [DTYPES_BY_NAME[n] for n in names]
 
 
 # --- building the variants ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from hybridprune.pruning.graph import as_example, dependency_graph, example_inpu
 from hybridprune.pruning.nm import nm_eligibility, satisfies_nm
 
 KERNEL_CHOICES = ("sparse", "fastest", "dense", "gemm")
-HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def conv_weight_as_gemm(weight: torch.Tensor) -> torch.Tensor:
