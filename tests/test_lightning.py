@@ -81,3 +81,13 @@ def test_bad_callback_arguments_are_one_line():
         hp.HybridPruningCallback(hp.PruneConfig(), filter_epoch=2, nm_epoch=1)
     with pytest.raises(HybridPruneError, match="PruneConfig"):
         hp.HybridPruningCallback({"filter_ratio": 0.5})
+
+
+def test_2_4_alone_traces_a_training_batch_and_holds_from_its_epoch(one_torch_thread):
+    model = Tiny()
+    pruning = hp.HybridPruningCallback(hp.PruneConfig(filter_ratio=0.0), filter_epoch=0, nm_epoch=0, module="net")
+    check = PatternCheck(pruning)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning, check])  # fmt: skip
+    trainer.fit(model, _loader())
+    assert pruning.plan is None and "stem.0" not in pruning.masks and check.checked == 4 * len(pruning.masks) > 0

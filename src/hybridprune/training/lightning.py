@@ -33,6 +33,7 @@ else:
 
 from hybridprune.pruning.checkpoint import save_checkpoint
 from hybridprune.pruning.filters import prune_filters_
+from hybridprune.pruning.graph import known_input_shape
 from hybridprune.pruning.nm import nm_prune_
 from hybridprune.training.loop import recalibrate_bn_
 from hybridprune.training.masks import MaskHandle, hold_masks
@@ -123,7 +124,7 @@ class HybridPruningCallback(Callback):
     def _nm_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         net = self.network(pl_module)
         example = self.example_inputs
-        if example is None and not hasattr(net, "input_shape") and not hasattr(net, "pruning_input_shape"):
+        if example is None and known_input_shape(net) is None:  # not filter-pruned here: trace a training batch
             example = self._calibration(trainer)[0][0]
         self.masks = nm_prune_(net, self.cfg.pattern, example_inputs=example)
         self.handles = [hold_masks(net, self.masks, opt) for opt in trainer.optimizers]
