@@ -20,6 +20,7 @@ from hybridprune.models.sources import build_model
 from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
 from hybridprune.pruning.filters import prune_filters_
 from hybridprune.pruning.nm import nm_prune_, satisfies_nm
+from hybridprune.pruning.permute import permute_for_nm_
 from hybridprune.training.masks import hold_masks
 
 slow = pytest.mark.slow
@@ -114,6 +115,11 @@ def test_grouped_convs_keep_equal_conv_groups_and_say_when_they_stay_whole():
     """RegNet-X 400MF: its 400-channel stage has 25 conv groups of 16; the convs that feed a grouped conv are cut
     within every conv group alike, and a grouped conv read by a dense 1x1 stays whole at --round-to 16, saying so."""
     model = build_model("torchvision:regnet_x_400mf", image_size=32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        permute_for_nm_(model, tries_per_channel=1)  # no channel moves between the conv groups of a grouped conv
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
     plan = prune_filters_(model, PruneConfig(metric="l1", filter_ratio=0.4, round_to=16), [torch.rand(2, 3, 32, 32)])
     by_name = {g.name.removeprefix("net."): g for g in plan.groups}
     feeding = by_name["trunk_output.block4.block4-0.f.a.0"]

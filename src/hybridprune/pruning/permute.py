@@ -132,7 +132,7 @@ def permute_for_nm_(
         items = _items(graph, model, group)
         readers = [n for n in _readers(graph, model, items, group) if n in eligible]
         weights = [model.get_submodule(n).weight.detach() for n in readers]
-        if not weights:
+        if not weights or group.channel_groups > 1:  # a grouped conv's channels cannot move between its conv groups
             continue
         before = kept_magnitude(weights, pattern)
         perm = _search([w.cpu() for w in weights], pattern, tries_per_channel * group.size, seed)
