@@ -499,7 +499,6 @@ _V2 = SCHEMA
 _V1_RUNS = create_table("runs", tuple(c for c in TABLES["runs"] if c[0] != "recipe"))
 _META = create_table("meta", TABLES["meta"])
 FOREIGN_STORES = {
-    "empty file": None,
     "another program's tables": "CREATE TABLE users (id INTEGER, name TEXT);",
     "meta only, version 1": f"{_META} INSERT INTO meta VALUES ('version', '1');",
     "meta only, version 2": f"{_META} INSERT INTO meta VALUES ('version', '2');",
@@ -554,6 +553,17 @@ def test_a_real_store_of_each_version_still_opens(tmp_path):
     assert Store(tmp_path / "new.sqlite", create=False).rows() == []
     _foreign(tmp_path / "v1.sqlite", f"{_META} {_V1_RUNS} INSERT INTO meta VALUES ('version', '1');")
     assert Store(tmp_path / "v1.sqlite", create=False).rows() == []
+
+
+def test_an_empty_file_is_no_store_to_report_on_and_becomes_one_for_a_grid(tmp_path, capsys):
+    """An empty file holds nothing to lose (it is also what a store looks like the instant another process
+    creates it): `report` refuses it unchanged, `experiment` makes it a store."""
+    store = tmp_path / "s.sqlite"
+    _foreign(store, None)
+    refused_unchanged(["report", "--store", store, "--out", tmp_path / "r"], tmp_path, capsys, "empty", str(store))
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(GRID))
+    assert call(["experiment", tmp_path / "grid.yaml", "--store", store, "--list"], capsys).code == 0
+    assert Store(store, create=False).rows() == []
 
 
 # --- 7. messages name the right kind of file ------------------------------------------------------------------------

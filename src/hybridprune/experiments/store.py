@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,10 @@ KNOWN_SCHEMAS: dict[str, tuple[dict[str, frozenset[str]], ...]] = {
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def read_store_version(path: Path) -> str:
+def read_store_version(path: Path) -> str | None:
     """The version of the hybridprune store in `path`, read through a read-only connection (nothing is written,
-    no journal is made); any file that is not a store of a known schema is one line.
+    no journal is made); None for an empty file (a store another process is creating, or an empty database:
+    nothing in it to lose); any other file that is not a store of a known schema is one line.
 
     Example:
         >>> path = getfixture("tmp_path") / "other.sqlite"
@@ -132,6 +134,8 @@ def read_store_version(path: Path) -> str:
             head = f.read(100)
     except OSError as e:  # a folder, a dangling link, no permission
         raise HybridPruneError(f"cannot read the store {path}: {e.strerror or e}") from None
+    if not head:
+        return None
     if not head.startswith(SQLITE_MAGIC) or head[18:20] != b"\x01\x01":  # 2: write-ahead log, never a store's
         raise HybridPruneError(f"{path} is not a hybridprune store (not an SQLite file of its kind); {untouched}")
     try:
@@ -200,19 +204,29 @@ def nm_only_key(cfg: RunConfig) -> str:
 # --- the store ----------------------------------------------------------------------------------------
 
 
+def _create_tables(db: sqlite3.Connection) -> None:
+    """Every declared table that is missing, and the version of a new store."""
+    for name, columns in TABLES.items():
+        db.execute(create_table(name, columns))
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (str(STORE_VERSION),))
+
+
 class Store:
     """The SQLite result store: one row per finished run, keyed by its configuration."""
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
-        if not self.path.exists() and not create:
+        exists = self.path.exists() or self.path.is_symlink()
+        if not exists and not create:
             raise HybridPruneError(f"store {self.path} not found")
-        self._check_version()  # before the folder or the file is touched
-        if create:
+        version = read_store_version(self.path) if exists else None  # before the folder or the file is touched
+        if version is None and not create:
+            raise HybridPruneError(f"{self.path} is an empty file, not a store yet; it was left untouched")
+        if version == "1":
+            self._upgrade_from_v1()
+        elif version is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.executescript(SCHEMA)
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (str(STORE_VERSION),))
+            self._in_one_transaction(_create_tables)
 
     @property
     def artifacts(self) -> Path:
@@ -222,18 +236,29 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
 
-    def _check_version(self) -> None:
-        """An existing file must be a store of a known schema (read without writing); version 1 is upgraded."""
-        if (self.path.exists() or self.path.is_symlink()) and read_store_version(self.path) == "1":
-            self._upgrade_from_v1()
+    def _in_one_transaction(self, steps: Callable[[sqlite3.Connection], None]) -> None:
+        """`steps` as one transaction under the write lock: a process creating or upgrading the same store at the
+        same time waits, then finds it done; a reader sees all of it or none."""
+        with closing(self._connect()) as db:
+            db.isolation_level = None  # the transaction is ours, not the module's
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                steps(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def _upgrade_from_v1(self) -> None:
         """Version 1 had no recipes: every run in it was plain fine-tuning. One transaction."""
-        recipe = dict(RUNS)["recipe"]
-        with self._connect() as db:
-            db.execute(f"ALTER TABLE runs ADD COLUMN recipe {recipe}")
+
+        def upgrade(db: sqlite3.Connection) -> None:
+            if "recipe" not in {c for (c,) in db.execute("SELECT name FROM pragma_table_info('runs')")}:
+                db.execute(f"ALTER TABLE runs ADD COLUMN recipe {dict(RUNS)['recipe']}")  # not upgraded meanwhile
+            _create_tables(db)  # the tables version 1 lacked (every statement is IF NOT EXISTS)
             db.execute("UPDATE meta SET value = ? WHERE key = 'version'", (str(STORE_VERSION),))
-            db.executescript(SCHEMA)  # the tables version 1 lacked (every statement is IF NOT EXISTS)
+
+        self._in_one_transaction(upgrade)
 
     def finished_keys(self) -> set[str]:
         """The keys of the finished runs."""
