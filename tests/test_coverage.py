@@ -19,7 +19,7 @@ from hybridprune.models.counts import model_stats
 from hybridprune.models.sources import build_model
 from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
 from hybridprune.pruning.filters import prune_filters_
-from hybridprune.pruning.nm import nm_prune_, satisfies_nm
+from hybridprune.pruning.nm import nm_eligibility, nm_prune_, satisfies_nm
 from hybridprune.pruning.permute import permute_for_nm_
 from hybridprune.training.masks import hold_masks
 
@@ -111,6 +111,36 @@ def test_every_cnn_family_prunes_through_the_whole_chain_or_is_refused_in_one_li
     assert all(g.kept % 16 == 0 or g.note or g.kept == g.original for g in plan.groups)
 
 
+def grouped_net() -> torch.nn.Module:
+    """conv -> grouped conv (3 conv groups of 16) -> dense 1x1 -> head: the shape of a ResNeXt or RegNet block."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(3, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU(),
+        nn.Conv2d(48, 48, 3, padding=1, groups=3), nn.BatchNorm2d(48), nn.ReLU(),
+        nn.Conv2d(48, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("round_to, kept, whole", [(4, (24, 24, 8), False), (16, (24, 48, 16), True)])
+def test_a_grouped_conv_keeps_the_same_positions_in_every_conv_group(round_to, kept, whole, tmp_path):
+    torch.manual_seed(0)
+    net, x = grouped_net().eval(), torch.rand(2, 3, 8, 8)
+    plan = prune_filters_(net, PruneConfig(metric="l1", filter_ratio=0.5, round_to=round_to), [x])
+    assert tuple(g.kept for g in plan.groups) == kept
+    feeding, grouped, _ = plan.groups  # read by the grouped conv only: a multiple of 3; by the 1x1: of 3 and 16
+    positions = [{k % 16 for k in feeding.keep if k // 16 == j} for j in range(3)]
+    assert all(p == positions[0] for p in positions) and "3 conv groups keep 8 of 16" in feeding.note
+    assert ("kept whole" in grouped.note) == whole and ("--round-to 16" in grouped.note) == whole
+    assert (net[3].groups, net[3].in_channels, net[3].out_channels) == (3, 24, kept[1])
+    assert net(x).shape == (2, 10)
+    assert "net.3" not in {e.name for e in nm_eligibility(net, example_inputs=x) if e.eligible}
+    path = save_checkpoint(tmp_path / "g.safetensors", net)
+    loaded, _, _ = load_checkpoint(path, model=grouped_net())
+    assert torch.equal(loaded(x), net(x))
+
+
+@slow
 def test_grouped_convs_keep_equal_conv_groups_and_say_when_they_stay_whole():
     """RegNet-X 400MF: its 400-channel stage has 25 conv groups of 16; the convs that feed a grouped conv are cut
     within every conv group alike, and a grouped conv read by a dense 1x1 stays whole at --round-to 16, saying so."""
