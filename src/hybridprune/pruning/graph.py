@@ -212,6 +212,8 @@ def channel_groups(
     order = {n: i for i, n in enumerate(called)}
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+        if not _indices_fit(graph, group):
+            continue  # mapped through a split it cannot follow (timm's CSP and Res2Net blocks): its channels stay
         producers, members, consumers = [], [], {}
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
@@ -231,6 +233,20 @@ def channel_groups(
         members = tuple(dict.fromkeys(members))
         groups.append(ChannelGroup(root, size, tuple(producers), members, tuple(consumers.items()), split, aligned))
     return sorted(groups, key=lambda g: order.get(g.name, len(order)))
+
+
+def _indices_fit(graph: tp.DependencyGraph, group: tp.Group) -> bool:
+    """Every channel index Torch-Pruning maps into a member lies within that member's channels."""
+    for item in group:
+        module = item.dep.target.module
+        pruner = graph.get_pruner_of_module(module) if isinstance(module, nn.Module) else None
+        if pruner is None or not item.idxs:
+            continue
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        channels = (pruner.get_out_channels if out else pruner.get_in_channels)(module)
+        if channels is not None and max(item.idxs) >= channels:
+            return False
+    return True
 
 
 def conv_groups(graph: tp.DependencyGraph, group: tp.Group, size: int) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hybridprune.config import DEFAULT_ROUND_TO, validate_ratio
-from hybridprune.errors import HybridPruneError
+from hybridprune.errors import HybridPruneError, first_line
 from hybridprune.pruning.graph import ChannelGroup, dependency_graph, example_input, known_input_shape
 
 Scores = dict[str, torch.Tensor]  # group name -> one score per channel of the group
@@ -212,9 +212,45 @@ def apply_filter_plan_(model: nn.Module, plan: FilterPlan, example_inputs: torch
         drop = [i for i in range(group.original) if i not in set(group.keep)]
         if drop:
             pruner = graph.get_pruner_of_module(root)
-            graph.get_pruning_group(root, pruner.prune_out_channels, idxs=drop).prune()
+            try:
+                graph.get_pruning_group(root, pruner.prune_out_channels, idxs=drop).prune()
+            except Exception as e:  # noqa: BLE001 - Torch-Pruning's index mapping fails inside; the user needs one line
+                raise HybridPruneError(
+                    f"{_label(model)} cannot be filter-pruned: Torch-Pruning fails removing channels of the group of "
+                    f"{group.name} ({first_line(e)}), a split, slice or reshape of channels it cannot map"
+                ) from None
+    check_runs(model, example)
     _remember(model, [_plain(entry) for entry in graph.pruning_history()], example)
     return model
+
+
+def _label(model: nn.Module) -> str:
+    return getattr(getattr(model, "source", None), "label", type(model).__name__)
+
+
+@torch.no_grad()
+def check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """After channels went: the model still takes its input, or one line names the module that fails on it (one
+    that splits or slices channels by sizes it stores, which Torch-Pruning does not update: timm's MixedConv2d)."""
+    running: list[str] = []
+    handles = []
+    for name, module in list(model.named_modules())[1:]:
+        handles.append(module.register_forward_pre_hook(lambda *_, n=name: running.append(n)))
+        handles.append(module.register_forward_hook(lambda *_: (running.pop(), None)[1]))  # None: output unchanged
+    was_training = model.training
+    try:
+        model.eval()(example)
+    except Exception as e:  # noqa: BLE001 - whatever fails, the module and the first line of why
+        where = f"{running[-1]} ({type(model.get_submodule(running[-1])).__name__})" if running else "its forward"
+        raise HybridPruneError(
+            f"{_label(model)} cannot be filter-pruned: after its channels were removed, {where} fails "
+            f"({first_line(e)}); it splits, slices or sizes channels by numbers it stores, which Torch-Pruning "
+            "does not update"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
 
 
 def _remember(model: nn.Module, entries: list, example: torch.Tensor) -> None:
