@@ -55,7 +55,7 @@ TIMM = [
     ("timm:mobilenetv3_small_050", 32),  # depthwise, SE, hard-swish
     ("timm:tinynet_e", 32),  # EfficientNet family
     ("timm:lcnet_050", 32),  # depthwise
-    pytest.param("timm:ghostnet_050", 32, marks=slow),  # ghost modules
+    ("timm:ghostnet_050", 32),  # ghost modules
     pytest.param("timm:densenet121", 32, marks=slow),  # dense
     pytest.param("timm:cspresnet50", 32, marks=slow),  # cross-stage partial
     pytest.param("timm:dla34", 32, marks=slow),  # deep layer aggregation
@@ -63,7 +63,7 @@ TIMM = [
     pytest.param("timm:res2net50_14w_8s", 32, marks=slow),  # split into scales
     pytest.param("timm:resnest14d", 32, marks=slow),  # split attention
     ("timm:convnext_atto", 32),  # LayerNorm, 7x7 depthwise
-    pytest.param("timm:mixnet_s", 32, marks=slow),  # mixed kernels over channel splits
+    ("timm:mixnet_s", 32),  # mixed kernels over channel splits
 ]
 # the only models refused, each with what its one line must say
 REFUSED = {
