@@ -279,6 +279,7 @@ def test_report_refuses_a_missing_or_foreign_store(tmp_path, capsys):
 NUMERIC = sorted(numeric_flags(build_parser()).items(), key=lambda item: item[0])
 POSITIONALS = {"prune": ["c.pt"], "evaluate": ["c.pt"], "convert": ["c.pt"], "export": ["c.pt", "--out", "m.onnx"]}
 POSITIONALS["experiment"] = ["grid.yaml"]
+POSITIONALS["profile"] = ["--out", "table.json"]
 
 
 def _parse(command, flag, value):
@@ -302,7 +303,7 @@ def test_every_numeric_flag_goes_through_a_config_bound():
             allowed = (None, ratio, model_string)  # model_string checks a source's form: no number passes it
             assert action.type in allowed or isinstance(action.type, Bound), (command, action.option_strings)
     assert {c for (c, _), _ in NUMERIC} == {"run", "train", "prune", "evaluate", "bench", "convert", "export",
-                                            "experiment"}  # fmt: skip
+                                            "experiment", "profile"}  # fmt: skip
 
 
 NUMERIC_CASES = [pytest.param(c, f, b, id=f"{c} {f}") for (c, f), b in NUMERIC]
@@ -334,6 +335,10 @@ def _configs_built(command, args):
 
 # Flags whose value goes straight to the library, not through a config of the class that bounds them.
 UNCONFIGURED = {("bench", "--width"), ("bench", "--round-to"), ("bench", "--seed"), ("evaluate", "--seed")}
+UNCONFIGURED |= {  # profile hands its numbers to the profiler (bounded by the fields named, no config built)
+    ("profile", f)
+    for f in ("--width", "--channels", "--image-size", "--latency-batch", "--latency-step", "--latency-points")
+}
 
 
 @pytest.mark.parametrize("command,flag,bound", NUMERIC_CASES)

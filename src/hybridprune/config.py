@@ -355,10 +355,6 @@ class PruneConfig(_CheckedConfig):
             return
         if self.target_macs is not None:
             raise HybridPruneError("give one of --target-latency and --target-macs, not both")
-        if self.allocation == "uniform":
-            raise HybridPruneError(
-                "--target-latency keeps the most importance within the budget: use --allocation global or sensitivity"
-            )
 
     @property
     def pattern(self) -> NMPattern:

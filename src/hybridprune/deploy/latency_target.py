@@ -89,6 +89,8 @@ def allocate_for_latency(
     if cfg.allocation == "sensitivity":
         curves = measure_sensitivity(model, ctx.groups, scores, calibration, labels, settings.step)
         values = sensitivity_values(ctx.groups, curves, candidates)
+    elif cfg.allocation == "uniform":  # no ranking across groups: each group's kept fraction weighs the same
+        values = {g.name: {k: k / g.size for k in candidates[g.name]} for g in ctx.groups}
     else:
         values = importance_values(ctx.groups, scores, candidates)
     report = _report(cfg, settings, device, table, dense)

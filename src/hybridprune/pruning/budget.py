@@ -3,7 +3,8 @@ importance within a predicted latency budget (a knapsack, as in HALP, NeurIPS 20
 
 Each group g chooses a kept count k_g among its candidates (multiples of the table's step); its value V_g(k_g)
 is the importance it keeps: the chosen metric's scores normalised by their mean, as in global allocation (the
-sum of its k_g best), or, under sensitivity allocation, minus the accuracy drop its curve gives at that ratio.
+sum of its k_g best), or, under sensitivity allocation, minus the accuracy drop its curve gives at that ratio,
+or, under uniform allocation, its kept fraction k_g / size (every group weighs the same, no scores compared).
 A layer's latency depends on the counts of the group that sets its output and the groups that feed its input,
 so the budget couples neighbouring groups and the problem is not a plain knapsack. The solver:
 
