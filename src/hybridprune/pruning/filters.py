@@ -9,6 +9,7 @@ module knows no training.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,9 @@ from hybridprune.pruning.plan import (
     GroupPlan,
     Scores,
     apply_filter_plan_,
+    group_step,
     grouping_note,
+    kept_count,
     plan_filter_pruning,
     step_counts,
 )
@@ -149,10 +152,13 @@ def ignored_modules(model: nn.Module, names: tuple[str, ...]) -> tuple[str, ...]
 
 def check_prunable(model: nn.Module, cfg: PruneConfig) -> None:
     """Before any work: the model traces, `ignore` names its modules, and the ratio with its rounding
-    removes something (a plan that prunes nothing is refused, not run)."""
+    removes something (a plan that prunes nothing is refused, not run), and a trial removal on a copy runs."""
     ctx = ScoringContext(model, pattern=cfg.pattern, ignore=ignored_modules(model, cfg.ignore))
     if not ctx.groups:
         raise HybridPruneError(f"{model_label(model)} has no prunable conv channel group (all ignored or the head)")
+    sizes = {g.name: torch.zeros(g.size) for g in ctx.groups}
     if cfg.target_latency is None:  # a latency target's counts come from the table, not from the ratio
-        sizes = {g.name: torch.zeros(g.size) for g in ctx.groups}
         plan_filter_pruning(sizes, cfg.filter_ratio, cfg.round_to, ctx.groups)
+    # a trial removal on a copy: a split or slice that Torch-Pruning cannot follow is refused before any work
+    counts = {g.name: kept_count(g.size, max(cfg.filter_ratio, 0.25), group_step(g, cfg.round_to)) for g in ctx.groups}
+    apply_filter_plan_(copy.deepcopy(model), plan_filter_pruning(sizes, 0.0, cfg.round_to, ctx.groups, counts))
