@@ -192,3 +192,17 @@ def test_the_cli_takes_timm_models_and_refuses_a_pretrained_tag_in_one_line(caps
     refused = call([*args, "--model", "timm:resnet10t.a1_in1k"], capsys)
     assert refused.code == 2 and "'timm:resnet10t.a1_in1k' is malformed" in refused.err
     assert len(refused.err.strip().splitlines()) <= 2  # argparse's usage line, then the one line
+
+
+def test_mnasnet_loads_weights_without_version_metadata(tmp_path):
+    """torchvision's MNASNet reads the state dict's version metadata, which a safetensors file does not carry."""
+    from safetensors.torch import save_file
+
+    from hybridprune.pruning.checkpoint import load_weights_
+
+    trained = build_model("torchvision:mnasnet0_5", image_size=32).eval()
+    save_file({k: v.contiguous() for k, v in trained.net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model = load_weights_(build_model("torchvision:mnasnet0_5", image_size=32), tmp_path / "w.safetensors").eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
