@@ -48,12 +48,16 @@ def main() -> None:
             model = build_model(name, in_channels=3, num_classes=10, image_size=size, width=width).eval()
             settings = resolve_settings("onnxruntime", batch, "float32", cpu, step=args.step)
             report = profile_report(model, new_table(cpu), settings, cpu, RATIOS, progress=False)
+            whole = report["checks"][0]["measured_ms"]  # the dense model: rest + sum of its dense entries
             for check in report["checks"]:
-                rows.append(
-                    {"network": name, "image_size": size, "batch": batch, **check, "entries": report["entries"]}
-                )
+                # the same entries read proportionally: the dense model's latency scaled by the layers' sum
+                scaled = whole * (check["predicted_ms"] - report["rest_ms"]) / (whole - report["rest_ms"])
+                setup = {"network": name, "image_size": size, "batch": batch, "entries": report["entries"]}
+                rows.append({**setup, **check, "rest_ms": report["rest_ms"],
+                             "scaled_error": scaled / check["measured_ms"] - 1})  # fmt: skip
             print(f"{name} {size}x{size} batch {batch}: " + ", ".join(
-                f"{c['model']} {100 * c['error']:+.1f}%" for c in report["checks"]), flush=True)  # fmt: skip
+                f"{r['model']} {100 * r['error']:+.1f}% (scaled {100 * r['scaled_error']:+.1f}%)"
+                for r in rows[-len(report["checks"]):]), flush=True)  # fmt: skip
     command = "python benchmarks/latency_prediction.py" + (" --quick" if args.quick else "")
     result = {"command": command, "environment": environment(), "seconds": time.time() - started, "rows": rows}
     write_json(Path(args.out).with_suffix(".json"), result)
@@ -62,14 +66,18 @@ def main() -> None:
 
 def _markdown(result: dict) -> str:
     table = markdown_table(
-        ["model", "input", "batch", "pruned", "predicted ms", "measured ms", "p10-p90 ms", "error"],
+        ["model", "input", "batch", "pruned", "predicted ms", "measured ms", "p10-p90 ms", "error", "scaled error"],
         [[r["network"], f"{r['image_size']}x{r['image_size']}", str(r["batch"]), r["model"],
           f"{r['predicted_ms']:.3f}", f"{r['measured_ms']:.3f}",
-          f"{r['measured_p10_ms']:.3f}-{r['measured_p90_ms']:.3f}", f"{100 * r['error']:+.1f}%"]
+          f"{r['measured_p10_ms']:.3f}-{r['measured_p90_ms']:.3f}", f"{100 * r['error']:+.1f}%",
+          f"{100 * r['scaled_error']:+.1f}%"]
          for r in result["rows"]],
     )  # fmt: skip
     env = result["environment"]
     return (
+        "Predicted = the rest of the network (the dense model measured, minus its dense layer entries) + the pruned "
+        "layers' entries; scaled error: the same entries read proportionally (dense latency x pruned sum / dense "
+        "sum), for comparison.\n\n"
         f"# Latency prediction error on the CPU (ONNX Runtime)\n\n`{result['command']}` ({result['seconds']:.0f} s; "
         f"{env['cpu']}, {env['threads']} threads, torch {env['torch']})\n\n{table}\n"
     )

@@ -267,8 +267,7 @@ def pinned_threads(threads: int | None) -> Iterator[int]:
 def say_if_busy(threads: int) -> None:
     """One line when other work shares the CPU being timed (a load average above its idle cores)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    idle = (os.cpu_count() or 1) - threads
-    if load > idle + 0.5:
+    if load > (os.cpu_count() or 1) + 0.5:  # the timing process itself keeps `threads` cores busy
         print(f"note: load average {load:.1f} with {threads} of {os.cpu_count()} cores timed: other work shares "
               "this machine, so the latencies may be off", file=sys.stderr)  # fmt: skip
 
