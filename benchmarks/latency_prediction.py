@@ -75,10 +75,10 @@ def _markdown(result: dict) -> str:
     )  # fmt: skip
     env = result["environment"]
     return (
+        "# Latency prediction error on the CPU (ONNX Runtime)\n\n"
         "Predicted = the rest of the network (the dense model measured, minus its dense layer entries) + the pruned "
         "layers' entries; scaled error: the same entries read proportionally (dense latency x pruned sum / dense "
-        "sum), for comparison.\n\n"
-        f"# Latency prediction error on the CPU (ONNX Runtime)\n\n`{result['command']}` ({result['seconds']:.0f} s; "
+        f"sum), for comparison.\n\n`{result['command']}` ({result['seconds']:.0f} s; "
         f"{env['cpu']}, {env['threads']} threads, torch {env['torch']})\n\n{table}\n"
     )
 
