@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from hybridprune.config import NMPattern
 from hybridprune.deploy.export import onnxruntime_session
+from hybridprune.deploy.runtimes import cuda_graph_call, eager_call
 from hybridprune.deploy.sparse import InferenceModel, to_inference_model
 from hybridprune.deploy.timing import time_calls
 from hybridprune.errors import HybridPruneError
@@ -152,32 +153,9 @@ def weight_bytes(inference: InferenceModel, variant: Variant, dtype: torch.dtype
     return {"weight_bytes_dense": dense, "weight_bytes_compressed": compressed, "weight_bytes_as_run": run}
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    def call() -> object:
-        with torch.inference_mode():
-            return model(x)
-
-    return call
-
-
 def _ort_forward(session: Any, x: torch.Tensor) -> Callable[[], object]:
     feed = {"images": x.cpu().numpy()}
     return lambda: session.run(None, feed)
-
-
-def _graph_forward(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    """Capture one forward pass as a CUDA graph; replaying it removes per-kernel launch overhead."""
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):
-            model(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        model(static_x)
-    return graph.replay
 
 
 def _summary(
@@ -305,12 +283,12 @@ def _time_round_robin(
     bar: tqdm,
     extra_modes: dict[tuple[str, str], Callable[[], object]] | None = None,
 ) -> list[dict[str, Any]]:
-    modes = {("eager", v.name): _forward(converted[v.name].model, x) for v in variants}
+    modes = {("eager", v.name): eager_call(converted[v.name].model, x) for v in variants}
     modes.update(extra_modes or {})
     if cuda_graphs and device.type == "cuda":
         for v in variants:
             try:
-                modes[("cuda_graph", v.name)] = _graph_forward(converted[v.name].model, x)
+                modes[("cuda_graph", v.name)] = cuda_graph_call(converted[v.name].model, x)
             except Exception as e:  # noqa: BLE001 - a kernel that cannot be captured: report eager only, and say why
                 converted[v.name].notice += f" cuda graph capture failed: {str(e).splitlines()[0]}"
     times: dict[tuple[str, str], list[float]] = {key: [] for key in modes}
