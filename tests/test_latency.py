@@ -15,7 +15,7 @@ from hybridprune.deploy import profile as profile_module
 from hybridprune.deploy.profile import ProfileSettings, candidate_counts, layer_grid, new_table, profile_model
 from hybridprune.deploy.runtimes import device_name
 from hybridprune.errors import HybridPruneError
-from hybridprune.pruning.budget import Budget, importance_values, predict, solve
+from hybridprune.pruning.budget import Budget, importance_values, predict, solve, solve_uniform
 from hybridprune.pruning.graph import channel_groups, dependency_graph, example_input
 from hybridprune.pruning.latency import (
     Entry,
@@ -145,6 +145,29 @@ def test_the_allocation_equals_a_brute_force_search_on_small_instances(seed):
         best_value, _ = brute_force(couplings, values, budget)
         assert answer.exact and answer.predicted_ms <= budget.budget_ms
         assert answer.value == pytest.approx(best_value)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "alexnet", "zoo:concat_net"])
+def test_uniform_allocation_keeps_one_fraction_of_every_group_the_largest_that_fits(name):
+    """Uniform under a latency target: every group keeps the candidate nearest one fraction of its size, and a
+    slightly larger fraction (the next count vector up) would not fit the budget."""
+    model, groups, couplings = structure(name)
+    table = synthetic_table(couplings, groups, 4, lambda c, s: 0.1 + macs(s))
+    candidates = {g.name: candidate_counts(g.size, 4) for g in groups}
+    dense = predict(couplings, {}, Budget(table, SETUP, 0.0, math.inf))[0]
+    budget = Budget(table, SETUP, 0.0, 0.5 * dense)
+    answer = solve_uniform(couplings, candidates, budget)
+    assert answer.predicted_ms <= budget.budget_ms < dense
+    f = answer.value
+
+    def nearest(fraction: float) -> dict[str, int]:
+        return {g: min(ks, key=lambda k: (abs(k - fraction * max(ks)), -k)) for g, ks in candidates.items()}
+
+    assert answer.counts == nearest(f)
+    larger = next(nearest(x / 1000) for x in range(round(f * 1000) + 1, 1001) if nearest(x / 1000) != answer.counts)
+    assert predict(couplings, larger, budget)[0] > budget.budget_ms
+    shares = [answer.counts[g.name] / g.size for g in groups if g.size >= 16]
+    assert max(shares) - min(shares) <= 4 / 16 + 1e-9  # one fraction, up to the rounding to the step
 
 
 def test_the_greedy_solver_meets_the_budget_where_enumeration_is_too_large(monkeypatch):
@@ -359,11 +382,18 @@ def test_a_latency_grid_runs_and_its_report_shows_measured_latency(tmp_path, det
     store = Store(tmp_path / "s.sqlite")
     counts = run_grid(grid_from_dict(raw, "lat"), store, workers=1, progress=False, log=lambda _: None)
     assert counts["failed"] == 0 and counts["done"] == 2
+    uniform = {**raw, "target_latencies": [0.6], "prune": {**raw["prune"], "allocation": "uniform"}}
+    counts = run_grid(grid_from_dict(uniform, "lat-uniform"), store, workers=1, progress=False, log=lambda _: None)
+    assert counts["failed"] == 0 and counts["done"] == 1  # the same store: the dense baseline is reused
     rows = store.rows()
     assert all(0 < r["ratio"] < 1 for r in rows)  # the fraction of channels the latency target removed
     written = write_grid_report(rows, tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Pruned to a measured latency target" in report and "0.6" in report and "0.9" in report
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in report.splitlines() if "| l1 " in line]
+    versus = {(c[4], c[5]): c[-2] for c in cells}  # (allocation, target) -> accuracy minus uniform's, paired
+    assert versus[("global", "0.6")].endswith("(p n/a, n 1)") and versus[("uniform", "0.6")] == "-"
+    assert versus[("global", "0.9")] == "-"  # no uniform run at that target: nothing to pair
     assert any(p.name.startswith("latency-") and p.suffix == ".png" for p in written)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from hybridprune.deploy.profile import (
 )
 from hybridprune.deploy.runtimes import device_name
 from hybridprune.pruning.allocate import measure_sensitivity
-from hybridprune.pruning.budget import Allocation, Budget, importance_values, predict, sensitivity_values, solve
+from hybridprune.pruning.budget import (
+    Allocation,
+    Budget,
+    importance_values,
+    predict,
+    sensitivity_values,
+    solve,
+    solve_uniform,
+)
 from hybridprune.pruning.filters import ignored_modules
 from hybridprune.pruning.graph import example_input
 from hybridprune.pruning.latency import Entry, LatencyTable, layer_couplings, load_table
@@ -88,16 +97,16 @@ def allocate_for_latency(
     candidates = {g.name: candidate_counts(g.size, settings.step) for g in ctx.groups}
     if cfg.allocation == "sensitivity":
         curves = measure_sensitivity(model, ctx.groups, scores, calibration, labels, settings.step)
-        values = sensitivity_values(ctx.groups, curves, candidates)
-    elif cfg.allocation == "uniform":  # no ranking across groups: each group's kept fraction weighs the same
-        values = {g.name: {k: k / g.size for k in candidates[g.name]} for g in ctx.groups}
+        solver = partial(solve, couplings, sensitivity_values(ctx.groups, curves, candidates))
+    elif cfg.allocation == "uniform":  # the same fraction of every group: the ratio the measured budget allows
+        solver = partial(solve_uniform, couplings, candidates)
     else:
-        values = importance_values(ctx.groups, scores, candidates)
+        solver = partial(solve, couplings, importance_values(ctx.groups, scores, candidates))
     report = _report(cfg, settings, device, table, dense)
     budget = Budget(table, settings.setup, rest.median_ms, 0.0, cfg.nm_rule, nm_layers)
     dense_counts = {g.name: g.size for g in ctx.groups}
     report.dense_ms["predicted"] = predict(couplings, dense_counts, budget)[0]
-    allocation = _solve_and_correct(model, couplings, values, budget, report, scores, ctx.groups, settings, device)
+    allocation = _solve_and_correct(model, solver, budget, report, scores, ctx.groups, settings, device)
     report.groups = [
         {"group": g.name, "size": g.size, "kept": allocation.counts[g.name],
          "predicted_saving_ms": _saving(couplings, budget, allocation.counts, g.name, g.size)}
@@ -109,13 +118,13 @@ def allocate_for_latency(
     return allocation, report
 
 
-def _solve_and_correct(model, couplings, values, budget, report, scores, groups, settings, device) -> Allocation:  # noqa: ANN001
+def _solve_and_correct(model, solver, budget, report, scores, groups, settings, device) -> Allocation:  # noqa: ANN001
     """Solve, measure, correct the budget by target / measured, until within tolerance or out of tries; keep the
     measured best (within tolerance, else the closest below the target, else the closest)."""
     target = report.target_ms
     budget_ms, tried = target, []
     for _ in range(1 + LATENCY_CORRECTIONS):
-        allocation = solve(couplings, values, Budget(**{**budget.__dict__, "budget_ms": budget_ms}))
+        allocation = solver(Budget(**{**budget.__dict__, "budget_ms": budget_ms}))
         measured = measure_deployed(
             _pruned_copy(model, scores, groups, allocation), allocation.sparse, settings, device
         )

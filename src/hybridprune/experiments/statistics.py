@@ -54,8 +54,6 @@ def group_rows(rows: list[Row], column: str) -> dict[tuple, dict[int, float]]:
 
 def paired_differences(rows: list[Row], column: str, metric: str, baseline: str) -> list[Row]:
     """metric minus baseline, paired by seed, per (dataset, model, ratio), with a paired t-test."""
-    from scipy import stats  # here, not at the top: it takes about a second to import
-
     groups = group_rows(rows, column)
     out = []
     for (ds, model, width, m, ratio), values in sorted(groups.items()):
@@ -65,13 +63,7 @@ def paired_differences(rows: list[Row], column: str, metric: str, baseline: str)
         seeds = sorted(set(values) & set(base))
         if not seeds:
             continue
-        diffs = [values[s] - base[s] for s in seeds]
-        mean, std = mean_std(diffs)
-        p = (
-            float(stats.ttest_rel([values[s] for s in seeds], [base[s] for s in seeds]).pvalue)
-            if len(seeds) > 1 and std > 0
-            else float("nan")
-        )
+        mean, std, p = paired_test([values[s] for s in seeds], [base[s] for s in seeds])
         out.append(
             {
                 "dataset": ds,
@@ -88,6 +80,20 @@ def paired_differences(rows: list[Row], column: str, metric: str, baseline: str)
             }
         )
     return out
+
+
+def paired_test(values: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Mean and std of values - base (paired by position) and a paired t-test's p (nan below two pairs).
+
+    Example:
+        >>> paired_test([2.0, 3.0], [1.0, 1.0])[:2]
+        (1.5, 0.7071067811865476)
+    """
+    from scipy import stats  # here, not at the top: it takes about a second to import
+
+    mean, std = mean_std([v - b for v, b in zip(values, base, strict=True)])
+    p = float(stats.ttest_rel(values, base).pvalue) if len(values) > 1 and std > 0 else float("nan")
+    return mean, std, p
 
 
 def recipe_comparison(rows: list[Row]) -> list[Row]:
@@ -297,7 +303,7 @@ def has_full_results(rows: list[Row]) -> bool:
 
 def measured_latencies(rows: list[Row]) -> dict[tuple, list[dict[str, Any]]]:
     """Runs pruned to a latency target, by setup (dataset, model, width, device, runtime, batch, dtype): each
-    with its metric, target, measured and predicted latency (ms) and fine-tuned hybrid accuracy.
+    with its metric, allocation, target, measured and predicted latency (ms) and fine-tuned hybrid accuracy.
 
     Example:
         >>> measured_latencies([{"result": "{}"}])
@@ -311,8 +317,32 @@ def measured_latencies(rows: list[Row]) -> dict[tuple, list[dict[str, Any]]]:
             continue
         setup = (r["dataset"], r["model"], r["width"], lat["device"], lat["runtime"], lat["batch"], lat["dtype"])
         found.setdefault(setup, []).append({
-            "metric": r["metric"], "seed": r["seed"], "target": lat["target"], "target_ms": lat["target_ms"],
+            "metric": r["metric"], "allocation": _allocation(r), "seed": r["seed"], "target": lat["target"],
+            "target_ms": lat["target_ms"],
             "dense_ms": lat["dense_ms"]["median"], "measured_ms": lat["pruned_ms"]["median"],
             "predicted_ms": lat["pruned_ms"]["predicted"], "accuracy": r["hybrid_accuracy"],
         })  # fmt: skip
     return found
+
+
+def _allocation(row: Row) -> str:
+    config = json.loads(row["config"]) if isinstance(row.get("config"), str) else row.get("config") or {}
+    return config.get("prune", {}).get("allocation", "global")
+
+
+def versus_uniform(points: list[dict[str, Any]]) -> dict[tuple[str, float, str], tuple[float, float, float, int]]:
+    """Accuracy of each (metric, target, allocation) other than uniform minus the uniform allocation's at the
+    same metric and target, paired by seed: (mean, std, p, pairs)."""
+    by_point: dict[tuple, dict[int, float]] = {}
+    for p in points:
+        by_point.setdefault((p["metric"], p["target"], p["allocation"]), {})[p["seed"]] = p["accuracy"]
+    out = {}
+    for (metric, target, allocation), accuracy in by_point.items():
+        base = by_point.get((metric, target, "uniform"))
+        seeds = sorted(set(accuracy) & set(base or {}))
+        if allocation != "uniform" and seeds:
+            out[(metric, target, allocation)] = (
+                *paired_test([accuracy[s] for s in seeds], [base[s] for s in seeds]),
+                len(seeds),
+            )
+    return out

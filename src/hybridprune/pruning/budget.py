@@ -3,8 +3,8 @@ importance within a predicted latency budget (a knapsack, as in HALP, NeurIPS 20
 
 Each group g chooses a kept count k_g among its candidates (multiples of the table's step); its value V_g(k_g)
 is the importance it keeps: the chosen metric's scores normalised by their mean, as in global allocation (the
-sum of its k_g best), or, under sensitivity allocation, minus the accuracy drop its curve gives at that ratio,
-or, under uniform allocation, its kept fraction k_g / size (every group weighs the same, no scores compared).
+sum of its k_g best), or, under sensitivity allocation, minus the accuracy drop its curve gives at that ratio.
+Uniform allocation trades nothing: `solve_uniform` keeps the same fraction of every group, the largest that fits.
 A layer's latency depends on the counts of the group that sets its output and the groups that feed its input,
 so the budget couples neighbouring groups and the problem is not a plain knapsack. The solver:
 
@@ -142,6 +142,36 @@ def solve(couplings: list[LayerCoupling], values: Values, budget: Budget) -> All
     if math.prod(len(values[g]) for g in groups) <= EXACT_LIMIT:
         return _enumerate(couplings, values, budget, groups)
     return _greedy(couplings, values, budget, groups)
+
+
+def solve_uniform(couplings: list[LayerCoupling], candidates: dict[str, list[int]], budget: Budget) -> Allocation:
+    """The same kept fraction f of every group (each count the candidate nearest f x size), the largest f whose
+    predicted latency fits `budget.budget_ms`: uniform allocation at the ratio the budget allows. Exact over f:
+    every fraction on a 1/1000 grid is tried (`value` is the fraction kept).
+
+    Example:
+        >>> from hybridprune.pruning.latency import Entry, LayerShape
+        >>> t = LatencyTable("cpu")
+        >>> for k in (2, 4):
+        ...     t.add(LayerShape("linear", k, 4).key(1, "float32", "torch", "dense"), Entry(k, k, k, 1))
+        >>> c = [LayerCoupling("fc", LayerShape("linear", 4, 4), None, 4, (("g", 4, 4),))]
+        >>> solve_uniform(c, {"g": [2, 4]}, Budget(t, Setup("torch", 1, "float32"), 0.0, 3.0)).counts
+        {'g': 2}
+    """
+    best, fastest, seen = None, math.inf, set()
+    for f in (i / 1000 for i in range(1000, 0, -1)):
+        counts = {g: min(ks, key=lambda k: (abs(k - f * max(ks)), -k)) for g, ks in candidates.items()}
+        if (key := tuple(sorted(counts.items()))) in seen:
+            continue
+        seen.add(key)
+        time, sparse = predict(couplings, counts, budget)
+        fastest = min(fastest, time)
+        if time <= budget.budget_ms:
+            best = Allocation(counts, sparse, time, f, exact=True)
+            break
+    if best is None:
+        raise _unreachable(budget, fastest)
+    return best
 
 
 def _unreachable(budget: Budget, fastest: float) -> HybridPruneError:
