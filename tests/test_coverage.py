@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from helpers import call
-from hybridprune.config import ModelSource, PruneConfig
+from hybridprune.config import ModelSource, PruneConfig, TrainConfig
+from hybridprune.data.images import Dataset, ImageSet
 from hybridprune.deploy.sparse import to_inference_model
 from hybridprune.errors import HybridPruneError
 from hybridprune.models.counts import model_stats
@@ -21,6 +22,7 @@ from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
 from hybridprune.pruning.filters import prune_filters_
 from hybridprune.pruning.nm import nm_eligibility, nm_prune_, satisfies_nm
 from hybridprune.pruning.permute import permute_for_nm_
+from hybridprune.training.loop import fit
 from hybridprune.training.masks import hold_masks
 
 slow = pytest.mark.slow
@@ -35,7 +37,7 @@ TORCHVISION = [
     ("torchvision:squeezenet1_0", 32),
     pytest.param("torchvision:densenet121", 32, marks=slow),
     pytest.param("torchvision:googlenet", 32, marks=slow),
-    pytest.param("torchvision:inception_v3", 75, marks=slow),  # aux head off (the default), its smallest side
+    pytest.param("torchvision:inception_v3", 75, marks=slow),  # its smallest side: too small for its aux head
     pytest.param("torchvision:mobilenet_v2", 32, marks=slow),
     ("torchvision:mobilenet_v3_small", 32),
     ("torchvision:mnasnet0_5", 32),
@@ -168,12 +170,49 @@ def test_grouped_convs_keep_equal_conv_groups_and_say_when_they_stay_whole():
     assert (conv.groups, conv.in_channels, conv.out_channels) == (25, 250, 400)
 
 
-def test_a_training_only_head_is_refused_naming_it():
-    torchvision = pytest.importorskip("torchvision")
-    model = build_model("torchvision:googlenet", image_size=32)
-    model.net = torchvision.models.googlenet(num_classes=10, aux_logits=True, init_weights=True)
-    with pytest.raises(HybridPruneError, match=r"net\.aux1\.conv\.conv.*only in training mode"):
-        prune_filters_(model, PruneConfig(metric="l1", filter_ratio=0.4), [torch.rand(2, 3, 32, 32)])
+AUX_MODELS = [  # (model, input side, {auxiliary head's first layer: the layer whose output it reads})
+    ("zoo:aux_net", 16, {"net.aux.0": "net.stem.0"}),
+    ("torchvision:googlenet", 32, {"net.aux1.conv.conv": "net.inception4a", "net.aux2.conv.conv": "net.inception4d"}),
+    pytest.param("torchvision:inception_v3", 299, {"net.AuxLogits.conv0.conv": "net.Mixed_6e"}, marks=slow),
+]
+
+
+@pytest.mark.parametrize("name, size, reads", AUX_MODELS)
+def test_auxiliary_heads_are_pruned_with_the_layers_they_read_and_trained(name, size, reads, tmp_path):
+    """Heads that run only in training: traced in training mode, their inputs shrink with the layers they read,
+    their outputs (the classes) stay whole, their losses train them, and a checkpoint replays the same network."""
+    torch.manual_seed(0)
+    model = build_model(name, image_size=size)
+    x = torch.rand(2, 3, size, size)
+    eval_out = {}
+    hooks = [model.get_submodule(r).register_forward_hook(lambda m, i, o, r=r: eval_out.__setitem__(r, o))
+             for r in reads.values()]  # fmt: skip
+    prune_filters_(model, PruneConfig(metric="l1", filter_ratio=0.4), [x])
+    model.eval()(x)
+    for h in hooks:
+        h.remove()
+    for aux, read in reads.items():
+        conv = model.get_submodule(aux)
+        assert conv.in_channels == eval_out[read].shape[1] < build_model(name, image_size=size).get_submodule(
+            aux).in_channels  # fmt: skip
+    model.train()
+    logits, *aux_logits = model(x)
+    assert aux_logits and all(a.shape == logits.shape == (2, 10) for a in aux_logits)  # heads' classes whole
+
+    aux_params = [p for n, p in model.named_parameters()
+                  if p.dim() > 1 and any(n.startswith(a.rsplit(".", 1)[0]) for a in reads)]  # fmt: skip
+    before = [p.clone() for p in aux_params]
+    images = (torch.rand(8, 3, size, size) * 255).to(torch.uint8)
+    data = Dataset("toy", ImageSet(images, torch.arange(8) % 10, 10), ImageSet(images, torch.arange(8) % 10, 10), False)
+    fit(model, data, TrainConfig(epochs=1, batch_size=4, lr=0.01), torch.device("cpu"), progress=False)
+    assert all(not torch.equal(b, p) for b, p in zip(before, aux_params, strict=True))  # the aux losses trained them
+
+    user_model = name if name.startswith("zoo:") else None
+    loaded, _, _ = load_checkpoint(save_checkpoint(tmp_path / "m.safetensors", model), model=user_model)
+    assert {a: loaded.get_submodule(a).in_channels for a in reads} == {a: model.get_submodule(a).in_channels
+                                                                        for a in reads}  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
 def test_timm_sources_take_only_shape_arguments(tmp_path):

@@ -103,6 +103,29 @@ class DepthwiseNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class AuxNet(nn.Module):
+    """A trunk and, in training mode only, an auxiliary classifier reading the middle of it (GoogLeNet's pattern):
+    returns (logits, aux logits) while training, the logits in eval mode."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), *_bn_relu(32))
+        self.body = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1, bias=False), *_bn_relu(32))
+        self.aux = nn.Sequential(
+            nn.Conv2d(32, 16, 1), *_bn_relu(16), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, num_classes)
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        middle = self.stem(x)
+        logits = self.head(self.body(middle))
+        return (logits, self.aux(middle)) if self.training else logits
+
+
+def aux_net(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+    return AuxNet(in_channels, num_classes)
+
+
 def plain_net(in_channels: int = 3, num_classes: int = 10) -> nn.Module:
     return PlainNet(in_channels, num_classes)
 

@@ -33,10 +33,12 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model", BUILTIN_MODELS)
 for _name, _factory in BUILTIN.items():
     MODELS.register(_name)(_factory)
 
-# torchvision models with auxiliary classifiers that run only in training mode: built without them (aux_logits=False),
-# so the network trains on its main logits alone (as fine-tuning a pretrained GoogLeNet or Inception-v3 usually does)
-# and inception_v3 takes images from 75x75 up; `aux_logits=True` in the model's arguments is refused by tracing
-AUX_HEADS = ("googlenet", "inception_v3")
+# torchvision models with auxiliary classifiers that run only in training mode, and the smallest input side their
+# heads take: built with them (torchvision's default) from that side up, traced in training mode so the heads are
+# pruned with the layers they read, and trained on the weighted sum of the losses (training.loop.AUX_LOSS_WEIGHT);
+# below it (inception_v3's head needs 299x299; without it the network takes 75x75 up) built without them. The
+# choice is written into the model's arguments, so a checkpoint rebuilds the same network.
+AUX_HEADS = {"googlenet": 1, "inception_v3": 299}
 MAX_PARAMS = 1_000_000_000  # 4 GB of float32 weights: a bound checked before anything is allocated
 
 
@@ -118,6 +120,7 @@ def build_model(
     source = ModelSource.parse(name) if isinstance(name, str) else name
     if width is not None:
         source = ModelSource(source.kind, source.name, {**source.args, "width": width})
+    source = with_aux_heads(source, image_size)
     _check_size(source, in_channels, num_classes, image_size)
     net = _build_net(source, in_channels, num_classes, image_size)
     net_channels = _net_channels(net, in_channels, image_size)
@@ -128,6 +131,19 @@ def build_model(
     model = Classifier(net, source, (in_channels, image_size, image_size), num_classes, net_channels, mean, std)
     _check_forward(model)
     return model
+
+
+def with_aux_heads(source: ModelSource, image_size: int) -> ModelSource:
+    """A torchvision model with auxiliary heads (AUX_HEADS), its `aux_logits` made explicit: on when the input
+    is large enough for its heads, unless the arguments say otherwise; any other source as it is.
+
+    Example:
+        >>> with_aux_heads(ModelSource.parse("torchvision:inception_v3"), 75).args
+        {'aux_logits': False}
+    """
+    if source.kind != "torchvision" or source.name not in AUX_HEADS or "aux_logits" in source.args:
+        return source
+    return ModelSource(source.kind, source.name, {"aux_logits": image_size >= AUX_HEADS[source.name], **source.args})
 
 
 def _check_size(source: ModelSource, in_channels: int, num_classes: int, image_size: int) -> None:
@@ -170,8 +186,8 @@ def _torchvision_net(name: str, num_classes: int, args: dict[str, Any]) -> nn.Mo
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if name not in known:
         raise HybridPruneError(f"unknown torchvision classification model {name!r}; valid: {', '.join(known)}")
-    if name in AUX_HEADS:  # heads that run only in training: dropped unless asked for (see AUX_HEADS)
-        args = {"aux_logits": False, "init_weights": True, **args}
+    if name in AUX_HEADS:
+        args = {"init_weights": True, **args}  # not torchvision's default: its scipy-based init takes seconds
     try:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **args)
     except (TypeError, ValueError) as e:

@@ -30,7 +30,7 @@ from torch import nn
 
 from hybridprune.config import TIMM_ARGS, ModelSource
 from hybridprune.errors import HybridPruneError
-from hybridprune.models.sources import Classifier, build_model, model_spec
+from hybridprune.models.sources import AUX_HEADS, Classifier, build_model, model_spec
 from hybridprune.outputs import atomic_target
 from hybridprune.pruning.graph import known_input_shape, unwrapped, unwrapped_name
 from hybridprune.pruning.plan import replay_history_
@@ -349,6 +349,8 @@ def _checked_spec(spec: dict[str, Any], path: Path | str) -> tuple[ModelSource, 
     if kind == "timm" and set(args) - set(TIMM_ARGS):  # never pretrained, a path or a config from a file
         raise HybridPruneError(f"{path}: header timm arguments may only be {', '.join(TIMM_ARGS)}, got {sorted(args)}")
     _check_args(args, path)
+    if kind == "torchvision" and name in AUX_HEADS and "aux_logits" not in args:
+        args = {**args, "aux_logits": False}  # written before auxiliary heads were kept: built without them
     bounds = {"channels": 16, "image_size": MAX_IMAGE_SIZE, "num_classes": MAX_CLASSES, "net_channels": 16}
     for key, top in bounds.items():
         value = shape.get(key)
@@ -362,14 +364,17 @@ def _checked_spec(spec: dict[str, Any], path: Path | str) -> tuple[ModelSource, 
 
 
 def _check_args(args: dict[str, Any], path: Path | str) -> None:
-    """Factory arguments from a file: plain numbers and short lists only, within bounds (no huge allocations)."""
+    """Factory arguments from a file: booleans, plain numbers and short lists only, within bounds (no huge
+    allocations)."""
     shape_args = {"in_channels", "num_classes", "image_size"}
     for key, value in args.items():
         if key in shape_args:
             raise HybridPruneError(f"{path}: header model argument {key} belongs in 'input', not in 'args'")
         values = value if isinstance(value, list) else [value]
         ok = all(
-            (_is_int(v) and 1 <= v <= 8192) or (isinstance(v, float) and math.isfinite(v) and 0 < v <= MAX_WIDTH)
+            isinstance(v, bool)
+            or (_is_int(v) and 1 <= v <= 8192)
+            or (isinstance(v, float) and math.isfinite(v) and 0 < v <= MAX_WIDTH)
             for v in values
         )
         if not ok or len(values) > 64:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -124,10 +124,18 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
     """Torch-Pruning's dependency graph of the model; a model it cannot trace is bad input (one line)."""
     example = example_input(model, example=example)
     called = forward_order(model, example)  # first: an input the model cannot take is said as such
+    # a model with branches that run only in training (auxiliary heads) is traced in training mode, so those
+    # branches shrink with the layers they read; its BatchNorm statistics are restored after
+    train_only = train_only_layers(model, example, called)
     was_training = model.training  # Torch-Pruning leaves the model in eval mode
     try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        with torch.enable_grad(), training_pass(model) if train_only else nullcontext():
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=_batch_of_two(example) if train_only else example,
+                forward_fn=_training_forward if train_only else None,
+                verbose=False,
+            )
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways; the user needs one line either way
         construct = untraceable_construct(model, e)
         if construct is not None:
@@ -143,14 +151,7 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
         ) from None
     finally:
         model.train(was_training)
-    train_only = train_only_layers(model, example, called)
-    if train_only:
-        raise HybridPruneError(
-            f"{type(model).__name__} calls {', '.join(train_only[:3])} only in training mode (an auxiliary head); "
-            "filter pruning traces the model in eval mode and cannot shrink them with the layers they read: build "
-            "the model without them (torchvision's googlenet and inception_v3: aux_logits=False, the default here)"
-        )
-    unseen = [n for n in called if model.get_submodule(n) not in graph.module2node]
+    unseen = [n for n in [*called, *train_only] if model.get_submodule(n) not in graph.module2node]
     if unseen:
         raise HybridPruneError(
             f"Torch-Pruning cannot trace how the output of {', '.join(unseen[:3])} is used (an operation outside "
@@ -202,13 +203,14 @@ def channel_groups(
 ) -> list[ChannelGroup]:
     """Every prunable group of conv output channels, in forward order of the convs that root them.
 
-    The classifier head (`head`, by default the last conv or linear in forward order) and modules named in
-    `ignore` (or inside them) are never pruned: a group that would touch their output channels is left out.
+    The classifier head (`head`, by default the last conv or linear in forward order), every layer whose output
+    the model returns in training mode (auxiliary heads) and modules named in `ignore` (or inside them) are never
+    pruned: a group that would touch their output channels is left out.
     """
     names = {m: n for n, m in model.named_modules()}
     called = forward_order(model, example)
-    head = head_name(model, called, head)
-    ignored = [m for n, m in model.named_modules() if n == head or any(_within(n, i) for i in ignore)]
+    heads = {head_name(model, called, head), *training_outputs(model, example)}  # auxiliary heads' too
+    ignored = [m for n, m in model.named_modules() if n in heads or any(_within(n, i) for i in ignore)]
     order = {n: i for i, n in enumerate(called)}
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
@@ -370,7 +372,52 @@ def forward_order(model: nn.Module, example: torch.Tensor | None = None) -> list
     return list(dict.fromkeys(order))
 
 
+@contextmanager
+def training_pass(model: nn.Module) -> Iterator[None]:
+    """The model in training mode for the block; its mode and buffers (BatchNorm statistics) restored after."""
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+
+
+def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
+    return torch.cat([example[:1]] * 2)  # BatchNorm in training mode needs more than one value per channel
+
+
+def _training_forward(model: nn.Module, example: torch.Tensor) -> object:
+    model.train()  # Torch-Pruning puts the model in eval mode before calling this
+    return model(example)
+
+
 @torch.no_grad()
+def _training_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[str], object, dict[int, str]]:
+    """One training-mode pass: the conv and linear layers called, in order, the output, and which layer returned
+    each tensor (by id); ([], None, {}) when the model fails in training mode on this input."""
+    order, returned = [], {}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output: object) -> None:
+            order.append(name)
+            returned[id(output)] = name
+
+        return record
+
+    try:
+        with _hooks([m.register_forward_hook(hook(n)) for n, m in layers]), training_pass(model):
+            out = model(_batch_of_two(example))
+    except Exception:  # noqa: BLE001 - a model that fails in training mode on this input: nothing more to learn
+        return [], None, {}
+    return list(dict.fromkeys(order)), out, returned
+
+
 def train_only_layers(model: nn.Module, example: torch.Tensor, called: list[str]) -> list[str]:
     """Conv and linear layers that the forward pass calls in training mode but not in eval mode (`called`), such
     as auxiliary classifiers; the model's buffers (BatchNorm statistics) are left as they were.
@@ -379,24 +426,20 @@ def train_only_layers(model: nn.Module, example: torch.Tensor, called: list[str]
         >>> train_only_layers(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.zeros(1, 3, 4, 4), ["0"])
         []
     """
-    seen: list[str] = []
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in called]
-    if not layers:
-        return []
-    handles = [m.register_forward_hook(lambda *_, n=n: seen.append(n)) for n, m in layers]
-    saved = {n: b.clone() for n, b in model.named_buffers()}
-    was_training = model.training
-    try:
-        with _hooks(handles):
-            model.train()
-            model(torch.cat([example[:1]] * 2))  # BatchNorm in training mode needs more than one value
-    except Exception:  # noqa: BLE001 - a model that fails in training mode on this input: nothing more to learn
-        pass
-    finally:
-        model.train(was_training)
-        for n, b in model.named_buffers():
-            b.copy_(saved[n])
-    return list(dict.fromkeys(seen))
+    return [n for n in _training_calls(model, example)[0] if n not in called]
+
+
+def training_outputs(model: nn.Module, example: torch.Tensor | None = None) -> list[str]:
+    """The conv and linear layers whose outputs the model returns as they are in training mode: the classifier
+    and any auxiliary classifiers (GoogLeNet's aux1.fc2 and aux2.fc2), whose outputs are the classes.
+
+    Example:
+        >>> training_outputs(nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)), torch.zeros(1, 3, 4, 4))
+        ['1']
+    """
+    _, out, returned = _training_calls(model, example_input(model, example=example))
+    tensors = out if isinstance(out, (tuple, list)) else [out]
+    return [returned[id(t)] for t in tensors if isinstance(t, torch.Tensor) and id(t) in returned]
 
 
 @dataclass(frozen=True)
