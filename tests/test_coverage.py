@@ -245,3 +245,15 @@ def test_mnasnet_loads_weights_without_version_metadata(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), trained(x))
+
+
+@slow
+def test_groups_whose_channels_torch_pruning_cannot_follow_are_reported_not_dropped_silently():
+    """timm's CSPResNet splits channels by numbers it stores: Torch-Pruning maps some groups to indices outside a
+    member. Those groups are not pruned, and they are listed (with their convs) rather than silently left out."""
+    pytest.importorskip("timm")
+    from hybridprune.pruning.metrics import ScoringContext
+
+    ctx = ScoringContext(build_model("timm:cspresnet50", image_size=32).eval())
+    names = {g.name for g in ctx.groups}
+    assert ctx.unfollowed and all(g.name not in names and g.producers for g in ctx.unfollowed)

@@ -21,6 +21,7 @@ from hybridprune.models.sources import Classifier, model_label
 from hybridprune.pruning.allocate import counts_at, counts_for_target, measure_sensitivity
 from hybridprune.pruning.metrics import ScoringContext, score_filters
 from hybridprune.pruning.plan import (
+    UNFOLLOWED_NOTE,
     FilterPlan,
     GroupPlan,
     Scores,
@@ -106,6 +107,10 @@ def prune_filters_(
                 grouping_note(g, len(alive[n]), cfg.round_to),
             )
             for n, g in groups.items()
+        )
+        + tuple(  # reported, not pruned: their channels pass through a split Torch-Pruning cannot follow
+            GroupPlan(g.name, g.size, tuple(range(g.size)), tuple(p.name for p in g.producers), UNFOLLOWED_NOTE)
+            for g in ctx.unfollowed
         ),
     )
 

@@ -200,8 +200,12 @@ def channel_groups(
     ignore: tuple[str, ...] = (),
     example: torch.Tensor | None = None,
     head: str | None = None,
+    unfollowed: list[ChannelGroup] | None = None,
 ) -> list[ChannelGroup]:
     """Every prunable group of conv output channels, in forward order of the convs that root them.
+
+    A group whose channels Torch-Pruning maps to indices outside a member (through a split it cannot follow, as
+    in timm's CSP and Res2Net blocks) is not prunable: it goes to `unfollowed` (when given), to be reported.
 
     The classifier head (`head`, by default the last conv or linear in forward order), every layer whose output
     the model returns in training mode (auxiliary heads) and modules named in `ignore` (or inside them) are never
@@ -214,8 +218,6 @@ def channel_groups(
     order = {n: i for i, n in enumerate(called)}
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
-        if not _indices_fit(graph, group):
-            continue  # mapped through a split it cannot follow (timm's CSP and Res2Net blocks): its channels stay
         producers, members, consumers = [], [], {}
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
@@ -233,7 +235,11 @@ def channel_groups(
             isinstance(m := model.get_submodule(n), nn.Linear) or m.groups == 1 for n in consumers
         )
         members = tuple(dict.fromkeys(members))
-        groups.append(ChannelGroup(root, size, tuple(producers), members, tuple(consumers.items()), split, aligned))
+        found = ChannelGroup(root, size, tuple(producers), members, tuple(consumers.items()), split, aligned)
+        if _indices_fit(graph, group):
+            groups.append(found)
+        elif unfollowed is not None:
+            unfollowed.append(found)
     return sorted(groups, key=lambda g: order.get(g.name, len(order)))
 
 

@@ -64,6 +64,7 @@ class ScoringContext:
     labels: list[torch.Tensor] = field(default_factory=list)  # only the gradient-based `taylor` needs them
     ignore: tuple[str, ...] = ()
     _groups: list[ChannelGroup] | None = None
+    _unfollowed: list[ChannelGroup] = field(default_factory=list)
     example_inputs: torch.Tensor | None = None
     head: str | None = None
 
@@ -82,8 +83,15 @@ class ScoringContext:
         """The model's prunable channel groups (traced once)."""
         if self._groups is None:
             graph = dependency_graph(self.model, self.example)
-            self._groups = channel_groups(self.model, graph, self.ignore, self.example, self.head)
+            self._unfollowed = []
+            self._groups = channel_groups(self.model, graph, self.ignore, self.example, self.head, self._unfollowed)
         return self._groups
+
+    @property
+    def unfollowed(self) -> list[ChannelGroup]:
+        """Groups kept whole because Torch-Pruning cannot follow their channels (see `graph.channel_groups`)."""
+        _ = self.groups
+        return self._unfollowed
 
 
 Metric = Callable[[ScoringContext], Scores]

@@ -102,6 +102,10 @@ def snap_count(group: ChannelGroup, k: int) -> int:
     return k if g == 1 else min(group.size, max(g, int(math.floor(k / g + 0.5)) * g))
 
 
+# the note of a group that filter pruning cannot cut (`graph.channel_groups`' unfollowed groups)
+UNFOLLOWED_NOTE = "kept whole: its channels pass through a split or slice that Torch-Pruning cannot follow"
+
+
 def grouping_note(group: ChannelGroup, kept: int, round_to: int) -> str:
     """What grouped convs did to a group's count, for the layer table: channels cut within each conv group (the
     same positions in every one), or the group kept whole and why; "" for an ordinary group.
