@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hybridprune.config import PruneConfig
+from hybridprune.config import ModelSource, PruneConfig
 from hybridprune.errors import HybridPruneError
+from hybridprune.models.sources import build_model
 from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
 from hybridprune.pruning.filters import prune_filters_
 from hybridprune.pruning.nm import nm_prune_
@@ -119,3 +120,14 @@ def test_hostile_headers_fail_with_one_line_before_anything_is_built(tiny_model,
     with pytest.raises(HybridPruneError) as err:
         load_checkpoint(_with_spec(good, tmp_path, edit))
     assert "\n" not in str(err.value)
+
+
+def test_a_googlenet_checkpoint_written_before_aux_heads_were_kept_loads_without_them(tmp_path):
+    """Older checkpoints carry no aux_logits: those networks were built without heads, and load so."""
+    torch.manual_seed(0)
+    model = build_model(ModelSource("torchvision", "googlenet", {"aux_logits": False}), image_size=32).eval()
+    prune_filters_(model, PruneConfig(metric="l1", filter_ratio=0.4), [torch.rand(2, 3, 32, 32)])
+    good = save_checkpoint(tmp_path / "m.safetensors", model)
+    loaded, _, _ = load_checkpoint(_with_spec(good, tmp_path, lambda s: s["model"]["args"].pop("aux_logits")))
+    x = torch.rand(2, 3, 32, 32)
+    assert loaded.net.aux1 is None and torch.equal(loaded.eval()(x), model(x))
