@@ -36,8 +36,9 @@ TORCHVISION = [
     ("torchvision:wide_resnet50_2", 32),
     ("torchvision:squeezenet1_0", 32),
     ("torchvision:densenet121", 32),
-    ("torchvision:googlenet", 32),
-    ("torchvision:inception_v3", 75),
+    ("torchvision:googlenet", 32),  # with its two auxiliary heads (pruned with the layers they read)
+    ("torchvision:inception_v3", 75),  # too small for its auxiliary head: built without it
+    ("torchvision:inception_v3", 299),  # with its auxiliary head
     ("torchvision:mobilenet_v2", 32),
     ("torchvision:mobilenet_v3_small", 32),
     ("torchvision:mnasnet0_5", 32),
@@ -162,7 +163,9 @@ def main() -> None:
         f"`python benchmarks/coverage.py --out {args.out}`: 40% of every channel group pruned with l1 (--round-to "
         "16), then 2:4; one SGD step with the masks held, a checkpoint round trip (identical logits) and the "
         "inference model (equal outputs) checked on each. MACs per image at the input shown; 'with 2:4': the "
-        "pruned model's MACs with 2:4 layers counted at half, over the dense model's. Transformers excluded: "
+        "pruned model's MACs with 2:4 layers counted at half, over the dense model's. MACs are those of the "
+        "inference pass; parameters include auxiliary heads (GoogLeNet's two, Inception-v3's at 299x299), which "
+        "are pruned with the layers they read and run only in training. Transformers excluded: "
         f"{', '.join(EXCLUDED)}.\n\n" + table(rows) + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
