@@ -257,3 +257,71 @@ def test_groups_whose_channels_torch_pruning_cannot_follow_are_reported_not_drop
     ctx = ScoringContext(build_model("timm:cspresnet50", image_size=32).eval())
     names = {g.name for g in ctx.groups}
     assert ctx.unfollowed and all(g.name not in names and g.producers for g in ctx.unfollowed)
+
+
+@pytest.mark.parametrize("metric", ["output_l1", "hybrid_output", "taylor"])
+@pytest.mark.parametrize("name, size", [("zoo:aux_net", 16), ("torchvision:googlenet", 32)])
+def test_activation_and_gradient_metrics_score_auxiliary_heads(metric, name, size):
+    """Layers that run only in training have no eval-mode activations or gradients: they are read in a
+    training-mode pass, so every group gets a finite score per channel and the model is left as it was."""
+    from hybridprune.pruning.metrics import ScoringContext, score_filters
+
+    torch.manual_seed(0)
+    model = build_model(name, image_size=size).eval()
+    images, labels = [torch.rand(4, 3, size, size)], [torch.tensor([0, 1, 2, 3])]
+    ctx = ScoringContext(model, images, labels=labels)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = score_filters(metric, ctx)
+    aux_groups = [g for g in ctx.groups if "aux" in g.name.lower()]
+    assert aux_groups and all(torch.isfinite(scores[g.name]).all() and len(scores[g.name]) == g.size
+                              for g in ctx.groups)  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and not model.training
+
+
+def test_looking_at_a_model_draws_no_random_numbers():
+    """Tracing runs models in training mode (dropout draws random numbers): the generator is restored, so a
+    seeded run's fine-tuning sees the same dropout masks whether or not the model was traced first."""
+    from hybridprune.pruning.graph import channel_groups, dependency_graph, training_outputs
+
+    model = build_model("torchvision:squeezenet1_0", image_size=32).eval()  # dropout in its classifier
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    channel_groups(model, dependency_graph(model))
+    assert torch.equal(torch.get_rng_state(), state)
+    aux = build_model("zoo:aux_net", image_size=16)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    training_outputs(aux)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("name, size, heads", [
+    ("zoo:aux_net", 16, ["net.head.2", "net.aux.5"]),
+    ("torchvision:googlenet", 32, ["net.fc", "net.aux2.fc2", "net.aux1.fc2"]),
+    ("torchvision:squeezenet1_0", 32, []),  # flattened after its last conv: no layer returns the output as it is
+    ("resnet20", 32, ["net.fc"]),
+])  # fmt: skip
+def test_the_layers_whose_outputs_a_model_returns_are_found_and_no_others(name, size, heads):
+    from hybridprune.pruning.graph import training_outputs
+
+    assert training_outputs(build_model(name, image_size=size)) == heads
+
+
+def test_auxiliary_outputs_with_none_or_in_a_dict_are_traced_and_trained():
+    """A training-mode output may hold None (GoogLeNet without heads returns it) or be a dict of tensors."""
+    from hybridprune.pruning.graph import output_tensors
+
+    class DictAux(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = build_model("zoo:aux_net", image_size=16).net
+
+        def forward(self, x):
+            out = self.inner(x)
+            return {"logits": out[0], "none": None, "aux": out[1]} if self.training else out
+
+    torch.manual_seed(0)
+    net, x = DictAux(), torch.rand(2, 3, 16, 16)
+    prune_filters_(net, PruneConfig(metric="l1", filter_ratio=0.5, round_to=8), [x])
+    assert net.inner.aux[0].in_channels == net.inner.stem[0].out_channels == 16
+    assert [t.shape for t in output_tensors(net.train()(x))] == [(2, 10), (2, 10)]

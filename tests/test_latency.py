@@ -164,7 +164,8 @@ def test_uniform_allocation_keeps_one_fraction_of_every_group_the_largest_that_f
         return {g: min(ks, key=lambda k: (abs(k - fraction * max(ks)), -k)) for g, ks in candidates.items()}
 
     assert answer.counts == nearest(f)
-    larger = next(nearest(x / 1000) for x in range(round(f * 1000) + 1, 1001) if nearest(x / 1000) != answer.counts)
+    steps = (f + i / 10_000 for i in range(1, 10_001) if f + i / 10_000 <= 1)
+    larger = next(nearest(x) for x in steps if nearest(x) != answer.counts)
     assert predict(couplings, larger, budget)[0] > budget.budget_ms
     shares = [answer.counts[g.name] / g.size for g in groups if g.size >= 16]
     assert max(shares) - min(shares) <= 4 / 16 + 1e-9  # one fraction, up to the rounding to the step
@@ -261,6 +262,7 @@ def good_table() -> dict:
 def broken_tables():
     yield "not a table", [1, 2]
     yield "wrong format", {**good_table(), "format": "something-else"}
+    yield "version 1 (ONNX Runtime timed another way)", {**good_table(), "version": 1}
     for key in ("device", "date", "versions", "entries", "rest"):
         yield f"missing {key}", {k: v for k, v in good_table().items() if k != key}
     for field in ("median_ms", "p10_ms", "p90_ms"):

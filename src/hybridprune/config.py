@@ -37,6 +37,9 @@ MAX_IMAGE_PIXELS = 40_000_000
 LATENCY_RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")  # auto: see deploy.runtimes.resolve_runtime
 LATENCY_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on GPUs, float32 on CPUs
 NM_WHERE = ("all", "auto", "none")  # which eligible layers take 2:4 masks (auto: where the table says 2:4 pays)
+# the weight of each auxiliary classifier's loss for models that return (logits, *aux logits) in training mode
+# (torchvision's GoogLeNet and Inception-v3): 0.3, as Szegedy et al. weighted GoogLeNet's (CVPR 2015)
+AUX_LOSS_WEIGHT = 0.3
 NM_PAYS_MARGIN = 0.05  # auto: a 2:4 entry must be at least 5% faster than the dense one to take a mask
 LATENCY_TOLERANCE = 0.05  # --target-latency: a pruned model measured further off its target is solved again
 LATENCY_CORRECTIONS = 3  # at most this many corrected solves

@@ -189,8 +189,9 @@ def _measured_section(rows: list[Row]) -> list[str]:
                "predicted ms", "hybrid accuracy (%)", "- uniform (paired)", "seeds"]  # fmt: skip
     return _section("Pruned to a measured latency target: latency (ms) and accuracy, mean ± std (seeds)",
                     markdown_table(headers, body),
-                    "Uniform allocation under a target keeps one fraction of every group, the largest whose measured "
-                    "latency fits: the MAC-based baseline at the same measured latency.")  # fmt: skip
+                    "Uniform allocation under a target keeps one fraction of every group, the largest whose "
+                    "predicted latency fits the budget (corrected by measurement like the others): pruning by one "
+                    "ratio everywhere, at the same measured latency.")  # fmt: skip
 
 
 def _latency_section(bench_results: list[dict]) -> list[str]:

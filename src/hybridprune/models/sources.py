@@ -35,7 +35,7 @@ for _name, _factory in BUILTIN.items():
 
 # torchvision models with auxiliary classifiers that run only in training mode, and the smallest input side their
 # heads take: built with them (torchvision's default) from that side up, traced in training mode so the heads are
-# pruned with the layers they read, and trained on the weighted sum of the losses (training.loop.AUX_LOSS_WEIGHT);
+# pruned with the layers they read, and trained on the weighted sum of the losses (config.AUX_LOSS_WEIGHT);
 # below it (inception_v3's head needs 299x299; without it the network takes 75x75 up) built without them. The
 # choice is written into the model's arguments, so a checkpoint rebuilds the same network.
 AUX_HEADS = {"googlenet": 1, "inception_v3": 299}

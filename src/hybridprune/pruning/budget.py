@@ -147,7 +147,8 @@ def solve(couplings: list[LayerCoupling], values: Values, budget: Budget) -> All
 def solve_uniform(couplings: list[LayerCoupling], candidates: dict[str, list[int]], budget: Budget) -> Allocation:
     """The same kept fraction f of every group (each count the candidate nearest f x size), the largest f whose
     predicted latency fits `budget.budget_ms`: uniform allocation at the ratio the budget allows. Exact over f:
-    every fraction on a 1/1000 grid is tried (`value` is the fraction kept).
+    the counts change only where f x size crosses a midpoint between two candidates, so every fraction at and
+    just below each such point is tried, from the largest down (`value` is the fraction kept).
 
     Example:
         >>> from hybridprune.pruning.latency import Entry, LayerShape
@@ -158,8 +159,10 @@ def solve_uniform(couplings: list[LayerCoupling], candidates: dict[str, list[int
         >>> solve_uniform(c, {"g": [2, 4]}, Budget(t, Setup("torch", 1, "float32"), 0.0, 3.0)).counts
         {'g': 2}
     """
+    points = {(a + b) / 2 / max(ks) for ks in candidates.values() for a, b in itertools.pairwise(sorted(ks))}
+    fractions = sorted({1.0, 0.0, *points, *(p - 1e-9 for p in points)}, reverse=True)
     best, fastest, seen = None, math.inf, set()
-    for f in (i / 1000 for i in range(1000, 0, -1)):
+    for f in fractions:
         counts = {g: min(ks, key=lambda k: (abs(k - f * max(ks)), -k)) for g, ks in candidates.items()}
         if (key := tuple(sorted(counts.items()))) in seen:
             continue

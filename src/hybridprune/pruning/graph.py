@@ -134,6 +134,7 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
                 model,
                 example_inputs=_batch_of_two(example) if train_only else example,
                 forward_fn=_training_forward if train_only else None,
+                output_transform=output_tensors if train_only else None,  # (logits, aux, None, ...): the tensors
                 verbose=False,
             )
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways; the user needs one line either way
@@ -380,17 +381,34 @@ def forward_order(model: nn.Module, example: torch.Tensor | None = None) -> list
 
 @contextmanager
 def training_pass(model: nn.Module) -> Iterator[None]:
-    """The model in training mode for the block; its mode and buffers (BatchNorm statistics) restored after."""
+    """The model in training mode for the block; its mode, buffers (BatchNorm statistics) and the random number
+    generators (dropout draws from them) restored after, so looking at a model changes nothing about it."""
     saved = {n: b.clone() for n, b in model.named_buffers()}
     was_training = model.training
-    model.train()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(saved[n])
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        model.train()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(saved[n])
+
+
+def output_tensors(out: object) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order: a tensor, or tuples, lists and dicts of them (None skipped).
+
+    Example:
+        >>> z = torch.zeros(1)
+        >>> len(output_tensors((z, None, {"aux": z, "n": 3})))
+        2
+    """
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else []
+    return [t for item in items for t in output_tensors(item)]
 
 
 def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
@@ -402,23 +420,31 @@ def _training_forward(model: nn.Module, example: torch.Tensor) -> object:
     return model(example)
 
 
+def training_forward(model: nn.Module, example: torch.Tensor) -> object:
+    """One forward pass in training mode on the first input of `example` (twice: BatchNorm needs two values),
+    without changing the model (see `training_pass`); exceptions pass through."""
+    with torch.no_grad(), training_pass(model):
+        return model(_batch_of_two(example))
+
+
 @torch.no_grad()
-def _training_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[str], object, dict[int, str]]:
+def _training_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[str], object, dict[int, tuple]]:
     """One training-mode pass: the conv and linear layers called, in order, the output, and which layer returned
-    each tensor (by id); ([], None, {}) when the model fails in training mode on this input."""
+    each tensor (id -> (name, the tensor, kept alive so no id is reused)); ([], None, {}) when the model fails in
+    training mode on this input."""
     order, returned = [], {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
     def hook(name: str):
         def record(module: nn.Module, inputs: tuple, output: object) -> None:
             order.append(name)
-            returned[id(output)] = name
+            returned[id(output)] = (name, output)
 
         return record
 
     try:
-        with _hooks([m.register_forward_hook(hook(n)) for n, m in layers]), training_pass(model):
-            out = model(_batch_of_two(example))
+        with _hooks([m.register_forward_hook(hook(n)) for n, m in layers]):
+            out = training_forward(model, example)
     except Exception:  # noqa: BLE001 - a model that fails in training mode on this input: nothing more to learn
         return [], None, {}
     return list(dict.fromkeys(order)), out, returned
@@ -444,8 +470,7 @@ def training_outputs(model: nn.Module, example: torch.Tensor | None = None) -> l
         ['1']
     """
     _, out, returned = _training_calls(model, example_input(model, example=example))
-    tensors = out if isinstance(out, (tuple, list)) else [out]
-    return [returned[id(t)] for t in tensors if isinstance(t, torch.Tensor) and id(t) in returned]
+    return [returned[id(t)][0] for t in output_tensors(out) if id(t) in returned and returned[id(t)][1] is t]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from hybridprune.outputs import write_json
 from hybridprune.pruning.graph import ChannelGroup
 
 TABLE_FORMAT = "hybridprune-latency-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: ONNX Runtime entries timed with outputs bound once (1: a fresh output array per call)
 KERNELS = ("dense", "2:4")
 
 
@@ -315,7 +315,8 @@ def table_from_dict(raw: Any, where: str, device: str | None = None) -> LatencyT
         raise HybridPruneError(f"{where} is not a hybridprune latency table (format {TABLE_FORMAT!r} missing)")
     if raw.get("version") != TABLE_VERSION:
         raise HybridPruneError(
-            f"{where}: latency table version {raw.get('version')!r}; this version reads {TABLE_VERSION}"
+            f"{where}: latency table version {raw.get('version')!r}; this version reads {TABLE_VERSION} (timings "
+            "of another version do not mix with this one's): profile again"
         )
     missing = [k for k in ("device", "date", "versions", "entries", "rest") if k not in raw]
     if missing:

@@ -23,6 +23,7 @@ breaks ties of the minimum in favour of the channel whose weights survive N:M pr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,8 +33,16 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from hybridprune.config import METRIC_NAMES, NMPattern
-from hybridprune.pruning.graph import ChannelGroup, as_example, channel_groups, dependency_graph, followers
+from hybridprune.config import AUX_LOSS_WEIGHT, METRIC_NAMES, NMPattern
+from hybridprune.pruning.graph import (
+    ChannelGroup,
+    as_example,
+    channel_groups,
+    dependency_graph,
+    followers,
+    output_tensors,
+    training_pass,
+)
 from hybridprune.pruning.nm import eligible_layers, nm_prune_, nm_prune_weight
 from hybridprune.pruning.plan import Scores
 from hybridprune.registry import Registry
@@ -64,7 +73,7 @@ class ScoringContext:
     labels: list[torch.Tensor] = field(default_factory=list)  # only the gradient-based `taylor` needs them
     ignore: tuple[str, ...] = ()
     _groups: list[ChannelGroup] | None = None
-    _unfollowed: list[ChannelGroup] = field(default_factory=list)
+    _unfollowed: list[ChannelGroup] = field(default_factory=list, init=False, repr=False)
     example_inputs: torch.Tensor | None = None
     head: str | None = None
 
@@ -170,14 +179,24 @@ def hybrid(ctx: ScoringContext) -> Scores:
 
 @torch.no_grad()
 def _mean_abs_outputs(model: nn.Module, groups: list[ChannelGroup], calibration: list[torch.Tensor]) -> Scores:
-    """Mean |activation| of each group channel where its producing convs make it (see `output_l1`)."""
+    """Mean |activation| of each group channel where its producing convs make it (see `output_l1`); convs that
+    run only in training (auxiliary heads) are read in a training-mode pass, the model left unchanged."""
     if not calibration:
         raise ValueError("output-based metrics need calibration batches")
+    producers = {p.name for g in groups for p in g.producers}
+    means = _mean_abs_pass(model, producers, calibration, training=False)
+    if producers - means.keys():
+        means |= _mean_abs_pass(model, producers - means.keys(), calibration, training=True)
+    ctx = ScoringContext(model, _groups=groups)
+    return _per_group(ctx, lambda name, conv: means[name])
+
+
+def _mean_abs_pass(model: nn.Module, producers: set[str], calibration: list[torch.Tensor], training: bool) -> Scores:
     follow = followers(model, calibration[0])
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     hooks = []
-    for p in {p.name for g in groups for p in g.producers}:
+    for p in producers:
         site = follow.bn.get(p, p)
         act = modules[follow.act[site]] if site in follow.act else None
         hooks.append(modules[site].register_forward_hook(_accumulate(p, act, sums)))
@@ -185,15 +204,14 @@ def _mean_abs_outputs(model: nn.Module, groups: list[ChannelGroup], calibration:
     model.eval()
     try:
         device = next(model.parameters()).device
-        for x in calibration:
-            model(x.to(device))
+        with training_pass(model) if training else contextlib.nullcontext():
+            for x in calibration:
+                model(x.to(device))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    means = {name: s / len(calibration) for name, s in sums.items()}
-    ctx = ScoringContext(model, _groups=groups)
-    return _per_group(ctx, lambda name, conv: means[name])
+    return {name: s / len(calibration) for name, s in sums.items()}
 
 
 def _accumulate(name: str, act: nn.Module | None, sums: dict[str, torch.Tensor]) -> Callable:
@@ -242,7 +260,8 @@ def fpgm(ctx: ScoringContext) -> Scores:
 @METRICS.register("taylor")
 def taylor(ctx: ScoringContext) -> Scores:
     """First-order Taylor importance |w * dL/dw| (Molchanov et al., 2019), Torch-Pruning's implementation,
-    over the whole group, with the loss summed over the labelled calibration batches."""
+    over the whole group, with the loss summed over the labelled calibration batches (in eval mode; a model with
+    auxiliary heads adds their weighted losses from a training-mode pass, so every layer has a gradient)."""
     if len(ctx.labels) != len(ctx.calibration) or not ctx.calibration:
         raise ValueError("taylor needs labelled calibration batches")
     model = ctx.model
@@ -251,9 +270,15 @@ def taylor(ctx: ScoringContext) -> Scores:
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
     try:
+        batches = [(x.to(device), y.to(device)) for x, y in zip(ctx.calibration, ctx.labels, strict=True)]
         with torch.enable_grad():
-            for x, y in zip(ctx.calibration, ctx.labels, strict=True):
-                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            for x, y in batches:
+                F.cross_entropy(model(x), y).backward()
+            if any(m.weight.grad is None for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+                with training_pass(model):  # layers that run only in training: the auxiliary losses, as trained
+                    for x, y in batches:
+                        _, *aux = output_tensors(model(x))
+                        sum(AUX_LOSS_WEIGHT * F.cross_entropy(a, y) for a in aux).backward()
         return _torch_pruning_scores(ctx, tp.importance.TaylorImportance())
     finally:
         model.zero_grad(set_to_none=True)

@@ -23,7 +23,13 @@ from torch import nn
 
 from hybridprune.config import DEFAULT_ROUND_TO, validate_ratio
 from hybridprune.errors import HybridPruneError, first_line
-from hybridprune.pruning.graph import ChannelGroup, dependency_graph, example_input, known_input_shape
+from hybridprune.pruning.graph import (
+    ChannelGroup,
+    dependency_graph,
+    example_input,
+    known_input_shape,
+    training_forward,
+)
 
 Scores = dict[str, torch.Tensor]  # group name -> one score per channel of the group
 
@@ -234,8 +240,9 @@ def _label(model: nn.Module) -> str:
 
 @torch.no_grad()
 def check_runs(model: nn.Module, example: torch.Tensor) -> None:
-    """After channels went: the model still takes its input, or one line names the module that fails on it (one
-    that splits or slices channels by sizes it stores, which Torch-Pruning does not update: timm's MixedConv2d)."""
+    """After channels went: the model still takes its input, in eval and in training mode, or one line names the
+    module that fails on it (one that splits or slices channels by sizes it stores, which Torch-Pruning does not
+    update: timm's MixedConv2d)."""
     running: list[str] = []
     handles = []
     for name, module in list(model.named_modules())[1:]:
@@ -244,6 +251,7 @@ def check_runs(model: nn.Module, example: torch.Tensor) -> None:
     was_training = model.training
     try:
         model.eval()(example)
+        training_forward(model, example)  # branches that run only in training (auxiliary heads) must take it too
     except Exception as e:  # noqa: BLE001 - whatever fails, the module and the first line of why
         where = f"{running[-1]} ({type(model.get_submodule(running[-1])).__name__})" if running else "its forward"
         raise HybridPruneError(

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hybridprune.config import TrainConfig
+from hybridprune.config import AUX_LOSS_WEIGHT, TrainConfig
 from hybridprune.data.batching import batches
 from hybridprune.data.images import Dataset, ImageSet, StreamedSplit
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.checkpoint import first_nonfinite, nonfinite_line
+from hybridprune.pruning.graph import output_tensors
 from hybridprune.pruning.nm import apply_masks_
 from hybridprune.training.distributed import any_rank, ddp, sync_model_, synced_batchnorm
 from hybridprune.world import World, check_batch
@@ -143,33 +144,17 @@ def _step_loss(forward: nn.Module, model: nn.Module, teacher: nn.Module | None, 
         return _loss(model, teacher, x, y, cfg), model
 
 
-# the weight of each auxiliary classifier's loss, for models that return (logits, *aux logits) in training mode
-# (torchvision's GoogLeNet and Inception-v3): 0.3, as Szegedy et al. weighted GoogLeNet's (CVPR 2015)
-AUX_LOSS_WEIGHT = 0.3
-
-
 def _loss(model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig):
-    logits, *aux = _outputs(model(x))
+    logits, *aux = output_tensors(model(x))
     if cfg.distill_weight > 0:
         with torch.no_grad():
-            teacher_logits = _outputs(teacher(x))[0]
+            teacher_logits = output_tensors(teacher(x))[0]
         loss = distillation_loss(logits, teacher_logits, y, cfg)
     else:
         loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
     for a in aux:  # auxiliary heads learn the labels, weighted as their papers did
         loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(a, y, label_smoothing=cfg.label_smoothing)
     return loss
-
-
-def _outputs(out: torch.Tensor | tuple) -> list[torch.Tensor]:
-    """The logits, then any auxiliary logits (a tuple in training mode; the aux entries may be None).
-
-    Example:
-        >>> z = torch.zeros(2, 3)
-        >>> len(_outputs(z)), len(_outputs((z, z, None)))
-        (1, 2)
-    """
-    return [out] if isinstance(out, torch.Tensor) else [t for t in out if t is not None]
 
 
 def _train(
