@@ -328,7 +328,7 @@ def test_a_grid_takes_a_target_latency_axis_and_measures_with_one_worker(tmp_pat
     grid = grid_from_dict({"metrics": ["l1", "hybrid"], "target_latencies": [0.5, 0.8], "seeds": [0, 1],
                            "prune": {"latency_runtime": "torch", "latency_batch": 4}})  # fmt: skip
     runs = grid.runs()
-    assert sorted({(r.prune.target_latency, r.prune.allocation) for r in runs}) == [(0.5, "global"), (0.8, "global")]
+    assert sorted({(r.prune.target_latency, r.prune.allocation) for r in runs}) == [(0.5, "sensitivity"), (0.8, "sensitivity")]
     assert len(runs) == 8 and len({r.to_dict()["prune"]["target_latency"] for r in runs}) == 2
     with pytest.raises(HybridPruneError, match="not both"):
         grid_from_dict({"target_latencies": [0.5], "ratios": [0.3]})
@@ -379,7 +379,7 @@ def test_a_latency_grid_runs_and_its_report_shows_measured_latency(tmp_path, det
         "train": {"epochs": 1, "batch_size": 32},
         "finetune": {"epochs": 1, "batch_size": 32},
         "prune": {"calib_batches": 1, "bn_recalib_batches": 1, "calib_batch_size": 32, "latency_runtime": "torch",
-                  "latency_batch": 16, "latency_points": 3},
+                  "latency_batch": 16, "latency_points": 3, "allocation": "global"},
     }  # fmt: skip
     store = Store(tmp_path / "s.sqlite")
     counts = run_grid(grid_from_dict(raw, "lat"), store, workers=1, progress=False, log=lambda _: None)

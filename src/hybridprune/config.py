@@ -37,6 +37,9 @@ MAX_IMAGE_PIXELS = 40_000_000
 LATENCY_RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")  # auto: see deploy.runtimes.resolve_runtime
 LATENCY_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on GPUs, float32 on CPUs
 NM_WHERE = ("all", "auto", "none")  # which eligible layers take 2:4 masks (auto: where the table says 2:4 pays)
+# the allocation a latency target brings unless one is named: sensitivity kept more accuracy than global (l1
+# scores) in every cell of docs/results/latency-cifar10/ (AlexNet and ResNet-20, targets 0.5 and 0.7, 3 seeds)
+LATENCY_ALLOCATION = "sensitivity"
 # the weight of each auxiliary classifier's loss for models that return (logits, *aux logits) in training mode
 # (torchvision's GoogLeNet and Inception-v3): 0.3, as Szegedy et al. weighted GoogLeNet's (CVPR 2015)
 AUX_LOSS_WEIGHT = 0.3

@@ -24,6 +24,7 @@ from hybridprune.config import (
     DEFAULT_FINETUNE,
     DEFAULT_METRICS,
     DEFAULT_MODEL,
+    LATENCY_ALLOCATION,
     METRIC_NAMES,
     RECIPES,
     DataConfig,
@@ -142,12 +143,12 @@ def run_config_from_args(args: argparse.Namespace, metrics: str | None = None) -
 
 def latency_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The latency flags as PruneConfig settings; --target-latency replaces --filter-ratio and --target-macs, and
-    brings global allocation unless --allocation says otherwise (a recipe's allocation counts as said).
+    brings LATENCY_ALLOCATION unless --allocation says otherwise (a recipe's allocation counts as said).
 
     Example:
         >>> s = latency_settings(argparse.Namespace(target_latency=0.5, allocation=None, filter_ratio=None))
         >>> s["target_latency"], s["allocation"]
-        (0.5, 'global')
+        (0.5, 'sensitivity')
     """
     names = ("nm_where", "latency_runtime", "latency_batch", "latency_dtype", "latency_step", "latency_points",
              "latency_table")  # fmt: skip
@@ -161,7 +162,7 @@ def latency_settings(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "allocation", None) is None and "allocation" not in RECIPES[getattr(args, "recipe", "plain")].get(
         "prune", {}
     ):
-        settings["allocation"] = "global"
+        settings["allocation"] = LATENCY_ALLOCATION
     return settings
 
 

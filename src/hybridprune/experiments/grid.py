@@ -23,6 +23,7 @@ import yaml
 from hybridprune.config import (
     DEFAULT_FINETUNE,
     DEFAULT_METRICS,
+    LATENCY_ALLOCATION,
     RECIPES,
     DataConfig,
     ModelConfig,
@@ -107,7 +108,7 @@ class Grid:
 
     def _run(self, data: DataConfig, model: ModelConfig, metric: str, point: float, seed: int) -> RunConfig:
         """One grid point: `point` is a filter ratio, or a latency target when the grid has target_latencies."""
-        axis = {"target_latency": point, "allocation": self.prune.get("allocation", "global")} if (
+        axis = {"target_latency": point, "allocation": self.prune.get("allocation", LATENCY_ALLOCATION)} if (
             self.target_latencies) else {"filter_ratio": point}  # fmt: skip
         prune = PruneConfig(**{**self.prune, "metric": metric, **axis})
         return RunConfig(
@@ -165,7 +166,7 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
     if targets and "ratios" in raw:
         raise HybridPruneError("give ratios or target_latencies, not both: a latency target replaces the ratio")
     for target in targets:  # each point checked now (bounds, allocation), not in a worker later
-        PruneConfig(**{**prune, "target_latency": target, "allocation": prune.get("allocation", "global")})
+        PruneConfig(**{**prune, "target_latency": target, "allocation": prune.get("allocation", LATENCY_ALLOCATION)})
     finetune = {**DEFAULT_FINETUNE.to_dict(), **_mapping(raw, "finetune")}
     if not (datasets and models and metrics and ratios and seeds):
         raise HybridPruneError("datasets, models, metrics, ratios and seeds must each be non-empty")

@@ -26,9 +26,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def run_label(row: Row) -> str:
-    """A run's metric, and its recovery recipe unless that is plain fine-tuning: `hybrid`, `hybrid+distill`."""
+    """A run's metric, its recovery recipe unless that is plain fine-tuning, and its latency target and
+    allocation when it was pruned to one: `hybrid`, `hybrid+distill`, `l1+latency0.5/uniform`.
+
+    Example:
+        >>> run_label({"metric": "l1", "config": '{"prune": {"target_latency": 0.5, "allocation": "global"}}'})
+        'l1+latency0.5/global'
+    """
     recipe = row.get("recipe", "plain")
-    return row["metric"] if recipe == "plain" else f"{row['metric']}+{recipe}"
+    label = row["metric"] if recipe == "plain" else f"{row['metric']}+{recipe}"
+    prune = _config(row).get("prune", {})
+    if prune.get("target_latency") is not None:
+        label += f"+latency{prune['target_latency']:g}/{prune.get('allocation', 'global')}"
+    return label
 
 
 def metric_order(label: str) -> tuple[int, str]:
@@ -326,8 +336,11 @@ def measured_latencies(rows: list[Row]) -> dict[tuple, list[dict[str, Any]]]:
 
 
 def _allocation(row: Row) -> str:
-    config = json.loads(row["config"]) if isinstance(row.get("config"), str) else row.get("config") or {}
-    return config.get("prune", {}).get("allocation", "global")
+    return _config(row).get("prune", {}).get("allocation", "global")
+
+
+def _config(row: Row) -> dict[str, Any]:
+    return json.loads(row["config"]) if isinstance(row.get("config"), str) else row.get("config") or {}
 
 
 def versus_uniform(points: list[dict[str, Any]]) -> dict[tuple[str, float, str], tuple[float, float, float, int]]:

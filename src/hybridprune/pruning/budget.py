@@ -14,6 +14,9 @@ so the budget couples neighbouring groups and the problem is not a plain knapsac
   where a few channels save nothing are crossed by larger moves), until the budget holds; then it spends the
   slack on the moves up that gain the most value per millisecond. This is greedy: close, not proven optimal.
 
+Among answers of equal value both keep the one closest to the budget (more channels for the same importance:
+sensitivity curves are flat where pruning costs no measured accuracy).
+
 2:4 is decided per layer from the table (`nm_rule`): `auto` runs a layer 2:4 where its 2:4 entry beats dense by
 NM_PAYS_MARGIN at the chosen counts; `all` puts masks on every eligible layer (their 2:4 entries, where the
 device has a kernel, else dense time); `none` leaves every layer dense.
@@ -192,7 +195,7 @@ def _enumerate(couplings: list[LayerCoupling], values: Values, budget: Budget, g
         value = sum(values[g][k] for g, k in counts.items())
         time, sparse = predict(couplings, counts, budget)
         fastest = min(fastest, time)
-        if time <= budget.budget_ms and (best is None or (value, -time) > (best[0], -best[1])):
+        if time <= budget.budget_ms and (best is None or (value, time) > (best[0], best[1])):
             best = (value, time, counts, sparse)
     if best is None:
         raise _unreachable(budget, fastest)
@@ -223,9 +226,9 @@ def _greedy(couplings: list[LayerCoupling], values: Values, budget: Budget, grou
         if floor > budget.budget_ms:
             raise _unreachable(budget, min(time, floor))
         counts, time = smallest, floor
-    while True:  # up: spend the slack where it buys the most value per ms
+    while True:  # up: spend the slack where it buys the most value per ms (at equal value: more channels)
         moves = [(dv / max(dt, 1e-9), g, k, dt) for g in groups for k in values[g] if k > counts[g]
-                 for dv, dt in [delta(g, k)] if dv > 0 and time + dt <= budget.budget_ms]  # fmt: skip
+                 for dv, dt in [delta(g, k)] if dv >= 0 and time + dt <= budget.budget_ms]  # fmt: skip
         if not moves:
             break
         _, g, k, dt = max(moves)
