@@ -328,7 +328,8 @@ def test_a_grid_takes_a_target_latency_axis_and_measures_with_one_worker(tmp_pat
     grid = grid_from_dict({"metrics": ["l1", "hybrid"], "target_latencies": [0.5, 0.8], "seeds": [0, 1],
                            "prune": {"latency_runtime": "torch", "latency_batch": 4}})  # fmt: skip
     runs = grid.runs()
-    assert sorted({(r.prune.target_latency, r.prune.allocation) for r in runs}) == [(0.5, "sensitivity"), (0.8, "sensitivity")]
+    pairs = sorted({(r.prune.target_latency, r.prune.allocation) for r in runs})
+    assert pairs == [(0.5, "sensitivity"), (0.8, "sensitivity")]
     assert len(runs) == 8 and len({r.to_dict()["prune"]["target_latency"] for r in runs}) == 2
     with pytest.raises(HybridPruneError, match="not both"):
         grid_from_dict({"target_latencies": [0.5], "ratios": [0.3]})
