@@ -11,6 +11,8 @@ import json
 from statistics import fmean, stdev
 from typing import Any
 
+from hybridprune.config import PruneConfig
+
 Row = dict[str, Any]
 METRIC_ORDER = ("l1", "l2", "output_l1", "fpgm", "taylor", "hybrid", "hybrid_output", "random")
 
@@ -27,17 +29,18 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_label(row: Row) -> str:
     """A run's metric, its recovery recipe unless that is plain fine-tuning, and its latency target and
-    allocation when it was pruned to one: `hybrid`, `hybrid+distill`, `l1+latency0.5/uniform`.
+    allocation and batch when it was pruned to one: `hybrid`, `hybrid+distill`, `l1+latency0.5/uniform/b64`.
 
     Example:
         >>> run_label({"metric": "l1", "config": '{"prune": {"target_latency": 0.5, "allocation": "global"}}'})
-        'l1+latency0.5/global'
+        'l1+latency0.5/global/b64'
     """
     recipe = row.get("recipe", "plain")
     label = row["metric"] if recipe == "plain" else f"{row['metric']}+{recipe}"
     prune = _config(row).get("prune", {})
     if prune.get("target_latency") is not None:
-        label += f"+latency{prune['target_latency']:g}/{prune.get('allocation', 'global')}"
+        batch = prune.get("latency_batch", PruneConfig.latency_batch)  # a config omits the latency defaults
+        label += f"+latency{prune['target_latency']:g}/{prune.get('allocation', 'global')}/b{batch}"
     return label
 
 
