@@ -93,7 +93,7 @@ def chain(name: str, size: int, folder: Path) -> dict:
     opt.step()
     handle.remove()
     assert all(hp.satisfies_nm(model.get_submodule(n).weight) for n in masks), "2:4 pattern lost in the step"
-    path = hp.save_checkpoint(folder / f"{name.replace(':', '-')}.safetensors", model, masks)
+    path = hp.save_checkpoint(folder / f"{name.replace(':', '-')}-{size}.safetensors", model, masks)
     loaded, loaded_masks, _ = hp.load_checkpoint(path)
     with torch.no_grad():
         logits = model(x)
