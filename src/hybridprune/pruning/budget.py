@@ -164,7 +164,7 @@ def solve_uniform(couplings: list[LayerCoupling], candidates: dict[str, list[int
     """
     points = {(a + b) / 2 / max(ks) for ks in candidates.values() for a, b in itertools.pairwise(sorted(ks))}
     fractions = sorted({1.0, 0.0, *points, *(p - 1e-9 for p in points)}, reverse=True)
-    best, fastest, seen = None, math.inf, set()
+    fastest, seen = math.inf, set()
     for f in fractions:
         counts = {g: min(ks, key=lambda k: (abs(k - f * max(ks)), -k)) for g, ks in candidates.items()}
         if (key := tuple(sorted(counts.items()))) in seen:
@@ -173,11 +173,8 @@ def solve_uniform(couplings: list[LayerCoupling], candidates: dict[str, list[int
         time, sparse = predict(couplings, counts, budget)
         fastest = min(fastest, time)
         if time <= budget.budget_ms:
-            best = Allocation(counts, sparse, time, f, exact=True)
-            break
-    if best is None:
-        raise _unreachable(budget, fastest)
-    return best
+            return Allocation(counts, sparse, time, f, exact=True)
+    raise _unreachable(budget, fastest)
 
 
 def _unreachable(budget: Budget, fastest: float) -> HybridPruneError:
