@@ -214,3 +214,24 @@ def holder(folder: Path, go: str = "-", hold: float = -1.0) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+# --- numbers stored on another machine ---------------------------------------------------------------------------
+
+
+def stored_logits_tolerance(reference, reduction: int = 1024) -> dict[str, float]:
+    """`assert_close` tolerances for logits stored on another machine (another CPU's kernels, another thread
+    count, another library build). Those sum the same products in another order; each dot product of K terms
+    then differs by at most about K * eps of the sum of its terms' magnitudes, so `reduction` (the longest
+    product summed, rounded up, times the layers it passes) times eps, at the logits' scale, bounds every honest
+    difference. A load that is wrong (a weight, a BatchNorm statistic, a mask) moves logits by percent.
+
+    Example:
+        >>> import torch
+        >>> stored_logits_tolerance(torch.tensor([0.5, -2.0]))["atol"] < 1e-3
+        True
+    """
+    import torch  # here, so that helpers imported by a torch-free subprocess stay torch-free
+
+    eps = torch.finfo(reference.dtype).eps
+    return {"rtol": reduction * eps, "atol": reduction * eps * float(reference.abs().max())}

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import stored_logits_tolerance
 from hybridprune.config import ModelSource, PruneConfig
 from hybridprune.errors import HybridPruneError
 from hybridprune.models.sources import build_model
@@ -69,7 +70,9 @@ def test_version_1_alexnet_checkpoints_keep_loading():
     data = Path(__file__).parent / "data"
     model, masks, meta = load_checkpoint(data / "alexnet-v1.safetensors")
     expected = load_file(str(data / "alexnet-v1-logits.safetensors"))
-    assert torch.equal(model(expected["x"]), expected["logits"])
+    # the logits were stored on another machine: kernels chosen by CPU (AVX2, AVX-512, AMX) and thread count sum in
+    # another order, so they agree to rounding, not bit for bit (see helpers.stored_logits_tolerance)
+    torch.testing.assert_close(model(expected["x"]), expected["logits"], **stored_logits_tolerance(expected["logits"]))
     assert meta["stage"] == "hybrid" and "net.features.2.conv" in masks
     assert model.input_shape == (1, 16, 16)
 

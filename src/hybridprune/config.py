@@ -34,7 +34,13 @@ FOLDER_IMAGE_SIZE = 224  # folder:PATH datasets: the side images are cropped to 
 # and never decoded; 40 MP is 120 MB as 8-bit RGB, far above any training image, well below Pillow's own bound
 # (89 MP warns, 179 MP fails), which the loader neither relies on nor changes
 MAX_IMAGE_PIXELS = 40_000_000
-LATENCY_RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")  # auto: see deploy.runtimes.resolve_runtime
+# deployment runtimes (one object each in deploy.runtimes.RUNTIMES) and the precisions they may run a model at
+RUNTIME_NAMES = ("torch", "onnxruntime", "openvino", "tensorrt")
+DEPLOY_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+LATENCY_RUNTIMES = ("auto", *RUNTIME_NAMES)  # auto: see deploy.runtimes.resolve_runtime
+QUANT_RUNTIMES = ("onnxruntime", "openvino")  # where an INT8 QDQ file is measured (tensorrt: build-only here)
+QUANT_FORMATS = ("auto", "u8s8", "s8s8")  # activations uint8 or int8 (weights int8 symmetric); auto: measured
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 LATENCY_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on GPUs, float32 on CPUs
 NM_WHERE = ("all", "auto", "none")  # which eligible layers take 2:4 masks (auto: where the table says 2:4 pays)
 # the allocation a latency target brings unless one is named: sensitivity kept more accuracy than global (l1
@@ -371,6 +377,20 @@ class PruneConfig(_CheckedConfig):
         """Which eligible layers take N:M masks: `nm_where`, or its default (auto with a latency target)."""
         return self.nm_where or ("auto" if self.target_latency is not None else "all")
 
+    def in_force(self) -> dict[str, Any]:
+        """The settings that decided this pruning, for results: `nm_where` as the rule in force, and no
+        `filter_ratio` where a MAC or latency target replaced it (`to_dict` keeps both: it keys stores and resumes).
+
+        Example:
+            >>> s = PruneConfig(target_latency=0.5).in_force()
+            >>> "filter_ratio" in s, s["target_latency"], s["nm_where"]
+            (False, 0.5, 'auto')
+        """
+        settings = {**self.to_dict(), "nm_where": self.nm_rule}
+        if self.target_latency is not None or self.target_macs is not None:
+            settings.pop("filter_ratio")
+        return settings
+
     def to_dict(self) -> dict[str, Any]:
         # the latency fields at their defaults are left out, so configurations from before they existed keep
         # their keys in experiment stores (a key hashes this dict)
@@ -504,6 +524,15 @@ class RunConfig(_CheckedConfig):
         finetune = TrainConfig.from_dict({**self.finetune.to_dict(), **recipe.get("finetune", {})})
         return replace(self, prune=prune, finetune=finetune, recipe=name)
 
+    def to_record(self) -> dict[str, Any]:
+        """`to_dict` with the prune settings in force (`PruneConfig.in_force`): what a result records.
+
+        Example:
+            >>> RunConfig(prune=PruneConfig(target_latency=0.5)).to_record()["prune"]["nm_where"]
+            'auto'
+        """
+        return {**self.to_dict(), "prune": self.prune.in_force()}
+
 
 # Recovery recipes: named overrides of the pruning and fine-tuning settings, with the total fine-tuning
 # epochs unchanged (so a recipe is compared with plain fine-tuning at the same cost in epochs). `best` is
@@ -600,6 +629,51 @@ class ExportConfig(_CheckedConfig):
     check_images: int = 256
 
     RANGES: ClassVar = {"opset": (13, 20), "check_images": (1, 100_000)}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(_CheckedConfig):
+    """How `hybridprune quantize` makes an INT8 QDQ file: calibration images, method, activation format, and the
+    runtime that will run it (where its accuracy and the `auto` format's timings are measured).
+
+    Example:
+        >>> QuantizeConfig(calibration_method="entropy").format
+        'auto'
+    """
+
+    calibration_images: int = 256
+    calibration_method: str = "minmax"
+    format: str = "auto"
+    runtime: str = "onnxruntime"
+    batch_size: int = 64  # calibration and evaluation batches; also the batch the formats are timed at
+    rounds: int = 10  # timed rounds per format (auto)
+    opset: int = ONNX_OPSET
+
+    RANGES: ClassVar = {
+        "calibration_images": (1, 1_000_000),
+        "batch_size": (1, 4096),
+        "rounds": (1, 10_000),
+        "opset": (13, 20),
+    }
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        check_name("calibration method", self.calibration_method, CALIBRATION_METHODS)
+        check_name("quantization format", self.format, QUANT_FORMATS)
+        check_name("runtime for an INT8 file", self.runtime, QUANT_RUNTIMES)
+
+
+@dataclass(frozen=True)
+class AnalysisConfig(_CheckedConfig):
+    """The bound on analysis that may not end on a user's model (tracing its channel groups): seconds per stage,
+    0 for none. Ten minutes by default, far beyond tracing any torchvision or timm model that can be pruned."""
+
+    analysis_timeout: float = 600.0
+
+    RANGES: ClassVar = {"analysis_timeout": (0, 7 * 86_400)}
 
     def __post_init__(self) -> None:
         self._check_fields()

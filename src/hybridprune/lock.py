@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridprune.errors import HybridPruneError
+from hybridprune.parse import loads_json
 
 try:
     import fcntl  # POSIX: a lock held with flock dies with its process, which is how stale locks are told apart
@@ -182,10 +183,13 @@ def _try_flock(fd: int) -> bool | None:
         return None
 
 
+MAX_LOCK_BYTES = 64 * 2**10  # a lock holds a pid, a host and a time
+
+
 def _parse_lock(raw: bytes) -> dict[str, Any]:
     try:
-        info = json.loads(raw)
-    except ValueError:
+        info = loads_json(raw, "lock file", max_bytes=MAX_LOCK_BYTES)
+    except ValueError:  # HybridPruneError included: an unreadable lock tells nothing about its holder
         return {}
     return info if isinstance(info, dict) else {}
 

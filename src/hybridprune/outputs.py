@@ -15,6 +15,7 @@ from typing import Any
 
 from hybridprune.errors import HybridPruneError
 from hybridprune.lock import LOCK_NAME
+from hybridprune.parse import read_json
 
 try:
     import fcntl  # POSIX: a lock held with flock dies with its process, which is how stale locks are told apart
@@ -127,7 +128,7 @@ def _read_manifest(folder: Path, strict: bool) -> list[str]:
     point outside it. An unreadable manifest is an error when deleting (strict) and empty when adding."""
     path = folder / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, "manifest")
         names = data["files"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise TypeError("'files' is not a list of names")

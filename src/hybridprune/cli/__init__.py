@@ -14,12 +14,17 @@ library is imported inside the command functions, so `hybridprune --help` and `C
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hybridprune.cli import deploy, grid, profile, run
 from hybridprune.cli.flags import Parser, numeric_flags
 from hybridprune.errors import HybridPruneError
+from hybridprune.stages import DEFAULT_LIMIT_S, stage_limit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,19 +41,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a scheduler's or `kill`'s stop) ends the command as Ctrl-C does: finished steps kept, one line.
+    Only the main thread can take signals; elsewhere (a library caller's thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hybridprune` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
     try:
-        args.handler(args)
+        with stop_on_sigterm(), stage_limit(getattr(args, "analysis_timeout", DEFAULT_LIMIT_S)):
+            args.handler(args)
     except HybridPruneError as e:
         print(f"hybridprune {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how = "stopped by SIGTERM" if str(e) == "SIGTERM" else "interrupted"
         print(
-            f"\nhybridprune {args.command}: interrupted; finished steps are saved, rerun with --resume", file=sys.stderr
+            f"\nhybridprune {args.command}: {how}; finished steps are saved, rerun with --resume", file=sys.stderr
         )
         return 130
     return 0

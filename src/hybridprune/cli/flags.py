@@ -24,6 +24,7 @@ from hybridprune.config import (
     NM_WHERE,
     PRECISIONS,
     RECIPES,
+    AnalysisConfig,
     DataConfig,
     ModelConfig,
     ModelSource,
@@ -143,10 +144,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     numeric(p, "--seed", RunConfig, "seed", "seed for model init, data order, subsets and random scores")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    numeric(p, "--analysis-timeout", AnalysisConfig, "analysis_timeout",
+            "seconds after which tracing a model's channel groups stops with one line; 0: no limit")  # fmt: skip
 
 
-def add_data(p: argparse.ArgumentParser, default: str = "digits") -> None:
-    p.add_argument("--dataset", default=default, help=f"one of {', '.join(dataset_names())} (default: {default})")
+def add_data(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    """The dataset flags; `default` None: the checkpoint's recorded dataset (digits where it records none)."""
+    said = default or "the dataset the checkpoint was trained on"
+    p.add_argument("--dataset", default=default, help=f"one of {', '.join(dataset_names())} (default: {said})")
     p.add_argument(
         "--data-dir", default=None, help=f"root of torchvision-layout datasets (default: {DEFAULT_DATA_DIR})"
     )

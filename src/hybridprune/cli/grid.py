@@ -64,10 +64,11 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     check_output_dir(store_path.parent)
     if store_path.is_dir():
         raise HybridPruneError(f"--store {store_path} is a folder; give the SQLite file to write")
-    store = Store(store_path)
-    if args.list:
-        print("\n".join(pending_summary(grid, store)))
+    if args.list:  # only reads: a store that does not exist yet is not made, and every run is still to do
+        finished = Store(store_path, create=False).finished_keys() if store_path.exists() else set()
+        print("\n".join(pending_summary(grid, finished)))
         return
+    store = Store(store_path)
     counts = run_grid(
         grid, store, workers=pool.workers, device=device.type, backend=pool.backend, progress=not args.no_progress
     )

@@ -7,7 +7,6 @@ slows them alike and the ratios stay meaningful. CUDA timing uses events after a
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,11 @@ from hybridprune.config import NMPattern
 from hybridprune.deploy.export import onnxruntime_session
 from hybridprune.deploy.runtimes import cuda_graph_call, eager_call
 from hybridprune.deploy.sparse import InferenceModel, to_inference_model
-from hybridprune.deploy.timing import time_calls
+from hybridprune.deploy.timing import busy_note, time_calls
 from hybridprune.errors import HybridPruneError
 from hybridprune.models import sources
 from hybridprune.models.sources import build_model, input_shape
+from hybridprune.parse import read_json
 from hybridprune.pruning.checkpoint import load_checkpoint
 from hybridprune.pruning.graph import as_example
 from hybridprune.pruning.metrics import ScoringContext, score_filters
@@ -71,23 +71,25 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
 
 
 def variants_from_run(out_dir: str | Path, metric: str | None = None, user_model: str | None = None) -> list[Variant]:
-    """The four variants saved by `hybridprune run` in OUT_DIR, with their test accuracies."""
+    """The variants saved by `hybridprune run` in OUT_DIR, with their test accuracies: dense, filter-pruned, and the
+    2:4-only and hybrid models where the run made them (a run that applied no 2:4 made neither)."""
     out = Path(out_dir)
     results_file = out / "results.json"
     if not results_file.is_file():
         raise HybridPruneError(f"{out} is not a finished `hybridprune run` folder (no results.json)")
-    result = json.loads(results_file.read_text())
+    result = read_json(results_file, "run results")
     metrics = [r["metric"] for r in result["results"]]
     metric = metric or ("hybrid" if "hybrid" in metrics else metrics[0])
     if metric not in metrics:
         raise HybridPruneError(f"metric {metric!r} is not in {out}; it has {', '.join(metrics)}")
     item = next(r for r in result["results"] if r["metric"] == metric)
-    if "nm" not in result:
+    if "nm" not in result and "hybrid" in item:
         raise HybridPruneError(f"{out} has no 2:4-only model (made by `hybridprune run`, not by `prune`)")
-    paths = {"dense": result["dense"], "filter": item["filter"], "nm": result["nm"], "hybrid": item["hybrid"]}
+    paths = {"dense": result["dense"], "filter": item["filter"], "nm": result.get("nm"), "hybrid": item.get("hybrid")}
     return [
         variant_from_file(name, out / Path(stage["checkpoint"]).name, stage.get("accuracy"), user_model)
         for name, stage in paths.items()
+        if stage
     ]
 
 
@@ -172,6 +174,7 @@ def _summary(
         "latency_ms_median": median,
         "latency_ms_p10": float(t.quantile(0.1)),
         "latency_ms_p90": float(t.quantile(0.9)),
+        "spread": float(t.quantile(0.9) - t.quantile(0.1)) / median,  # p10-p90 width as a share of the median
         "throughput": batch / median * 1e3,
         "samples": len(times),
         "accuracy": variant.accuracy,
@@ -221,6 +224,7 @@ def bench(
     sizes: list[dict[str, Any]] = []
     notices: set[str] = set()
     total = len(dtypes) * len(batch_sizes) * rounds
+    busy = busy_note(torch.get_num_threads()) if device.type == "cpu" else None  # said before and after timing
     bar = tqdm(total=total, desc="bench", unit="round", disable=None if progress else True, leave=False)
     for dtype in dtypes:
         for batch in batch_sizes:
@@ -238,13 +242,31 @@ def bench(
             )
             notices |= {c.notice.strip() for c in converted.values() if c.notice}
     bar.close()
+    busy = busy or (busy_note(torch.get_num_threads()) if device.type == "cpu" else None)
     return {
+        "notices": sorted(notices) + [n for n in (busy, spread_note(runs)) if n],
         "runs": runs,
         "speedups": speedups(runs),
         "layers": layers,
         "weight_bytes": sizes,
-        "notices": sorted(notices),
     }
+
+
+SPREAD_NOTE = 0.25  # timings whose p10-p90 width exceeds this share of their median are called out
+
+
+def spread_note(runs: list[dict[str, Any]]) -> str | None:
+    """A line when some timings spread widely (p10 to p90 over SPREAD_NOTE of the median), or None.
+
+    Example:
+        >>> spread_note([{"spread": 0.1}]) is None, spread_note([{"spread": 0.6}, {"spread": 0.1}])[:50]
+        (True, '1 of 2 timings spread by more than 25% of their med')
+    """
+    wide = [r["spread"] for r in runs if r["spread"] > SPREAD_NOTE]
+    if not wide:
+        return None
+    return (f"{len(wide)} of {len(runs)} timings spread by more than {SPREAD_NOTE:.0%} of their median (p10-p90, up "
+            f"to {max(wide):.0%}): rerun with more --rounds on a quiet machine")  # fmt: skip
 
 
 def _layer_rows(converted: dict[str, InferenceModel], batch: int, dtype: torch.dtype) -> list[dict[str, Any]]:

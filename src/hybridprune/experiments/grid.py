@@ -18,8 +18,6 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hybridprune.config import (
     DEFAULT_FINETUNE,
     DEFAULT_METRICS,
@@ -43,6 +41,7 @@ from hybridprune.experiments.runner import (
     run_phase,
 )
 from hybridprune.experiments.store import Store, baseline_key, nm_only_key, run_key
+from hybridprune.parse import read_yaml
 from hybridprune.pruning.metrics import METRICS
 
 GRID_KEYS = {
@@ -128,10 +127,7 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise HybridPruneError(f"experiment config {path} not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise HybridPruneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_yaml(path, "experiment config") or {}
     if not isinstance(raw, dict):
         raise HybridPruneError(f"{path} must hold a mapping of keys such as datasets, metrics, ratios")
     unknown = sorted(set(raw) - GRID_KEYS)
@@ -289,9 +285,9 @@ def run_grid(
     return {"done": done, "skipped": total - len(pending), "failed": failed}
 
 
-def pending_summary(grid: Grid, store: Store) -> Iterable[str]:
-    """One line per grid point: done or todo, and what it is."""
-    finished = store.finished_keys()
+def pending_summary(grid: Grid, finished: set[str]) -> Iterable[str]:
+    """One line per grid point: done (its key is in `finished`, as `Store.finished_keys` gives them) or todo, and
+    what it is."""
     for cfg in grid.runs():
         yield (
             f"{'done' if run_key(cfg) in finished else 'todo'} {cfg.data.dataset} {cfg.prune.metric} {cfg.recipe} "

@@ -35,6 +35,7 @@ from hybridprune.experiments.inputs import (
 from hybridprune.lock import LOCK_NAME, FolderLock
 from hybridprune.models.counts import model_stats
 from hybridprune.outputs import MANIFEST_NAME, check_output_dir, remove_written_files, write_json, written_files
+from hybridprune.parse import read_json
 from hybridprune.provenance import environment
 from hybridprune.pruning.budget import Allocation
 from hybridprune.pruning.checkpoint import load_checkpoint, save_checkpoint
@@ -104,16 +105,19 @@ class Job:
             write_json(path, obj, record=True)
         barrier(self.world)  # no rank reads the folder again before rank 0 has written to it
 
-    def results(self, env: dict[str, Any], include_nm_only: bool = True) -> dict[str, Any]:
-        """The whole job: the dense model, every metric's filter and hybrid steps, and the 2:4-only model;
-        the result object of docs/results-format.md (the caller writes it)."""
+    def results(self, env: dict[str, Any], include_nm_only: bool | None = None) -> dict[str, Any]:
+        """The whole job: the dense model, every metric's filter and hybrid steps, and the 2:4-only model (None:
+        when the run applies 2:4 anywhere; True: asked for, always; False: never); the result object of
+        docs/results-format.md (the caller writes it)."""
         cfg, data = self.cfg, self.data
         dense, dense_result = self.dense()
         self.teacher = dense if cfg.finetune.distill_weight > 0 else None
         images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
+        if cfg.prune.nm_rule == "none":
+            self.log("2:4: none (--nm-where none): filter pruning only, the filter-pruned models are final")
         results = [self.filter_then_nm(dense, m, images, labels) for m in cfg.metrics]
         result = {
-            "config": cfg.to_dict(),
+            "config": cfg.to_record(),
             "environment": env,
             "device": str(self.device),
             "dataset": {"name": data.name, "train": len(data.train), "test": len(data.test)},
@@ -121,12 +125,16 @@ class Job:
             "dense": dense_result,
             "results": results,
         }
-        if include_nm_only:
-            result["nm"] = self.nm_only(dense)
+        applied = any("hybrid" in r for r in results)
+        if include_nm_only or (include_nm_only is None and applied):
+            nm = self.nm_only(dense, asked=bool(include_nm_only))
+            if nm is not None:
+                result["nm"] = nm
         if hasattr(data.train, "skipped"):
             skipped = sum(s.skipped.count for s in (data.train, data.test) if hasattr(s, "skipped"))
             result["dataset"]["unreadable_files_skipped"] = skipped
-            self.log(f"data: {skipped} unreadable image file(s) skipped (pass --strict to stop at the first)")
+            if skipped:  # nothing skipped is no news
+                self.log(f"data: {skipped} unreadable image file(s) skipped (pass --strict to stop at the first)")
         return result
 
     def stage(
@@ -177,18 +185,37 @@ class Job:
                 progress=self.progress, world=self.world)  # fmt: skip
         return self._record_dense(model, record)
 
-    def nm_only(self, dense: nn.Module) -> dict[str, Any]:
-        """The 2:4-only model: dense width, N:M masks, fine-tuned the same way."""
-        return self._resumable("nm", lambda: self._nm_stage(dense, "nm", "fine-tune nm-only", self._nm_layers(dense)))
+    def nm_only(self, dense: nn.Module, asked: bool = True) -> dict[str, Any] | None:
+        """The 2:4-only model: dense width, N:M masks on the layers the nm rule picks, fine-tuned the same way.
+        None when the rule picks no layer, unless `asked`: then every eligible layer takes masks."""
+
+        def compute() -> dict[str, Any] | None:
+            layers = self._nm_layers(dense)
+            if layers is not None and not layers:
+                if not asked:
+                    return None
+                self.log("2:4-only model: the --nm-where rule picks no layer; every eligible layer takes 2:4, as asked")
+                layers = None
+            return self._nm_stage(dense, "nm", "fine-tune nm-only", layers)
+
+        if self.cfg.prune.nm_rule == "none" and not asked:
+            return None
+        return self._resumable("nm", compute)
 
     def filter_then_nm(
         self, dense: nn.Module, metric: str, calibration: list[torch.Tensor], labels: list[torch.Tensor] | None = None
     ) -> dict[str, Any]:
         """Filter-prune a copy of `dense` with one metric and fine-tune, then N:M-prune it and fine-tune: two
-        steps, each saved when done, so a resumed run redoes only the step that was in progress."""
+        steps, each saved when done, so a resumed run redoes only the step that was in progress. Where no layer
+        takes 2:4 (`--nm-where none`, or `auto` where 2:4 pays nowhere) there is no second step: the record has no
+        `hybrid` stage and its final checkpoint is the filter-pruned model."""
         first = self._resumable(f"step-{metric}-filter", lambda: self._filter_step(dense, metric, calibration, labels))
         chosen = first.get("latency", {}).get("sparse_layers")  # the latency allocation's 2:4 layers, if it ran
+        if self.cfg.prune.nm_rule == "none" or chosen == []:
+            return {"metric": metric, **first, "checkpoint": first["filter"]["checkpoint"]}
         hybrid = self._resumable(f"step-{metric}-hybrid", lambda: self._hybrid_step(metric, chosen))
+        if hybrid is None:
+            return {"metric": metric, **first, "checkpoint": first["filter"]["checkpoint"]}
         return {"metric": metric, **first, "hybrid": hybrid, "checkpoint": hybrid["checkpoint"]}
 
     def _filter_step(
@@ -255,10 +282,13 @@ class Job:
             self.log(f"note: {notice}")
         return layers
 
-    def _hybrid_step(self, metric: str, chosen: list[str] | None = None) -> dict[str, Any]:
-        # from the saved filter checkpoint, not from memory: a resumed run takes exactly the same path
+    def _hybrid_step(self, metric: str, chosen: list[str] | None = None) -> dict[str, Any] | None:
+        """The N:M step on the saved filter checkpoint (not from memory: a resumed run takes exactly the same
+        path); None where the nm rule picks no layer (no stage is run or saved)."""
         model = load_checkpoint(self.out / f"{metric}-filter.safetensors", self.cfg.model.name)[0].to(self.device)
         layers = self._nm_layers(model, chosen)
+        if layers is not None and not layers:
+            return None
         return self._nm_stage(model, f"{metric}-hybrid", f"fine-tune {metric} hybrid", layers)
 
     def _nm_stage(self, model: nn.Module, name: str, desc: str, layers: frozenset[str] | None = None) -> dict[str, Any]:
@@ -268,7 +298,7 @@ class Job:
             result["permutation"] = [asdict(r) for r in permuted]
         return result
 
-    def _resumable(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _resumable(self, name: str, compute: Callable[[], Any]) -> Any:
         """The resume store: a step whose record OUT/NAME.json exists is read back, not redone; any other is
         computed and its record written."""
         record = self.out / f"{name}.json"
@@ -324,9 +354,9 @@ def _loss_description(f: TrainConfig) -> str:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise HybridPruneError(f"{path} is not readable JSON ({e}); use another --out or --overwrite") from None
+        return read_json(path, "run record")
+    except HybridPruneError as e:
+        raise HybridPruneError(f"{e}; use another --out or --overwrite") from None
 
 
 def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
@@ -366,10 +396,11 @@ def run(
     log: Log = print,
     progress: bool = True,
     dense_checkpoint: str | None = None,
-    include_nm_only: bool = True,
+    include_nm_only: bool | None = None,
     world: World = World(),
 ) -> dict[str, Any]:
-    """The whole job: train (or reuse) the dense model, then prune it with every metric.
+    """The whole job: train (or reuse) the dense model, then prune it with every metric; the 2:4-only model too
+    where the run applies 2:4 (`include_nm_only` None), always (True) or never (False).
 
     Returns the result object (see docs/results-format.md) and writes it to OUT/results.json. Under torchrun
     (`world` of several ranks) every rank computes and returns the same result; rank 0 alone locks the
@@ -394,7 +425,7 @@ def run(
         if world.main:
             prepare_out_dir(out, cfg, resume, overwrite)
         barrier(world)
-        _log_setting(data, device, log)
+        _log_setting(data, device, log, cfg.prune.nm_rule)
         job = Job(cfg, data, device, out, log, progress and world.main, dense_checkpoint, dense_model, world=world)
         result = job.results(env, include_nm_only)
         job.write_record(out / "results.json", result)
@@ -411,7 +442,7 @@ def check_latency_settings(cfg: PruneConfig, device: torch.device) -> None:
         load_table(cfg.latency_table, device_name(device))
 
 
-def _log_setting(data: Dataset, device: torch.device, log: Log) -> None:
+def _log_setting(data: Dataset, device: torch.device, log: Log, nm_rule: str = "all") -> None:
     """What the run works on, said before the long work starts."""
     t = data.train
     log(
@@ -420,8 +451,9 @@ def _log_setting(data: Dataset, device: torch.device, log: Log) -> None:
     )
     if data.note:
         log(f"data: {data.note}")
-    if device.type == "cpu":
-        log("device: cpu - filter pruning is the only speedup here; N:M layers run as dense masked layers")
+    if device.type == "cpu":  # N:M layers are spoken of only where the run may make some
+        masked = "; N:M layers run as dense masked layers" if nm_rule == "all" else ""
+        log(f"device: cpu - filter pruning is the only speedup here{masked}")
 
 
 def _silent(message: str) -> None:

@@ -8,7 +8,6 @@ figure helpers take its `pyplot` as an argument.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import fmean
 from typing import Any
@@ -23,6 +22,7 @@ from hybridprune.experiments.statistics import (
     metric_order,
 )
 from hybridprune.experiments.tables import STAGE_COLUMNS, dataset_label
+from hybridprune.parse import read_json
 
 
 def write_plots(rows: list[Row], out: Path, bench_files: list[str], nm_rows: list[Row]) -> list[Path]:
@@ -90,8 +90,7 @@ def _frontier_plot(setup: tuple, rows: list[Row], nm_rows: list[Row], out: Path,
     ds, model, width = setup
     ax.set(
         title=f"{dataset_label(ds)}, {model} w{width:g}: accuracy vs cost",
-        xlabel="effective MACs per image (millions; N:M layers counted at N/M: a model of the hardware, not a "
-        "measurement)",
+        xlabel="effective MACs per image (millions; N:M layers at N/M)",  # a model of the hardware: see the report
         ylabel="top-1 accuracy (%), fine-tuned",
     )
     ax.grid(alpha=0.3)
@@ -122,7 +121,7 @@ def _measured_plot(setup: tuple, runs: list[dict], out: Path, plt: Any) -> Path:
 
 def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
     """Accuracy versus best throughput of the four variants of one `bench` result."""
-    result = json.loads(bench_file.read_text())
+    result = read_json(bench_file, "bench results")
     best: dict[str, dict[str, Any]] = {}
     for r in result["runs"]:
         if r.get("accuracy") is not None and r["throughput"] > best.get(r["variant"], {}).get("throughput", 0):
@@ -149,7 +148,7 @@ def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
 def _save_figure(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # no label cut at the edge, whatever its length
     plt.close(fig)
     return path
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from hybridprune.errors import HybridPruneError
 from hybridprune.experiments.plots import write_plots
 from hybridprune.experiments.statistics import (
     Row,
+    bench_outside_store,
     has_full_results,
     iso_accuracy,
     latency_iso_accuracy,
@@ -26,6 +26,7 @@ from hybridprune.experiments.statistics import (
     paired_differences,
     recipe_comparison,
     run_label,
+    store_checkpoints,
     versus_uniform,
 )
 from hybridprune.experiments.tables import (
@@ -37,6 +38,7 @@ from hybridprune.experiments.tables import (
     markdown_table,
 )
 from hybridprune.outputs import write_text
+from hybridprune.parse import read_json
 
 
 def write_grid_report(
@@ -48,6 +50,7 @@ def write_grid_report(
     """Markdown and CSV tables, paired differences, and PNG plots from store rows (and the baselines' 2:4-only
     models, where the store has them); returns the files written, report.md last."""
     _check_one_setting_per_point(rows)
+    benches = _benches_of_the_store(bench_files or [], rows + (nm_rows or []))  # refused before anything is written
     out = Path(out)
     md = ["# Experiment report", "", f"{len(rows)} finished runs, read from the store.", ""]
     md += _section("Dense baselines: top-1 accuracy (%), mean ± std (seeds)", dense_table(rows, nm_rows or None))
@@ -57,12 +60,30 @@ def write_grid_report(
         md += _section(f"Top-1 accuracy (%), {title}: mean ± std (seeds)", markdown_table(headers, body))
         written.append(write_text(out / f"accuracy-{column}.csv", _csv([headers, *body])))
     md += _differences_section(rows) + _recipes_section(rows) + _iso_section(rows) + _measured_section(rows)
-    if bench_files:
-        md += _latency_section([json.loads(Path(f).read_text()) for f in bench_files])
+    if benches:
+        md += _latency_section(benches)
     written += write_plots(rows, out, bench_files or [], nm_rows or [])
+    if any(p.name.startswith("frontier-") for p in written):
+        md += ["Effective MACs count N:M layers at N/M: a model of the hardware, not a measurement.", ""]
     md += [f"![{p.stem}]({p.name})" for p in written if p.suffix == ".png"]
     written.append(write_text(out / "report.md", "\n".join(md) + "\n"))
     return written
+
+
+def _benches_of_the_store(bench_files: list[str], rows: list[Row]) -> list[dict]:
+    """The bench results, each of models the store's runs wrote; a bench of anything else is refused in one line
+    (its latencies would be set beside accuracies of other models)."""
+    checkpoints, results = store_checkpoints(rows), []
+    for path in bench_files:
+        result = read_json(path, "bench results")
+        why = bench_outside_store(result, checkpoints)
+        if why:
+            raise HybridPruneError(
+                f"--bench {path} is not a bench of this store's runs: {why}; bench the store's checkpoints "
+                "(python benchmarks/iso_latency.py writes such files)"
+            )
+        results.append(result)
+    return results
 
 
 def _check_one_setting_per_point(rows: list[Row]) -> None:

@@ -7,11 +7,11 @@ Pure functions of store rows (and of `bench` results): nothing here trains, meas
 
 from __future__ import annotations
 
-import json
 from statistics import fmean, stdev
 from typing import Any
 
 from hybridprune.config import PruneConfig
+from hybridprune.parse import loads_json
 
 Row = dict[str, Any]
 METRIC_ORDER = ("l1", "l2", "output_l1", "fpgm", "taylor", "hybrid", "hybrid_output", "random")
@@ -191,10 +191,10 @@ def _filter_only_curve(group: list[Row], by_ratio: dict[float, list[Row]]) -> li
     """(accuracy, MACs) of a setup's filter-only models, mean over seeds per ratio; the dense model first where
     the rows know its MACs, since it is the filter-only model at ratio 0."""
     curve = [
-        (_mean([r["filter_accuracy"] for r in rs]), _mean([json.loads(r["result"])["filter"]["macs"] for r in rs]))
+        (_mean([r["filter_accuracy"] for r in rs]), _mean([_row_json(r["result"])["filter"]["macs"] for r in rs]))
         for _, rs in sorted(by_ratio.items())
     ]
-    dense_macs = [json.loads(r["result"]).get("dense", {}).get("macs") for r in group]
+    dense_macs = [_row_json(r["result"]).get("dense", {}).get("macs") for r in group]
     if all(dense_macs):
         curve.insert(0, (_mean(list({r["seed"]: r["dense_accuracy"] for r in group}.values())), _mean(dense_macs)))
     return curve
@@ -288,7 +288,7 @@ def frontier_points(rows: list[Row], nm_rows: list[Row]) -> dict[str, list[tuple
         by_ratio = _by_ratio([r for r in rows if run_label(r) == label])
         filter_only, hybrid = [], []
         for ratio, rs in sorted(by_ratio.items()):
-            results = [json.loads(r["result"]) for r in rs]
+            results = [_row_json(r["result"]) for r in rs]
             dense_macs += [res["dense"]["macs"] for res in results if "dense" in res]
             filter_macs = sum(res["filter"]["macs"] for res in results) / len(rs)
             filter_only.append((filter_macs, *mean_std([r["filter_accuracy"] for r in rs]), ratio))
@@ -309,7 +309,7 @@ def frontier_points(rows: list[Row], nm_rows: list[Row]) -> dict[str, list[tuple
 def has_full_results(rows: list[Row]) -> bool:
     """Rows written by a grid carry their full result (with the filter stage's MACs); hand-made rows may not."""
     try:
-        return all(json.loads(r["result"])["filter"]["macs"] > 0 for r in rows)
+        return all(_row_json(r["result"])["filter"]["macs"] > 0 for r in rows)
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -324,7 +324,7 @@ def measured_latencies(rows: list[Row]) -> dict[tuple, list[dict[str, Any]]]:
     """
     found: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        result = json.loads(r["result"]) if isinstance(r.get("result"), str) else r.get("result") or {}
+        result = _row_json(r["result"]) if isinstance(r.get("result"), str) else r.get("result") or {}
         lat = result.get("latency")
         if not lat:
             continue
@@ -343,7 +343,7 @@ def _allocation(row: Row) -> str:
 
 
 def _config(row: Row) -> dict[str, Any]:
-    return json.loads(row["config"]) if isinstance(row.get("config"), str) else row.get("config") or {}
+    return _row_json(row["config"]) if isinstance(row.get("config"), str) else row.get("config") or {}
 
 
 def versus_uniform(points: list[dict[str, Any]]) -> dict[tuple[str, float, str], tuple[float, float, float, int]]:
@@ -362,3 +362,53 @@ def versus_uniform(points: list[dict[str, Any]]) -> dict[tuple[str, float, str],
                 len(seeds),
             )
     return out
+
+
+def _row_json(text: str) -> Any:
+    """A JSON column of a store row, with the bounds of any file we read (a store can be hand-made)."""
+    return loads_json(text, "a result in the store")
+
+
+def store_checkpoints(rows: list[Row]) -> set[tuple[str, ...]]:
+    """Every checkpoint the stored rows' results name, as its last two path parts (`run-KEY/hybrid.safetensors`:
+    the folder is the run's key), so a path written relative or absolute matches.
+
+    Example:
+        >>> sorted(store_checkpoints([{"result": '{"filter": {"checkpoint": "s.artifacts/run-1/l1-filter.st"}}'}]))
+        [('run-1', 'l1-filter.st')]
+    """
+    found: set[tuple[str, ...]] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "checkpoint" and isinstance(value, str):
+                    found.add(_path_key(value))
+                else:
+                    walk(value)
+
+    for row in rows:
+        walk(loads_json(row["result"], "store row") if isinstance(row.get("result"), str) else row.get("result"))
+    return found
+
+
+def bench_outside_store(bench: Row, checkpoints: set[tuple[str, ...]]) -> str | None:
+    """Why a `bench` result is not of the store's runs (a variant whose checkpoint no stored run wrote, or no
+    checkpoint named at all); None when every variant it timed is one of them.
+
+    Example:
+        >>> bench = {"variants": {"hybrid": {"source": "/x/run-1/l1-hybrid.st"}}}
+        >>> bench_outside_store(bench, {("run-1", "l1-hybrid.st")}) is None, bench_outside_store(bench, set())
+        (True, 'its hybrid model /x/run-1/l1-hybrid.st is no checkpoint of the store')
+    """
+    sources = {name: v.get("source") for name, v in (bench.get("variants") or {}).items() if isinstance(v, dict)}
+    if not any(sources.values()):
+        return "it names no checkpoints (a bench of a run folder or of checkpoint files does)"
+    for name, source in sources.items():
+        if source and _path_key(source) not in checkpoints:
+            return f"its {name} model {source} is no checkpoint of the store"
+    return None
+
+
+def _path_key(path: str) -> tuple[str, ...]:
+    return tuple(path.replace("\\", "/").rstrip("/").split("/")[-2:])

@@ -5,7 +5,8 @@
 - a built-in network: `alexnet`, `resnet20`, `resnet56`, `vgg16` (see `architectures.py`), scaled by `width`;
 - any torchvision classification model: `torchvision:resnet18`, `torchvision:mobilenet_v2`, ...;
 - any timm model: `timm:resnet18`, `timm:efficientnet_b0`, ... (random init, the `timm` extra installed);
-- the user's own code: `my_package.models:make_net`, a factory imported only because the user named it.
+- the user's own code: `my_package.models:make_net`, a factory imported only because the user named it, found
+  in the current folder first and then on `sys.path` (as uvicorn and gunicorn find `module:app`).
 
 Every network is wrapped in a `Classifier` that normalises its input with the dataset's statistics (kept
 as buffers, so every saved model carries them) and, when a 1-channel dataset meets a network built for 3
@@ -16,9 +17,12 @@ channel indices). Rebuilding builds the original and replays that history; no fi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +32,7 @@ from hybridprune.config import BUILTIN_MODELS, TIMM_ARGS, ModelSource
 from hybridprune.errors import HybridPruneError, first_line
 from hybridprune.models.builtin import BUILTIN
 from hybridprune.registry import Registry
+from hybridprune.stages import long_stage
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", BUILTIN_MODELS)
 for _name, _factory in BUILTIN.items():
@@ -122,7 +127,8 @@ def build_model(
         source = ModelSource(source.kind, source.name, {**source.args, "width": width})
     source = with_aux_heads(source, image_size)
     _check_size(source, in_channels, num_classes, image_size)
-    net = _build_net(source, in_channels, num_classes, image_size)
+    with long_stage("building", source.label, bounded=False):  # a large user model can take a while
+        net = _build_net(source, in_channels, num_classes, image_size)
     net_channels = _net_channels(net, in_channels, image_size)
     if net_channels % in_channels:
         raise HybridPruneError(
@@ -216,13 +222,40 @@ def _timm_net(name: str, in_channels: int, num_classes: int, args: dict[str, Any
         raise HybridPruneError(f"timm:{name} cannot be built with {args or 'its defaults'} ({first_line(e)})") from None
 
 
+@contextlib.contextmanager
+def current_folder_first() -> Iterator[None]:
+    """The current folder first on `sys.path` while a user's factory is imported and called (uvicorn's rule for
+    `module:app`), so `--model mynet:make_net` finds `./mynet.py` without PYTHONPATH; `sys.path` is restored.
+
+    Example:
+        >>> with current_folder_first():
+        ...     sys.path[0] == os.getcwd()
+        True
+    """
+    folder = os.getcwd()
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()  # a module written since the last import is found
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)  # the first occurrence: the one inserted above
+
+
 def _user_net(spec: str, shape: dict[str, int], args: dict[str, Any]) -> nn.Module:
-    """Import `module:factory` (named by the user) and call it with the shape arguments it accepts."""
+    """Import `module:factory` (named by the user; the current folder searched first) and call it with the shape
+    arguments it accepts."""
+    with current_folder_first():
+        return _call_user_factory(spec, shape, args)
+
+
+def _call_user_factory(spec: str, shape: dict[str, int], args: dict[str, Any]) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise HybridPruneError(f"cannot load model factory {spec!r} ({type(e).__name__}: {e})") from None
+        missing = isinstance(e, ModuleNotFoundError) and e.name == module_name.split(".")[0]
+        hint = f"; looked in the current folder {os.getcwd()} and on sys.path" if missing else ""
+        raise HybridPruneError(f"cannot load model factory {spec!r} ({type(e).__name__}: {e}{hint})") from None
     if not callable(factory):
         raise HybridPruneError(f"{spec!r} is not callable; give module:function returning an nn.Module")
     try:

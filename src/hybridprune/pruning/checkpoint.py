@@ -32,6 +32,7 @@ from hybridprune.config import TIMM_ARGS, ModelSource
 from hybridprune.errors import HybridPruneError
 from hybridprune.models.sources import AUX_HEADS, Classifier, build_model, model_spec
 from hybridprune.outputs import atomic_target
+from hybridprune.parse import loads_json
 from hybridprune.pruning.graph import known_input_shape, unwrapped, unwrapped_name
 from hybridprune.pruning.plan import replay_history_
 
@@ -165,15 +166,21 @@ def with_metadata(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return state
 
 
+MAX_HEADER_BYTES = 16 * 2**20  # a header holds a model's source and pruning history: kilobytes
+
+
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The checked header and the tensors of a checkpoint file."""
     if not path.is_file():
         raise HybridPruneError(f"checkpoint {path} not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {}).get("hybridprune", "null"))
+            raw_header = (f.metadata() or {}).get("hybridprune", "null")
+            header = loads_json(raw_header, f"{path}'s header", MAX_HEADER_BYTES)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+    except HybridPruneError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise HybridPruneError(
             f"{path} is not a readable hybridprune checkpoint (corrupted or another format: {str(e)[:200]})"
         ) from None
@@ -226,6 +233,13 @@ def checkpoint_source(path: str | Path) -> ModelSource:
         return ModelSource("builtin", "alexnet")
     _refuse_instance(header["spec"], path)
     return _checked_spec(header["spec"], path)[0]
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The `meta` object of a checkpoint's checked header (stage, dataset, classes, ...); nothing is built."""
+    header, _ = read_checkpoint(Path(path))
+    meta = header.get("meta", {})
+    return meta if isinstance(meta, dict) else {}
 
 
 def rebuild(spec: dict[str, Any], user_model: str | None = None, path: Path | str = "checkpoint") -> Classifier:

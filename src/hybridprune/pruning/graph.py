@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from hybridprune.errors import HybridPruneError, first_line
+from hybridprune.stages import long_stage
 
 ACTIVATIONS = (
     nn.ReLU,
@@ -129,7 +130,11 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
     train_only = train_only_layers(model, example, called)
     was_training = model.training  # Torch-Pruning leaves the model in eval mode
     try:
-        with torch.enable_grad(), training_pass(model) if train_only else nullcontext():
+        with (
+            long_stage("tracing the channel groups of", model_label(model)),
+            torch.enable_grad(),
+            training_pass(model) if train_only else nullcontext(),
+        ):
             graph = tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=_batch_of_two(example) if train_only else example,
@@ -137,10 +142,12 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
                 output_transform=output_tensors if train_only else None,  # (logits, aux, None, ...): the tensors
                 verbose=False,
             )
+    except HybridPruneError:
+        raise  # the stage's own line (past --analysis-timeout)
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways; the user needs one line either way
         construct = untraceable_construct(model, e)
         if construct is not None:
-            label = getattr(getattr(model, "source", None), "label", type(model).__name__)
+            label = model_label(model)
             raise HybridPruneError(
                 f"{label} cannot be filter-pruned: Torch-Pruning cannot map channels through "
                 f"{construct}; --ignore cannot skip it (every operation of the forward pass is traced), so use "
@@ -159,6 +166,11 @@ def dependency_graph(model: nn.Module, example: torch.Tensor | None = None) -> t
             "autograd, such as detach or numpy, cuts the graph); this model cannot be filter-pruned"
         )
     return graph
+
+
+def model_label(model: nn.Module) -> str:
+    """How messages name a model: its source as the user gave it (`timm:rexnet_100`), else its class."""
+    return getattr(getattr(model, "source", None), "label", type(model).__name__)
 
 
 # Torch-Pruning's index-mapping steps, by the operation they map channel indices through

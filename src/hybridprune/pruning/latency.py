@@ -14,7 +14,6 @@ on another device is refused, since its numbers say nothing about this one.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from torch import nn
 
 from hybridprune.errors import HybridPruneError
 from hybridprune.outputs import write_json
+from hybridprune.parse import read_json
 from hybridprune.pruning.graph import ChannelGroup
 
 TABLE_FORMAT = "hybridprune-latency-table"
@@ -301,13 +301,9 @@ def load_table(path: str | Path, device: str | None = None) -> LatencyTable:
     Every problem is one HybridPruneError line naming the file and what is wrong.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HybridPruneError(f"latency table {path} does not exist; `hybridprune profile` writes one") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HybridPruneError(f"latency table {path} is not readable JSON ({e})") from None
-    return table_from_dict(raw, str(path), device)
+    if not path.exists():
+        raise HybridPruneError(f"latency table {path} does not exist; `hybridprune profile` writes one")
+    return table_from_dict(read_json(path, "latency table"), str(path), device)
 
 
 def table_from_dict(raw: Any, where: str, device: str | None = None) -> LatencyTable:
@@ -339,6 +335,11 @@ def table_from_dict(raw: Any, where: str, device: str | None = None) -> LatencyT
                         str(raw["date"]), entries, rest, threads if isinstance(threads, int) else None)  # fmt: skip
 
 
+# One call of one layer, or of a whole model at the largest batch, takes milliseconds to seconds on any device
+# `profile` runs on; a timing of a minute or more is a corrupted or hand-edited table.
+MAX_ENTRY_MS = 60_000.0
+
+
 def _mapping(value: Any, where: str, name: str) -> dict:
     if not isinstance(value, dict):
         raise HybridPruneError(f"{where}: {name} must be a mapping of keys to timings")
@@ -355,6 +356,11 @@ def _entry(value: Any, where: str, allow_negative: bool = False) -> Entry:
             raise HybridPruneError(f"{where}: {name} must be a finite number of milliseconds, got {t!r}")
         if t < 0 and not allow_negative:
             raise HybridPruneError(f"{where}: {name} is negative ({t}); a time cannot be")
+        if abs(t) > MAX_ENTRY_MS:
+            raise HybridPruneError(
+                f"{where}: {name} is {t:g} ms; a timed call beyond {MAX_ENTRY_MS:,} ms (one minute) is not a "
+                "measurement `profile` makes: profile again"
+            )
     repeats = value["repeats"]
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise HybridPruneError(f"{where}: repeats must be a positive integer, got {repeats!r}")
