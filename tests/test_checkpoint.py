@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -134,3 +135,20 @@ def test_a_googlenet_checkpoint_written_before_aux_heads_were_kept_loads_without
     loaded, _, _ = load_checkpoint(_with_spec(good, tmp_path, lambda s: s["model"]["args"].pop("aux_logits")))
     x = torch.rand(2, 3, 32, 32)
     assert loaded.net.aux1 is None and torch.equal(loaded.eval()(x), model(x))
+
+
+OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "avx2", reason="this run already uses those kernels")
+def test_stored_logits_hold_on_other_kernels():
+    """The stored-logit check in a process restricted to AVX2 kernels and one thread, as another machine runs it
+    (CI runs the whole suite so as well)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    test = f"{Path(__file__).resolve()}::test_version_1_alexnet_checkpoints_keep_loading"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                          env={**os.environ, **OTHER_KERNELS}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-2000:]

@@ -85,7 +85,7 @@ def test_distilling_pulls_the_student_to_its_teacher_with_masks_held():
     assert all(satisfies_nm(student.get_submodule(n).weight) for n in masks)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
 def test_masks_hold_exactly_under_every_precision_the_cpu_runs(precision):
     torch.manual_seed(0)
     model = build_model("zoo:depthwise_net", in_channels=1, num_classes=2, image_size=16)
@@ -97,6 +97,26 @@ def test_masks_hold_exactly_under_every_precision_the_cpu_runs(precision):
         weight = model.get_submodule(name).weight
         assert weight.dtype == torch.float32 and satisfies_nm(weight)
         assert not weight[~masks[name]].any() and not torch.equal(weight, before[name])
+
+
+@pytest.mark.parametrize(
+    "flags,fp32_ms,bf16_ms,chosen",
+    [({"avx2"}, 30.0, 10.0, "fp32"), ({"amx_bf16"}, 30.0, 20.0, "bf16"), ({"avx512_bf16"}, 30.0, 29.0, "fp32")],
+    ids=["no native bf16", "native and faster", "native, no faster"],
+)
+def test_auto_precision_on_a_cpu_follows_its_flags_and_measurements(flags, fp32_ms, bf16_ms, chosen):
+    from hybridprune.training.precision import choose_precision
+
+    timings = {None: fp32_ms, torch.bfloat16: bf16_ms}
+    choice = choose_precision("auto", torch.device("cpu"), timings.__getitem__, flags=flags)
+    assert choice.name == chosen and choice.reason.startswith(f"precision auto: {chosen} (")
+
+
+def test_auto_precision_says_which_it_chose_once_per_training(capsys):
+    model = build_model("zoo:residual_net", in_channels=1, num_classes=2, image_size=16)
+    fit(model, _toy_data(), TrainConfig(epochs=1, batch_size=16), torch.device("cpu"), progress=False)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("precision auto:")]
+    assert len(said) == 1 and any(p in said[0] for p in ("auto: fp32 (", "auto: bf16 ("))
 
 
 def test_fp16_and_unknown_precisions_are_refused_on_the_cpu():
@@ -131,6 +151,6 @@ def test_compile_falls_back_to_eager_with_one_line_where_it_fails(monkeypatch, c
     model = build_model("zoo:plain_net", in_channels=1, num_classes=2, image_size=16)
     fit(model, data, TrainConfig(epochs=3, batch_size=16, augment=False, compile=True), torch.device("cpu"),
         progress=False)  # fmt: skip
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("precision auto:")]
     assert len(err) == 1 and "torch.compile failed (RuntimeError: no compiler for this layer" in err[0]
     assert evaluate(model, data.test, torch.device("cpu")) == 100.0  # trained eagerly all the same

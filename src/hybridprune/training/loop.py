@@ -15,10 +15,12 @@ from hybridprune.config import AUX_LOSS_WEIGHT, TrainConfig
 from hybridprune.data.batching import batches
 from hybridprune.data.images import Dataset, ImageSet, StreamedSplit
 from hybridprune.errors import HybridPruneError
+from hybridprune.hardware import native_bf16
 from hybridprune.pruning.checkpoint import first_nonfinite, nonfinite_line
 from hybridprune.pruning.graph import output_tensors
 from hybridprune.pruning.nm import apply_masks_
 from hybridprune.training.distributed import any_rank, ddp, sync_model_, synced_batchnorm
+from hybridprune.training.precision import Precision, choose_precision, training_step_timer
 from hybridprune.world import World, check_batch
 
 
@@ -88,16 +90,23 @@ def _stop_if_diverged(model: nn.Module, losses_finite: torch.Tensor, where: str,
     raise HybridPruneError(f"{where}: another process's loss or statistics became NaN or infinite; {_lower_lr(lr)}")
 
 
-def _precision(name: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """The autocast dtype (None: float32) and a gradient scaler (active for fp16 only)."""
-    from hybridprune.errors import HybridPruneError
-
-    if name == "auto":
-        name = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name == "fp16" and device.type != "cuda":
-        raise HybridPruneError("fp16 training needs a CUDA GPU; use fp32 (or bf16) on the CPU")
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    return dtype, torch.amp.GradScaler(device.type, enabled=name == "fp16")
+def _precision(cfg: TrainConfig, model: nn.Module, data: Dataset, device: torch.device, world: World) -> Precision:
+    """The precision of this training: `auto` on a CPU with native bf16 times a step of this model on its first
+    batch both ways; every rank then takes fp32 unless all measured bf16 faster, so the ranks agree."""
+    if cfg.precision != "auto" or device.type != "cpu":
+        chosen = choose_precision(cfg.precision, device)
+    else:
+        timer = None
+        if native_bf16() is not None:
+            x, y = next(iter(batches(data.train, min(cfg.batch_size, len(data.train)), device=device)))
+            timer = training_step_timer(model, x, y)
+        chosen = choose_precision("auto", device, timer)
+        # every rank joins the vote, whatever it measured: ranks on unlike CPUs still agree, none hangs
+        if any_rank(torch.tensor(chosen.name == "fp32"), world) and chosen.name != "fp32":
+            chosen = Precision("fp32", "precision auto: fp32 (another rank measured bf16 no faster)")
+    if chosen.reason and world.main:
+        print(chosen.reason, file=sys.stderr)
+    return chosen
 
 
 def check_device_settings(cfg: TrainConfig, device: torch.device, world: World = World()) -> str:
@@ -110,7 +119,7 @@ def check_device_settings(cfg: TrainConfig, device: torch.device, world: World =
         ...
         hybridprune.errors.HybridPruneError: --sync-bn needs GPUs ...
     """
-    _precision(cfg.precision, device)
+    choose_precision(cfg.precision, device)
     if cfg.sync_bn and device.type != "cuda":
         raise HybridPruneError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); drop it on a CPU")
     if cfg.sync_bn and not world.active:
@@ -170,7 +179,9 @@ def _train(
     world: World,
 ) -> None:
     """The epochs of `fit`: one optimizer step per batch, masks re-applied after each."""
-    autocast_dtype, scaler = _precision(cfg.precision, device)
+    precision = _precision(cfg, model, data, device, world)
+    autocast_dtype = precision.autocast_dtype
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")  # bf16 needs no loss scaling
     trained = ddp(model, world, device)  # gradients averaged over the ranks; the model itself when alone
     forward = _compiled(trained) if cfg.compile else trained
     decay = [p for p in model.parameters() if p.dim() > 1]
