@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import fields
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from hybridprune.cli import build_parser, main
 from hybridprune.cli.flags import Bound, config_from_args, model_string, numeric_flags, ratio
 from hybridprune.cli.run import data_config_from_args, run_config_from_args
-from hybridprune.config import BenchConfig, ConvertConfig, ExportConfig, PoolConfig
+from hybridprune.config import AnalysisConfig, BenchConfig, ConvertConfig, ExportConfig, PoolConfig, QuantizeConfig
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.checkpoint import load_checkpoint
 from hybridprune.pruning.nm import satisfies_nm
@@ -280,6 +281,7 @@ NUMERIC = sorted(numeric_flags(build_parser()).items(), key=lambda item: item[0]
 POSITIONALS = {"prune": ["c.pt"], "evaluate": ["c.pt"], "convert": ["c.pt"], "export": ["c.pt", "--out", "m.onnx"]}
 POSITIONALS["experiment"] = ["grid.yaml"]
 POSITIONALS["profile"] = ["--out", "table.json"]
+POSITIONALS["quantize"] = ["c.pt", "--out", "m.onnx", "--dataset", "digits"]
 
 
 def _parse(command, flag, value):
@@ -303,7 +305,7 @@ def test_every_numeric_flag_goes_through_a_config_bound():
             allowed = (None, ratio, model_string)  # model_string checks a source's form: no number passes it
             assert action.type in allowed or isinstance(action.type, Bound), (command, action.option_strings)
     assert {c for (c, _), _ in NUMERIC} == {"run", "train", "prune", "evaluate", "bench", "convert", "export",
-                                            "experiment", "profile"}  # fmt: skip
+                                            "experiment", "profile", "quantize"}  # fmt: skip
 
 
 NUMERIC_CASES = [pytest.param(c, f, b, id=f"{c} {f}") for (c, f), b in NUMERIC]
@@ -324,17 +326,28 @@ def test_a_numeric_flag_takes_exactly_the_bound_of_its_config_field(command, fla
 
 
 def _configs_built(command, args):
+    if hasattr(args, "analysis_timeout"):  # read by `main` itself, around every command that takes it
+        return [config_from_args(AnalysisConfig, args), *_command_configs(command, args)]
+    return _command_configs(command, args)
+
+
+def _command_configs(command, args):
     if command in ("run", "train", "prune"):
         cfg = run_config_from_args(args)
         return [cfg, cfg.data, cfg.model, cfg.train, cfg.finetune, cfg.prune]
     if command == "evaluate":
         return [data_config_from_args(args)]
+    if command == "quantize":
+        from hybridprune.cli.quantize import data_config
+
+        return [config_from_args(QuantizeConfig, args), data_config(args)]
     own = (BenchConfig, ConvertConfig, ExportConfig, PoolConfig)
     return [config_from_args(c, args) for c in own if all(hasattr(args, f.name) for f in fields(c))]
 
 
 # Flags whose value goes straight to the library, not through a config of the class that bounds them.
 UNCONFIGURED = {("bench", "--width"), ("bench", "--round-to"), ("bench", "--seed"), ("evaluate", "--seed")}
+UNCONFIGURED |= {("quantize", "--seed"), ("quantize", "--threads")}  # the calibration seed; the runtime's threads
 UNCONFIGURED |= {  # profile hands its numbers to the profiler (bounded by the fields named, no config built)
     ("profile", f)
     for f in ("--width", "--channels", "--image-size", "--latency-batch", "--latency-step", "--latency-points")
@@ -354,3 +367,120 @@ def test_workers_means_decoding_processes_from_0_and_grid_workers_from_1(capsys)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["experiment", "g.yaml", "--workers", "0"])
     assert "--workers must be an integer in [1, 256], got '0'" in capsys.readouterr().err
+
+
+def test_a_run_without_2to4_says_only_what_it_did(tmp_path, capsys):
+    """--nm-where none: no 2:4 step, stage, variant or label; the rows named `filter`; the settings recorded."""
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--metric", "l1", "--nm-where", "none", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "results.json").read_text())
+    [item] = result["results"]
+    assert "hybrid" not in item and "nm" not in result and item["checkpoint"] == item["filter"]["checkpoint"]
+    assert result["config"]["prune"]["nm_where"] == "none" and result["config"]["prune"]["filter_ratio"] == 0.4
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["dense.safetensors", "l1-filter.safetensors"]
+    assert "N:M" not in printed and "2:4 only" not in printed and "filter+" not in printed
+    assert "| l1     | filter |" in printed and "no layer took 2:4" in printed
+    assert "unreadable" not in printed  # nothing skipped is no news
+
+
+def test_a_run_names_its_2to4_rows_and_layers_by_the_pattern(tiny_run, capsys):
+    from hybridprune.experiments.tables import layer_table, run_table
+
+    result = json.loads((tiny_run / "r.json").read_text())
+    rows, layers = run_table(result), layer_table(result)
+    assert "| l1     | filter+2:4 |" in rows and "2:4 only" in rows and "N:M" not in rows
+    masked = set(result["results"][0]["hybrid"]["nm_layers"])
+    names = {line.split("|")[1].strip(): line for line in layers.splitlines()[2:]}
+    assert set(names) == {e["name"] for e in result["layers"]}  # the JSON's names, net. prefix and all
+    assert all(names[n].rstrip(" |").endswith("| 2:4") for n in masked) and masked
+
+
+def test_bench_notes_a_busy_machine_and_shows_the_spread(tiny_run, capsys, monkeypatch):
+    import os
+
+    out = tiny_run / "busy.json"
+    argv = ["bench", str(tiny_run / "run"), "--device", "cpu", "--batch-sizes", "2", "--rounds", "2", "--calls", "2",
+            "--no-progress", "--json", str(out), "--overwrite"]  # fmt: skip
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert main(argv) == 0
+    assert "load average" not in capsys.readouterr().out  # a quiet machine: nothing said
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "note: load average 99.0" in printed and "other work shares this machine" in printed
+    result = json.loads(out.read_text())
+    assert any("load average 99.0" in n for n in result["notices"])
+    header = next(line for line in printed.splitlines() if "median ms" in line)
+    assert header.index("median ms") < header.index("spread") < header.index("p10 ms")  # beside each median
+    for r in result["runs"]:
+        spread = (r["latency_ms_p90"] - r["latency_ms_p10"]) / r["latency_ms_median"]
+        assert r["spread"] == pytest.approx(spread) and f"| {100 * spread:.0f}%" in printed
+
+
+def test_bench_of_a_run_without_2to4_times_what_it_made(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--epochs", "0", "--finetune-epochs", "0", "--metric", "l1", "--nm-where", "none",
+                 "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["bench", str(out), "--device", "cpu", "--batch-sizes", "2", "--rounds", "1", "--calls", "1",
+                 "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| dense " in printed and "| filter " in printed and "| hybrid " not in printed and "| nm " not in printed
+
+
+def test_a_checkpoint_records_its_dataset_and_evaluate_and_prune_default_to_it(tmp_path, capsys):
+    import numpy as np
+
+    from hybridprune.models.sources import build_model
+    from hybridprune.pruning.checkpoint import save_checkpoint
+
+    data = tmp_path / "rgb16.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y=np.arange(40) % 4)
+    spec, ckpt = f"npz:{data}", tmp_path / "dense.safetensors"
+    small = ["--epochs", "0", "--width", "0.125", "--no-progress"]
+    assert main(["train", "--dataset", spec, *small, "--out", str(ckpt)]) == 0
+    meta = load_checkpoint(ckpt)[2]
+    assert meta["dataset"] == spec  # its spec string: no file contents in the header
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt)]) == 0
+    printed = capsys.readouterr().out
+    assert f"dataset: {spec}, which {ckpt} was trained on" in printed and f"dataset: {spec}\n" in printed
+    accuracy = next(line for line in printed.splitlines() if line.startswith("accuracy: "))
+    assert re.fullmatch(r"accuracy: \d+\.\d\d%", accuracy)  # rounded, with its unit
+    assert main(["evaluate", str(ckpt), "--dataset", "digits"]) == 2  # another dataset: the line says which
+    err = capsys.readouterr().err.strip()
+    assert f"pass --dataset {spec}" in err and len(err.splitlines()) == 1
+    out = tmp_path / "pruned"
+    prune = ["prune", str(ckpt), "--metric", "l1", "--finetune-epochs", "0", "--round-to", "4", "--calib-batches", "1",
+             "--bn-recalib-batches", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(prune) == 0
+    assert f"dataset: {spec}, which" in capsys.readouterr().out
+    assert load_checkpoint(out / "l1-hybrid.safetensors")[2]["dataset"] == spec  # every stage records it
+    old = save_checkpoint(tmp_path / "old.safetensors", build_model("alexnet", in_channels=1, width=0.125))
+    assert main(["evaluate", str(old), "--test-size", "16"]) == 0  # written before the field: digits, as before
+    printed = capsys.readouterr().out
+    assert "dataset: digits" in printed and "trained on" not in printed
+
+
+def test_the_same_thing_has_the_same_flag_on_every_command():
+    parser = build_parser()
+    old = parser.parse_args(["bench", "--synthetic", "--batch-sizes", "1,8"])
+    new = parser.parse_args(["bench", "--synthetic", "--batch-size", "1,8"])
+    assert old.batch_sizes == new.batch_sizes == "1,8"  # bench takes convert's --batch-size; the old name stays
+    assert parser.parse_args(["convert", "m.safetensors", "--batch-size", "8"]).batch_size == 8
+    for command in (["run"], ["train"], ["prune", "c"], ["evaluate", "c"], ["profile", "--out", "t.json"]):
+        assert hasattr(parser.parse_args([*command, "--dataset", "cifar10"]), "dataset"), command
+
+
+def test_profile_shapes_the_model_for_a_dataset_as_run_does(tmp_path, capsys):
+    from hybridprune.cli.profile import profile_model
+
+    args = build_parser().parse_args(["profile", "--model", "resnet20", "--dataset", "digits", "--out", "t.json"])
+    assert profile_model(args).input_shape == (1, 32, 32)  # digits: one channel, as `run --dataset digits` builds it
+    args = build_parser().parse_args(["profile", "--model", "resnet20", "--out", "t.json"])
+    assert profile_model(args).input_shape == (3, 32, 32)  # no dataset: the old default shape
+    both = ["profile", "--model", "resnet20", "--dataset", "digits", "--channels", "3", "--out", str(tmp_path / "t")]
+    assert main(both) == 2
+    assert "--dataset decides the input shape" in capsys.readouterr().err

@@ -127,14 +127,14 @@ def _read_manifest(folder: Path, strict: bool) -> list[str]:
     """The names listed in folder's manifest; only plain names in that folder, so an edited manifest can never
     point outside it. An unreadable manifest is an error when deleting (strict) and empty when adding."""
     path = folder / MANIFEST_NAME
+    if not (path.exists() or path.is_symlink()):
+        return []
     try:
         data = read_json(path, "manifest")
         names = data["files"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise TypeError("'files' is not a list of names")
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError) as e:  # HybridPruneError too: too deep, too large, not JSON
         if strict:
             raise HybridPruneError(
                 f"{path} is unreadable ({type(e).__name__}: {e}); it lists the files hybridprune wrote in {folder}, "

@@ -5,6 +5,7 @@
 - `run`: run, train, prune, evaluate
 - `profile`: profile (latency tables)
 - `deploy`: bench, convert, export
+- `quantize`: quantize (INT8 QDQ files); evaluate's ONNX-file and --runtime paths
 - `grid`: experiment, report
 
 Each family module adds its parsers (`add_parsers`) and binds each command to its function (`handler`); the
@@ -21,8 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from hybridprune.cli import deploy, grid, profile, run
-from hybridprune.cli.flags import Parser, numeric_flags
+from hybridprune.cli import deploy, grid, profile, quantize, run
+from hybridprune.cli.flags import Parser, config_from_args, numeric_flags
+from hybridprune.config import AnalysisConfig
 from hybridprune.errors import HybridPruneError
 from hybridprune.stages import DEFAULT_LIMIT_S, stage_limit
 
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     parser = Parser(prog="hybridprune", description="Hybrid pruning of CNNs: filter pruning ranked for 2:4, then N:M.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for family in (run, profile, deploy, grid):
+    for family in (run, profile, deploy, quantize, grid):
         family.add_parsers(sub)
     return parser
 
@@ -59,13 +61,20 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def analysis_limit(args: argparse.Namespace) -> float:
+    """The seconds tracing may take (`--analysis-timeout`; the default for commands without the flag)."""
+    if not hasattr(args, "analysis_timeout"):
+        return DEFAULT_LIMIT_S
+    return config_from_args(AnalysisConfig, args).analysis_timeout
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hybridprune` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = list(argv)
     try:
-        with stop_on_sigterm(), stage_limit(getattr(args, "analysis_timeout", DEFAULT_LIMIT_S)):
+        with stop_on_sigterm(), stage_limit(analysis_limit(args)):
             args.handler(args)
     except HybridPruneError as e:
         print(f"hybridprune {args.command}: error: {e}", file=sys.stderr)
