@@ -1,45 +1,43 @@
 #!/usr/bin/env bash
-# Every GPU check in one script, for a machine with an NVIDIA GPU and PyTorch already installed.
-# Installs nothing, needs no network; its timeouts sum to 580 s (under the 600 s of one device call).
-#   bash benchmarks/gpu.sh [OUT_DIR]        (default OUT_DIR: docs/results/)
+# The GPU checks of 2:4 inference, in one script of at most 8 minutes on one H100 (its timeouts sum to 450 s).
+# Needs an NVIDIA GPU, PyTorch with CUDA and cuSPARSELt, and this repository: no TensorRT, no network, installs
+# nothing. Each step is its own process, so a fault in one (a CUDA error poisons its process) spares the others.
+#   bash benchmarks/gpu.sh [OUT_DIR]        (default OUT_DIR: docs/results/gpu-<device>/, e.g. gpu-h100)
+# tests/test_sparse_scripts.py checks this script's syntax and every command's --help on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-docs/results}"
-mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
+device=$($py -c "import torch; print(next((w for w in torch.cuda.get_device_name().lower().replace('-', ' ').split() \
+if any(c.isdigit() for c in w)), 'gpu') if torch.cuda.is_available() else 'none')")
+[ "$device" = none ] && { echo "no CUDA GPU here: benchmarks/gpu.sh needs one"; exit 2; }
+out="${1:-docs/results/gpu-$device}"
+mkdir -p "$out"
+exec > >(tee "$out/gpu.log") 2>&1  # everything said, also in the results
+echo "bash benchmarks/gpu.sh $*  # $(git rev-parse --short HEAD 2>/dev/null || echo no-git), $(date -u +%FT%TZ)" \
+    | tee "$out/command.txt"
 status=0
 run() { echo "+ $*"; timeout "$1" "${@:2}" || { echo "FAILED ($?): ${*:2}"; status=1; }; }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cusparselt', \
 torch.backends.cusparselt.version() if torch.backends.cusparselt.is_available() else None, \
-'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name())"
+'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 
-# 1. correctness of the real sparse kernels (per layer and whole model, fp16 and bf16)
-run 70 $py -m pytest -q -m gpu tests/test_sparse.py -p no:cacheprovider
+# 1. correctness: every GPU test (sparse layers on every layout, whole models in fp16/bf16 against dense); the
+#    CUDA-graph replay of cuSPARSELt layers alone first, as it once faulted on an H200
+run 40 $py -m pytest -q -m gpu tests/test_sparse.py -k cuda_graph -p no:cacheprovider
+run 140 $py -m pytest -q -m gpu tests -k "not cuda_graph" -p no:cacheprovider --junitxml "$out/gpu-tests.xml"
 
-# 2. where 2:4 starts to pay: single layers, dense cuDNN/cuBLAS vs cuSPARSELt
-run 90 $py benchmarks/layers.py --out "$out/layers-gpu.json"
+# 2. where 2:4 pays: 1x1 convs (ResNet-50 widths and sides) and linears, cuDNN/cuBLAS against cuSPARSELt, kernel
+#    time (CUDA-graph replay), eager time and host time, the chosen algorithm against algorithm 0; two 3x3 rows
+run 110 $py benchmarks/layers.py --out "$out/layers.json" --conv1x1-channels 256,512,1024,2048 \
+    --conv3x3-channels 1024 --linear-features 1024,4096,8192 --batch-sizes 64,128,256 --repeats 20
 
-# 3. latency table of torchvision ResNet-50 at 224x224, batch 256, fp16, PyTorch with CUDA graphs: every layer at
-#    its candidate counts, dense and cuSPARSELt 2:4; predicted beside measured for the dense and pruned models
-run 150 $py -m hybridprune profile --model torchvision:resnet50 --image-size 224 --latency-runtime torch \
-    --latency-batch 256 --latency-dtype float16 --latency-step 64 --latency-points 4 --check-ratios 0.25,0.5 \
-    --out "$out/latency-gpu-resnet50-b256.json" --json "$out/profile-gpu-resnet50-b256.json" --overwrite --no-progress
-# 4. pruning to 70% of the measured latency with 2:4 where it pays (--nm-where auto), on random 224x224 images
-#    (speed does not depend on the data), reusing that table: which layers take 2:4, predicted vs measured
-$py -c "import numpy as np; r = np.random.default_rng(0); np.savez('/tmp/rand224.npz', \
-x=r.integers(0, 256, (320, 224, 224, 3), dtype=np.uint8), y=np.arange(320) % 10)"
-run 120 $py -m hybridprune run --model torchvision:resnet50 --dataset npz:/tmp/rand224.npz --epochs 0 \
-    --finetune-epochs 0 --metric l1 --target-latency 0.7 --latency-runtime torch --latency-batch 256 \
-    --latency-dtype float16 --latency-step 64 --latency-points 4 --latency-table "$out/latency-gpu-resnet50-b256.json" \
-    --calib-batches 1 --bn-recalib-batches 1 --device cuda --no-progress \
-    --out /tmp/r50-auto --json "$out/auto-gpu-resnet50-b256.json" --overwrite
-# 5. the four variants of the paper's AlexNet, 4x wider (CIFAR shape), and of ResNet-50 at 224x224, synthetic weights
-run 60 $py -m hybridprune bench --synthetic --width 4 --batch-sizes 16,256,1024 --dtypes float16 --kernels fastest \
-    --rounds 8 --calls 5 --no-progress --json "$out/bench-gpu-alexnet-w4.json" --overwrite
-run 90 $py -m hybridprune bench --synthetic --model torchvision:resnet50 --image-size 224 --batch-sizes 1,32,128 \
+# 3. torchvision ResNet-50 at 224x224, batch 256, fp16: the four variants (dense, filter, 2:4, hybrid) with each
+#    2:4 layer on the faster kernel measured, eager and CUDA-graph times, and why each layer runs what it runs
+run 160 $py -m hybridprune bench --synthetic --model torchvision:resnet50 --image-size 224 --batch-sizes 256 \
     --dtypes float16 --kernels fastest --rounds 5 --calls 3 --no-progress \
-    --json "$out/bench-gpu-resnet50-224.json" --overwrite
+    --json "$out/bench-resnet50-224-b256.json" --overwrite
+echo "results in $out (exit $status)"
 exit $status

@@ -140,3 +140,42 @@ def test_a_recipe_sets_its_options_and_explicit_flags_win(tmp_path):
     assert cfg["prune"]["permute"] is False and cfg["finetune"]["distill_weight"] == 0.9
     plain = run_config_from_args(build_parser().parse_args(["run", "--distill-weight", "0.5"]))
     assert plain.finetune.distill_weight == 0.0 and plain.prune.steps == 1 and not plain.prune.permute  # no --distill
+
+
+MYNET = '''
+from torch import nn
+
+
+def make_net(in_channels=3, num_classes=10):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+'''
+
+
+def test_a_factory_in_the_current_folder_is_found_as_uvicorn_finds_apps(tmp_path, monkeypatch, capsys):
+    """`--model mynet:make_net` run from the folder holding mynet.py, with no PYTHONPATH and no '' on sys.path (the
+    console script has neither); sys.path is left as it was; its checkpoint still needs the factory named again."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    name = f"mynet_{tmp_path.name.replace('-', '_')}"  # a module name no other test has imported
+    (tmp_path / f"{name}.py").write_text(MYNET)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpt = tmp_path / "dense.safetensors"
+    train = ["train", "--model", f"{name}:make_net", "--epochs", "0", "--train-size", "32", "--test-size", "16",
+             "--no-progress", "--out", str(ckpt)]  # fmt: skip
+    assert main(train) == 2  # not in this folder: one line that says where it looked
+    err = capsys.readouterr().err.strip()
+    assert f"cannot load model factory '{name}:make_net'" in err and "looked in the current folder" in err
+    monkeypatch.chdir(tmp_path)
+    before = list(sys.path)
+    assert main(train) == 0 and ckpt.is_file()
+    assert sys.path == before
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt), "--test-size", "16"]) == 2  # a file never imports code by itself
+    assert f"pass --model {name}:make_net" in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt), "--test-size", "16", "--model", f"{name}:make_net"]) == 0

@@ -149,13 +149,24 @@ def test_report_writes_markdown_csv_and_valid_pngs(fixture_store, tmp_path):
     assert "86.00 ± 1.00 (3)" in text  # dense baselines 85, 86, 87
 
 
-def _bench_file(path, variants):
+def _bench_file(path, variants, run_folder="run-cifar10-hybrid-plain-0.4-0"):
+    """A bench result of the variants (name, ms, accuracy), its checkpoints in `run_folder` (a stored run's)."""
     run = {"mode": "eager", "dtype": "float16", "batch_size": 64, "device": "cuda (H200)"}
     runs = [
         {**run, "variant": v, "throughput": 6400 / ms, "latency_ms_median": ms, "accuracy": a} for v, ms, a in variants
     ]
-    path.write_text(json.dumps({"runs": runs}))
+    sources = {v: {"source": f"/runs/x.sqlite.artifacts/{run_folder}/{v}.safetensors"} for v, _, _ in variants}
+    path.write_text(json.dumps({"runs": runs, "variants": sources}))
     return str(path)
+
+
+def _with_checkpoints(rows):
+    """The rows, each naming the checkpoints of its four models in its own run folder, as the runner writes them."""
+    for r in rows:
+        folder = f"/runs/x.sqlite.artifacts/run-{r['key']}"
+        r["result"] = json.dumps({v: {"checkpoint": f"{folder}/{v}.safetensors"} for v in ("dense", "filter", "nm",
+                                                                                              "hybrid")})
+    return rows
 
 
 def test_bench_results_give_a_pareto_plot_and_latency_at_equal_accuracy(fixture_store, tmp_path):
@@ -163,7 +174,7 @@ def test_bench_results_give_a_pareto_plot_and_latency_at_equal_accuracy(fixture_
         tmp_path / "bench.json", [("dense", 10, 85), ("filter", 6, 83), ("nm", 9, 84), ("hybrid", 5, 82)]
     )
     ratio_b = _bench_file(tmp_path / "b.json", [("dense", 10, 85), ("filter", 4, 80), ("hybrid", 3, 79)])
-    written = write_grid_report(fixture_store.rows(), tmp_path / "r", [ratio_a, ratio_b])
+    written = write_grid_report(_with_checkpoints(fixture_store.rows()), tmp_path / "r", [ratio_a, ratio_b])
     assert any(p.name == "pareto-bench.png" and p.stat().st_size > 1000 for p in written)
     # hybrid at 82%: the filter-only curve (80%, 4 ms), (83%, 6 ms) gives 5.333 ms at 82%, 1.07x the hybrid's 5 ms;
     # hybrid at 79% lies below every filter-only model: no number
@@ -374,3 +385,34 @@ def test_a_new_store_has_exactly_the_declared_columns_and_refuses_other_rows(tmp
     with pytest.raises(ValueError, match="extra"):
         store.add({**row, "extra": 1})
     assert store.rows() == []
+
+
+def test_report_refuses_a_bench_of_models_the_store_did_not_write(fixture_store, tmp_path):
+    rows = _with_checkpoints(fixture_store.rows())
+    ours = _bench_file(tmp_path / "ours.json", [("dense", 10, 85), ("hybrid", 5, 82)])
+    other = _bench_file(tmp_path / "other.json", [("dense", 10, 85), ("hybrid", 5, 82)], run_folder="r1")
+    unnamed = tmp_path / "unnamed.json"
+    unnamed.write_text(json.dumps({"runs": json.loads(Path(ours).read_text())["runs"]}))
+    for bad, why in ((other, "its dense model /runs/x.sqlite.artifacts/r1/dense.safetensors is no checkpoint"),
+                     (str(unnamed), "it names no checkpoints")):  # fmt: skip
+        with pytest.raises(HybridPruneError, match="is not a bench of this store's runs") as e:
+            write_grid_report(rows, tmp_path / "r", [ours, bad])
+        assert why in str(e.value) and len(str(e.value).splitlines()) == 1
+        assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_plot_labels_fit_in_the_saved_image(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hybridprune.experiments.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    label = ax.set_xlabel("a long axis label that a 4-inch figure cannot hold in its width, ending in measurement")
+    fig.canvas.draw()
+    width = label.get_window_extent().width * 110 / fig.dpi  # the label's pixels at the saved resolution
+    path = save_figure(fig, plt, tmp_path / "p.png")
+    with Image.open(path) as img:
+        assert img.size[0] >= width  # the whole label is in the image, not cut at the figure's edge

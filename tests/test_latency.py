@@ -354,7 +354,13 @@ def test_run_with_a_latency_target_records_predicted_and_measured_latency(model,
     step = result["results"][0]
     lat = step["latency"]
     assert lat["nm_rule"] == "auto" and lat["sparse_layers"] == [] and "no 2:4 kernel" in lat["notice"]
-    assert step["hybrid"]["nm_layers"] == [] and result["nm"]["nm_layers"] == []  # auto on a CPU: no 2:4
+    # auto on a CPU: no 2:4, so no 2:4 step, no 2:4-only model, no N:M label; the settings in force recorded
+    assert "hybrid" not in step and "nm" not in result and step["checkpoint"] == step["filter"]["checkpoint"]
+    prune = result["config"]["prune"]
+    assert prune["target_latency"] == 0.8 and prune["nm_where"] == "auto" and "filter_ratio" not in prune
+    printed = capsys.readouterr().out
+    assert "N:M" not in printed and "2:4 only" not in printed and "no layer took 2:4" in printed
+    assert not list(out.glob("*-hybrid*")) and not (out / "nm.safetensors").exists()
     assert lat["target_ms"] == pytest.approx(0.8 * lat["dense_ms"]["median"])
     assert lat["pruned_ms"]["predicted"] > 0 and lat["pruned_ms"]["median"] > 0 and 1 <= len(lat["solves"]) <= 4
     assert lat["pruned_ms"]["median"] == pytest.approx(lat["target_ms"], rel=0.05)  # the target is met
@@ -363,7 +369,7 @@ def test_run_with_a_latency_target_records_predicted_and_measured_latency(model,
     assert any(g["kept"] < g["size"] for g in lat["groups"])
     table = load_table(out / "latency-table.json")
     assert table.entries and table.rest
-    assert "latency (kept channels" in capsys.readouterr().out
+    assert "latency (kept channels" in printed
 
 
 def test_a_latency_grid_runs_and_its_report_shows_measured_latency(tmp_path, deterministic_times):

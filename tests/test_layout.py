@@ -1,4 +1,4 @@
-"""The package layout keeps its rules: the README's list of layers, read here, is the dependency order;
+"""The package layout keeps its rules: docs/architecture.md's list of layers, read here, is the dependency order;
 every import of the package (inside functions too) goes from a later layer to an earlier one or within one,
 with no cycle and no private name taken from another module; `--help` and `import hybridprune` cost no
 torch; every declared name has its registered object."""
@@ -17,8 +17,8 @@ PACKAGE = ROOT / "src" / "hybridprune"
 
 
 def readme_layers(text: str) -> list[list[str]]:
-    """The README's architecture list: for each numbered item, the backticked names before its first colon."""
-    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    """docs/architecture.md's list of layers: for each numbered item, the backticked names before its first colon."""
+    section = text.split("# Architecture", 1)[1].split("\n## ", 1)[0]
     items = re.findall(r"^\d+\. (.+?(?:\n   .+?)*)$", section, re.M)
     return [re.findall(r"`([\w.]+)`", item.split(":", 1)[0]) for item in items]
 
@@ -112,7 +112,7 @@ def layer_violations(graph: dict, layers: list[list[str]]) -> list[str]:
 
 
 def test_the_readme_lists_every_package_in_layers():
-    layers = readme_layers((ROOT / "README.md").read_text())
+    layers = readme_layers((ROOT / "docs" / "architecture.md").read_text())
     assert len(layers) >= 8 and all(layers), layers
     tops = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
     named = {n for names in layers for n in names}
@@ -120,7 +120,7 @@ def test_the_readme_lists_every_package_in_layers():
 
 
 def test_imports_follow_the_layers_with_no_cycle():
-    layers = readme_layers((ROOT / "README.md").read_text())
+    layers = readme_layers((ROOT / "docs" / "architecture.md").read_text())
     graph = import_graph()
     assert cycles(graph) == []
     assert layer_violations(graph, layers) == []

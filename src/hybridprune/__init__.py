@@ -1,7 +1,7 @@
 """hybridprune: filter pruning ranked for 2:4 sparsity, then N:M pruning, for NVIDIA sparse tensor cores.
 
 The public API is resolved lazily: `import hybridprune` imports no torch, and `hp.build_model` imports the
-module that defines it the first time it is used. The layout (see the README's architecture section), lower
+module that defines it the first time it is used. The layout (see docs/architecture.md), lower
 layers first; a layer imports only the layers before it:
 
     core          errors, registry, config, outputs, world, version: types every package may use

@@ -321,7 +321,9 @@ class PruneConfig(_CheckedConfig):
     latency_runtime: str = "auto"
     latency_batch: int = 64
     latency_dtype: str = "auto"
-    latency_step: int = 4  # candidate kept counts are multiples of this (and the group's full size)
+    # candidate kept counts are multiples of this (and the group's full size); None: the device's block, which
+    # `profile` finds by sweeping one layer's channel count in the runtime (pruning.latency_context)
+    latency_step: int | None = None
     latency_points: int = 9  # counts measured per dimension of a layer's grid; the others are interpolated
     latency_table: str | None = None  # a table file to reuse; only missing entries are measured
 

@@ -71,7 +71,14 @@ def _add_synthetic_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_timing_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-sizes", default="1,16,64,256,1024", help="comma-separated batch sizes")
+    p.add_argument(
+        "--batch-size",
+        "--batch-sizes",
+        dest="batch_sizes",
+        default="1,16,64,256,1024",
+        help="batch size, or comma-separated batch sizes, to time (--batch-sizes: the older name; default "
+        "1,16,64,256,1024)",
+    )
     p.add_argument(
         "--dtypes",
         default=None,
@@ -80,9 +87,10 @@ def _add_timing_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kernels",
         default="fastest",
-        choices=["sparse", "fastest", "dense"],
-        help="sparse: every eligible layer on the 2:4 kernel; fastest: per layer, the faster of dense and "
-        "sparse measured on its real input shape; dense: no sparse kernels",
+        choices=["sparse", "fastest", "dense", "sparse-all"],
+        help="sparse: linears and 1x1 convs on the 2:4 kernel, kxk convs dense; fastest: per layer, the faster of "
+        "dense and sparse measured on its real input shape; dense: no sparse kernels; sparse-all: every eligible "
+        "layer sparse (checks)",
     )
     numeric(p, "--rounds", BenchConfig, "rounds", "round-robin rounds (each times every variant)")
     numeric(p, "--calls", BenchConfig, "calls", "timed calls per variant per round")
@@ -92,6 +100,13 @@ def _add_timing_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time each variant exported to ONNX and run by ONNX Runtime (CPU, float32; needs [export])",
     )
+    p.add_argument(
+        "--runtimes",
+        default=None,
+        help="also time each variant in these RUNTIME:PRECISION pairs, e.g. onnxruntime:int8,openvino:bf16 "
+        "(runtimes: torch, onnxruntime, openvino, tensorrt; precisions: fp32, bf16, fp16, int8; int8 is "
+        "calibrated on random images, u8s8: speed only), or `installed` for every pair that runs here",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     numeric(p, "--threads", BenchConfig, "threads", "CPU threads for torch (default: torch's choice)")
 
@@ -100,6 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from hybridprune.deploy.bench import bench, parse_batch_sizes
+    from hybridprune.deploy.runtimes import parse_pairs
     from hybridprune.deploy.sparse import check_dtype
     from hybridprune.provenance import environment
 
@@ -109,6 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     check_json_target(args.json, args.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    deployments = parse_pairs(args.runtimes, device) if args.runtimes else []  # before building any variant
     variants = _variants(args, cfg)
     for dtype in dtypes:
         check_dtype(dtype, device)  # before building anything: a dtype the device cannot run is bad input
@@ -124,9 +141,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
         cuda_graphs=not args.no_cuda_graphs,
         onnxruntime=args.onnxruntime,
         progress=not args.no_progress,
+        deployments=deployments,
+        threads=cfg.threads,
     )
     result["environment"] = env
     result["command"] = "hybridprune " + " ".join(args.argv)
+    if deployments:
+        from hybridprune.deploy.runtimes import cpu_isa, runtime_versions
+
+        result["runtimes"] = {"versions": runtime_versions(*dict.fromkeys(r for r, _ in deployments)), "cpu": cpu_isa()}
     result["variants"] = {v.name: {"source": v.source, "accuracy": v.accuracy} for v in variants}
     _print_bench(result, args.json)
 
@@ -186,8 +209,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kernels",
         default="fastest",
-        choices=["sparse", "fastest", "dense", "gemm"],
-        help="sparse wherever eligible, the faster per layer, none, or dense unfold+GEMM (checks the lowering)",
+        choices=["sparse", "fastest", "dense", "gemm", "sparse-all"],
+        help="sparse: linears and 1x1 convs sparse, kxk convs dense; fastest: the faster per layer, measured; "
+        "dense: none; gemm: dense GEMM lowering (checks it); sparse-all: every eligible layer sparse (checks)",
     )
     numeric(p, "--batch-size", ConvertConfig, "batch_size", "input batch the per-layer choice is measured on")
     p.add_argument("--json", default=None, help="also write the per-layer report to this JSON file")

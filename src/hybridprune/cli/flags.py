@@ -274,7 +274,14 @@ def add_latency(p: argparse.ArgumentParser) -> None:
         choices=list(LATENCY_DTYPES),
         help="dtype of the measured layers; auto: float16 on GPUs, float32 on CPUs (default auto)",
     )
-    numeric(p, "--latency-step", PruneConfig, "latency_step", "candidate kept counts are multiples of this")
+    numeric(
+        p,
+        "--latency-step",
+        PruneConfig,
+        "latency_step",
+        "candidate kept counts are multiples of this (default: the device's block size, where latency moves, found "
+        "by a sweep in the runtime)",
+    )
     numeric(
         p,
         "--latency-points",
@@ -319,7 +326,7 @@ def _add_finetune_flags(p: argparse.ArgumentParser) -> None:
         default="plain",
         choices=list(RECIPES),
         help="a named set of the recovery options below (plain: none of them; best: the combination measured "
-        "best on CIFAR-10, see the README); options given explicitly win over the recipe's",
+        "best on CIFAR-10, see docs/results.md); options given explicitly win over the recipe's",
     )
 
 

@@ -20,6 +20,7 @@ from hybridprune.cli.flags import (
     add_train,
     add_user_model,
 )
+from hybridprune.cli.quantize import add_deploy_flags, deployed_accuracy, evaluate_onnx_file
 from hybridprune.config import (
     DEFAULT_FINETUNE,
     DEFAULT_METRICS,
@@ -53,6 +54,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out, reusing finished steps")
     p.add_argument("--overwrite", action="store_true", help="redo a run whose --out folder exists")
     p.add_argument("--json", default=None, help="also write the result object to this JSON file")
+    p.add_argument(
+        "--nm-only",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also build the 2:4-only model (dense width, 2:4 masks, fine-tuned) for bench (default: when the run "
+        "applies 2:4 anywhere; --nm-only builds it with every eligible layer masked even then)",
+    )
     p.set_defaults(handler=cmd_run)
 
 
@@ -67,7 +75,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="prune a dense checkpoint with one metric: filter-pruned and filter+N:M models")
     p.add_argument("checkpoint", help="dense checkpoint (from `hybridprune train`)")
-    add_common(p), add_data(p), add_prune(p, "metric (default: hybrid)"), add_user_model(p), add_precision(p)
+    add_common(p), add_data(p, default=None), add_prune(p, "metric (default: hybrid)"), add_user_model(p)
+    add_precision(p)
     p.add_argument("--out", default=None, help="output folder (default: next to the checkpoint, named by metric)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted prune in --out")
     p.add_argument("--overwrite", action="store_true", help="redo a prune whose --out folder exists")
@@ -76,9 +85,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="accuracy, size and N:M pattern of a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint file")
-    add_common(p), add_data(p), add_user_model(p)
+    p = sub.add_parser("evaluate", help="accuracy, size and N:M pattern of a checkpoint (or accuracy of an ONNX file)")
+    p.add_argument("checkpoint", help="checkpoint file, or an .onnx file (accuracy in --runtime)")
+    add_common(p), add_data(p, default=None), add_user_model(p), add_deploy_flags(p)
     p.add_argument("--json", default=None, help="also write the evaluation to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.set_defaults(handler=cmd_evaluate)
@@ -89,9 +98,9 @@ _PRUNE_ARGS = ("filter_ratio", "round_to", "nm", "calib_batches", "bn_recalib_ba
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    """The dataset flags as a DataConfig."""
+    """The dataset flags as a DataConfig (no --dataset and no checkpoint's to default to: digits)."""
     return DataConfig(
-        args.dataset,
+        args.dataset or DataConfig.dataset,
         args.data_dir,
         args.download,
         args.train_size,
@@ -226,12 +235,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         _model_of_checkpoint(args)
     cfg = run_config_from_args(args, args.metric)
     slug = f"{cfg.data.dataset}-{cfg.model.label}".replace(":", "_").replace("/", "_")
-    _run_and_print(args, cfg, Path(args.out or f"runs/{slug}-s{cfg.seed}"), include_nm_only=True)
+    _run_and_print(args, cfg, Path(args.out or f"runs/{slug}-s{cfg.seed}"), include_nm_only=args.nm_only)
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
     metric = "hybrid" if args.metric is None else args.metric
     _model_of_checkpoint(args)
+    _dataset_of_checkpoint(args)
     if "," in metric:
         raise HybridPruneError("prune takes one --metric; use `hybridprune run` to compare several")
     cfg = run_config_from_args(args, metric)
@@ -252,7 +262,25 @@ def _model_of_checkpoint(args: argparse.Namespace) -> None:
     args.model = source.label
 
 
-def _run_and_print(args: argparse.Namespace, cfg: RunConfig, out: Path, include_nm_only: bool) -> None:
+def _dataset_of_checkpoint(args: argparse.Namespace, meta: dict[str, Any] | None = None) -> None:
+    """Without --dataset, the dataset the checkpoint records (its name or spec, said in one line); digits, as
+    before, for a checkpoint that records none. A folder: dataset is cropped to the side the model takes."""
+    from hybridprune.experiments.inputs import recorded_dataset
+    from hybridprune.pruning.checkpoint import checkpoint_meta
+
+    if args.dataset is not None:
+        return
+    meta = checkpoint_meta(args.checkpoint) if meta is None else meta
+    recorded = recorded_dataset(meta, args.checkpoint)
+    args.dataset = recorded or "digits"
+    if recorded:
+        print(f"dataset: {recorded}, which {args.checkpoint} was trained on (--dataset to choose another)")
+    side = meta.get("image_size")
+    if recorded and recorded.startswith("folder:") and args.image_size is None and isinstance(side, int):
+        args.image_size = side
+
+
+def _run_and_print(args: argparse.Namespace, cfg: RunConfig, out: Path, include_nm_only: bool | None) -> None:
     from hybridprune.experiments.job import run
     from hybridprune.world import world_from_env
 
@@ -275,10 +303,11 @@ def _run_and_print(args: argparse.Namespace, cfg: RunConfig, out: Path, include_
 
 
 def _print_result(result: dict[str, Any], json_path: str | None) -> None:
-    from hybridprune.experiments.tables import latency_tables, layer_table, run_table
+    from hybridprune.experiments.tables import latency_tables, layer_table, masked_layers, run_table
     from hybridprune.outputs import write_json
 
-    print("\nlayers (filters kept shown for the first metric; every metric keeps the same counts):")
+    nm = "" if masked_layers(result) else "; no layer took 2:4, so the final models are the filter-pruned ones"
+    print(f"\nlayers (filters kept shown for the first metric; every metric keeps the same counts{nm}):")
     print(layer_table(result))
     print(f"\naccuracy (%) on {result['dataset']['name']} test, {result['dataset']['test']} images:")
     print(run_table(result))
@@ -327,24 +356,41 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hybridprune.world import resolve_device
 
     check_json_target(args.json, args.overwrite)
+    if args.checkpoint.lower().endswith(".onnx"):
+        return evaluate_onnx_file(args)
     model, masks, meta = load_checkpoint(args.checkpoint, args.model)
+    _dataset_of_checkpoint(args, {**meta, "image_size": model.input_shape[-1]})
     pattern = checkpoint_pattern(args.checkpoint, meta)
     broken = [n for n in masks if not satisfies_nm(model.get_submodule(n).weight, pattern)]
     if broken:
         raise HybridPruneError(f"{args.checkpoint}: layer {broken[0]} has an N:M mask but its weights break {pattern}")
     data = prepare_data_config(data_config_from_args(args), args.seed)
-    check_fits(model, data)
+    check_fits(model, data, meta.get("dataset"))
     check_classes(meta, data, args.checkpoint)
     result = {
         "checkpoint": args.checkpoint,
         "dataset": data.name,
         "test_images": len(data.test),
         "accuracy": evaluate(model, data.test, resolve_device(args.device)),
+        **(deployed_accuracy(args, model, data) if args.runtime or args.deploy_precision else {}),
         **model_stats(model, set(masks), pattern),
         "nm_layers": sorted(masks),
         "nm_pattern_holds": True,  # checked above: a broken pattern is refused
     }
     for key, value in result.items():
-        print(f"{key}: {value}")
+        print(f"{key}: {_shown(key, value)}")
     if args.json:
         write_json(args.json, result)
+
+
+def _shown(key: str, value: Any) -> str:
+    """A value as printed: accuracies in percent with two decimals, other fractions to four significant digits,
+    the rest as it is (the JSON keeps every digit).
+
+    Example:
+        >>> _shown("accuracy", 8.356545961002785), _shown("sparsity", 0.123456), _shown("params", 1200)
+        ('8.36%', '0.1235', '1200')
+    """
+    if isinstance(value, float):
+        return f"{value:.2f}%" if "accuracy" in key else f"{value:.4g}"
+    return str(value)

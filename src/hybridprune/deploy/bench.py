@@ -196,10 +196,14 @@ def bench(
     progress: bool = True,
     onnxruntime: bool = False,
     example_inputs: torch.Tensor | None = None,
+    deployments: Sequence[tuple[str, str]] = (),
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Time every variant at every batch size and dtype; returns runs, per-layer kernels and weight bytes.
 
     `onnxruntime`: also time each variant exported to ONNX and run by ONNX Runtime (CPU, float32 only).
+    `deployments`: also time each variant in these (runtime, precision) pairs (`deploy.quantize.timing_session`;
+    their rows carry the runtime as mode and the precision as dtype, timed with the first dtype's rounds).
     Variants may hold any nn.Module: `example_inputs` (a batch they take) gives the input shape that plain
     modules do not know; its values are not used (timed batches are random).
 
@@ -219,6 +223,7 @@ def bench(
         raise HybridPruneError("the onnxruntime variant runs on the CPU in float32 only")
     example = None if example_inputs is None else as_example(example_inputs)[:1].cpu()
     sessions = {v.name: onnxruntime_session(v.model, example_inputs=example) for v in variants} if onnxruntime else {}
+    deployed = deployment_sessions(variants, deployments, device, example, threads)
     runs: list[dict[str, Any]] = []
     layers: list[dict[str, Any]] = []
     sizes: list[dict[str, Any]] = []
@@ -237,11 +242,15 @@ def bench(
             if batch == batch_sizes[0]:  # weights do not depend on the batch
                 sizes += _weight_rows(variants, converted, dtype, pattern)
             extra = {("onnxruntime", name): _ort_forward(s, x) for name, s in sessions.items()}
+            if dtype == dtypes[0]:
+                extra |= {key: s.bound(x.float()) for key, s in deployed.items()}
             runs += _time_round_robin(
                 variants, converted, x, device, dtype, rounds, calls, warmup, cuda_graphs, bar, extra
             )
             notices |= {c.notice.strip() for c in converted.values() if c.notice}
     bar.close()
+    for r in runs:  # a deployment's mode is RUNTIME:PRECISION: the runtime is its mode, the precision its dtype
+        r["mode"], r["dtype"] = r["mode"].split(":") if ":" in r["mode"] else (r["mode"], r["dtype"])
     busy = busy or (busy_note(torch.get_num_threads()) if device.type == "cpu" else None)
     return {
         "notices": sorted(notices) + [n for n in (busy, spread_note(runs)) if n],
@@ -267,6 +276,20 @@ def spread_note(runs: list[dict[str, Any]]) -> str | None:
         return None
     return (f"{len(wide)} of {len(runs)} timings spread by more than {SPREAD_NOTE:.0%} of their median (p10-p90, up "
             f"to {max(wide):.0%}): rerun with more --rounds on a quiet machine")  # fmt: skip
+
+
+def deployment_sessions(
+    variants: Sequence[Variant],
+    pairs: Sequence[tuple[str, str]],
+    device: torch.device,
+    example: torch.Tensor | None,
+    threads: int | None = None,
+) -> dict[tuple[str, str], Any]:
+    """(f"{runtime}:{precision}", variant name) -> a session of the variant there, for timing."""
+    from hybridprune.deploy.quantize import timing_session
+
+    x = torch.zeros(1, *input_shape(variants[0].model, example), device=device) if pairs else None
+    return {(f"{rt}:{p}", v.name): timing_session(v.model, x, rt, p, threads) for rt, p in pairs for v in variants}
 
 
 def _layer_rows(converted: dict[str, InferenceModel], batch: int, dtype: torch.dtype) -> list[dict[str, Any]]:

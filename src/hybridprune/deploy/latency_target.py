@@ -1,4 +1,6 @@
-"""Pruning to a measured speed: profile the model on this device, solve for the counts and 2:4 layers that keep
+"""Pruning to a measured speed: profile the model on this device in context (the whole graph with one group or
+one coupled pair pruned at a time, `deploy.profile_context`; candidate counts at the device's block unless
+`latency_step` forces one), solve for the counts and 2:4 layers that keep
 the most importance within `target_latency` x the dense model's measured latency, measure the pruned model,
 and, when it misses the target by more than LATENCY_TOLERANCE, scale the budget by target / measured and solve
 again (at most LATENCY_CORRECTIONS times). The counts go back to the caller, who prunes with them
@@ -19,10 +21,10 @@ from torch import nn
 from hybridprune.config import LATENCY_CORRECTIONS, LATENCY_TOLERANCE, PruneConfig
 from hybridprune.deploy.profile import (
     ProfileSettings,
-    candidate_counts,
     check_device,
     measure_deployed,
     new_table,
+    profile_in_context,
     profile_model,
     resolve_settings,
 )
@@ -39,7 +41,8 @@ from hybridprune.pruning.budget import (
 )
 from hybridprune.pruning.filters import ignored_modules
 from hybridprune.pruning.graph import example_input
-from hybridprune.pruning.latency import Entry, LatencyTable, layer_couplings, load_table
+from hybridprune.pruning.latency import LatencyTable, layer_couplings, load_table
+from hybridprune.pruning.latency_context import ContextModel, ContextRecord, boundary_counts
 from hybridprune.pruning.metrics import ScoringContext, score_filters
 from hybridprune.pruning.nm import eligible_layers
 from hybridprune.pruning.plan import apply_filter_plan_, plan_filter_pruning
@@ -65,6 +68,10 @@ class LatencyReport:
     sparse_layers: list[str] = field(default_factory=list)
     groups: list[dict[str, Any]] = field(default_factory=list)
     notice: str = ""
+    step: int = 0  # candidate counts are multiples of it
+    block: int = 0  # the device's block size the step sweep found
+    corrections: int = 0  # solves after the first (the correction loop is a guard: 0 when the table held)
+    first_solve_error: float = 0.0  # the first solve's measured latency / target - 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,19 +98,20 @@ def allocate_for_latency(
     scores = score_filters(cfg.metric, ctx)
     couplings = layer_couplings(model, ctx.groups, example_input(model))
     nm_layers = frozenset(eligible_layers(model, cfg.pattern))
-    rest, dense = profile_model(model, ctx.groups, couplings, table, settings, device, nm_layers, progress)
+    context = profile_in_context(model, ctx.groups, couplings, table, settings, device, nm_layers, progress)
     if table_out is not None:
         table.save(table_out, record=record)
-    candidates = {g.name: candidate_counts(g.size, settings.step) for g in ctx.groups}
+    candidates = {g.name: boundary_counts(g.size, context.step) for g in ctx.groups}
     if cfg.allocation == "sensitivity":
-        curves = measure_sensitivity(model, ctx.groups, scores, calibration, labels, settings.step)
+        curves = measure_sensitivity(model, ctx.groups, scores, calibration, labels, context.step)
         solver = partial(solve, couplings, sensitivity_values(ctx.groups, curves, candidates))
     elif cfg.allocation == "uniform":  # the same fraction of every group: the ratio the measured budget allows
         solver = partial(solve_uniform, couplings, candidates)
     else:
         solver = partial(solve, couplings, importance_values(ctx.groups, scores, candidates))
-    report = _report(cfg, settings, device, table, dense)
-    budget = Budget(table, settings.setup, rest.median_ms, 0.0, cfg.nm_rule, nm_layers)
+    report = _report(cfg, settings, device, table, context)
+    model_ = ContextModel(context)
+    budget = Budget(table, settings.setup, 0.0, 0.0, cfg.nm_rule, nm_layers, model_)
     dense_counts = {g.name: g.size for g in ctx.groups}
     report.dense_ms["predicted"] = predict(couplings, dense_counts, budget)[0]
     allocation = _solve_and_correct(model, solver, budget, report, scores, ctx.groups, settings, device)
@@ -115,7 +123,17 @@ def allocate_for_latency(
     report.exact, report.sparse_layers = allocation.exact, sorted(allocation.sparse)
     if cfg.nm_rule == "auto" and not allocation.sparse:
         report.notice = _no_sparse_reason(device)
+    inside = {g: ks for g, ks in model_.indistinguishable(candidates).items() if ks}
+    if inside:
+        report.notice = " ".join(filter(None, (report.notice, _inside_steps(inside, context))))
     return allocation, report
+
+
+def _inside_steps(inside: dict[str, list[int]], record: ContextRecord) -> str:
+    g, ks = next(iter(inside.items()))
+    return (f"--latency-step {record.step} offers counts inside the device's blocks of {record.block} channels "
+            f"({sum(map(len, inside.values()))} in {len(inside)} groups, e.g. {ks[:3]} of {g}): the table cannot "
+            "tell them from the block's boundary, so it predicts them no saving")  # fmt: skip
 
 
 def _solve_and_correct(model, solver, budget, report, scores, groups, settings, device) -> Allocation:  # noqa: ANN001
@@ -134,6 +152,8 @@ def _solve_and_correct(model, solver, budget, report, scores, groups, settings, 
         if abs(measured.median_ms - target) <= LATENCY_TOLERANCE * target:
             break
         budget_ms *= target / measured.median_ms
+    report.corrections = len(tried) - 1
+    report.first_solve_error = tried[0][1].median_ms / target - 1
     allocation, measured = min(tried, key=lambda t: _miss(t[1].median_ms, target))
     report.pruned_ms = {"median": measured.median_ms, "p10": measured.p10_ms, "p90": measured.p90_ms,
                         "predicted": allocation.predicted_ms}  # fmt: skip
@@ -157,9 +177,11 @@ def _saving(couplings, budget: Budget, counts: dict[str, int], group: str, size:
     return predict(couplings, {**counts, group: size}, budget)[0] - predict(couplings, counts, budget)[0]
 
 
-def _report(cfg: PruneConfig, settings: ProfileSettings, device: torch.device, table: LatencyTable, dense: Entry):  # noqa: ANN202
+def _report(cfg: PruneConfig, settings: ProfileSettings, device: torch.device, table: LatencyTable,
+            context: ContextRecord) -> LatencyReport:  # fmt: skip
     report = LatencyReport(device_name(device), settings.setup.runtime, settings.setup.batch, settings.setup.dtype,
-                           table.threads, cfg.target_latency, cfg.nm_rule)  # fmt: skip
+                           table.threads, cfg.target_latency, cfg.nm_rule, step=context.step, block=context.block)
+    dense = context.dense
     report.dense_ms = {"median": dense.median_ms, "p10": dense.p10_ms, "p90": dense.p90_ms}
     report.target_ms = cfg.target_latency * dense.median_ms
     return report

@@ -1,12 +1,15 @@
-"""Measuring latency tables: every prunable layer of a model at each channel count its groups can take, dense
-and (where the device has a 2:4 kernel and the layer can take masks) 2:4, plus the rest of the network.
+"""Measuring latency tables on this device: the whole model in context (`deploy.profile_context`: the device's
+step structure, then the model with one group or one coupled pair of groups pruned at a time, which is what
+predictions and latency targets use), and per-layer entries, dense and (where the device has a 2:4 kernel and
+the layer can take masks) 2:4, which decide where 2:4 pays.
 
-Candidate kept counts of a group are the multiples of `step` up to its size (and the size itself). Where a
-layer's input and output counts both vary, at most `max_points` of each are measured, evenly spaced with both
-ends included, and `pruning.latency` interpolates between them. Entries already in the table (from any model
-of the same layer shapes) are not measured again. Timings are medians of interleaved repeats after warm-up,
-with the thread count pinned and recorded; the 10th and 90th percentiles are kept beside every median. A timing
-is only as good as the machine is quiet: a load average above the idle cores is said in one line.
+Per-layer entries: candidate kept counts of a group are the multiples of `step` up to its size (and the size
+itself). Where a layer's input and output counts both vary, at most `max_points` of each are measured, evenly
+spaced with both ends included, and `pruning.latency` interpolates between them. Entries already in the table
+(from any model of the same layer shapes) are not measured again. Timings are medians of interleaved repeats
+after warm-up, with the thread count pinned and recorded; the 10th and 90th percentiles are kept beside every
+median. A timing is only as good as the machine is quiet: a load average above the idle cores is said in one
+line.
 """
 
 from __future__ import annotations
@@ -15,10 +18,9 @@ import contextlib
 import copy
 import hashlib
 import math
-import os
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 import torch
@@ -26,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hybridprune.config import NMPattern
+from hybridprune.deploy.profile_context import measure_variants, profile_context
 from hybridprune.deploy.runtimes import (
     device_name,
     eager_call,
@@ -35,10 +38,12 @@ from hybridprune.deploy.runtimes import (
     resolve_runtime,
 )
 from hybridprune.deploy.sparse import kernel_ineligibility, sparse_backend, sparse_module, to_inference_model
+from hybridprune.deploy.timing import busy_note
 from hybridprune.errors import HybridPruneError
 from hybridprune.provenance import environment
 from hybridprune.pruning.graph import ChannelGroup
 from hybridprune.pruning.latency import Entry, LatencyTable, LayerCoupling, LayerShape, Setup, layer_latency
+from hybridprune.pruning.latency_context import DEFAULT_STEP, ContextRecord
 from hybridprune.pruning.nm import nm_mask, nm_prune_
 
 CHUNK = 24  # entries built and timed together (bounds the memory of the layers alive at once)
@@ -47,11 +52,11 @@ MIN_TIMING_MS = 0.5  # a timing covers enough back-to-back calls to last this lo
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """How a table is measured: `setup` (runtime resolved, batch, dtype), the candidate step, grid points per
-    dimension, timed rounds per entry and intra-op threads."""
+    """How a table is measured: `setup` (runtime resolved, batch, dtype), the candidate step (None: the device's
+    block, found by the step sweep), grid points per dimension, timed rounds per entry and intra-op threads."""
 
     setup: Setup
-    step: int = 4
+    step: int | None = None
     max_points: int = 9
     rounds: int = 15
     threads: int | None = None
@@ -62,7 +67,13 @@ class ProfileSettings:
 
 
 def resolve_settings(
-    runtime: str, batch: int, dtype: str, device: torch.device, step: int = 4, rounds: int = 15, points: int = 9
+    runtime: str,
+    batch: int,
+    dtype: str,
+    device: torch.device,
+    step: int | None = None,
+    rounds: int = 15,
+    points: int = 9,
 ) -> ProfileSettings:
     """Settings with `auto` resolved for `device`: the runtime a deployer would pick, fp16 on GPUs, fp32 on CPUs.
 
@@ -137,15 +148,7 @@ def profile_model(
     dense model as deployed; store the rest of the network (whole minus the sum of its dense layer entries) and
     return it with the whole model's latency."""
     check_device(table, device)
-    dtype = settings.torch_dtype
-    by_name = {g.name: g for g in groups}
-    wanted: dict[str, tuple[LayerShape, str]] = {}
-    for c in couplings:
-        for shape in layer_grid(c, by_name, settings.step, settings.max_points):
-            kernels = ("dense", "2:4") if sparse_possible(shape, device, dtype, c.name in nm_layers) else ("dense",)
-            for kernel in kernels:
-                wanted[shape.key(settings.setup.batch, settings.setup.dtype, settings.setup.runtime, kernel)] = (
-                    shape, kernel)  # fmt: skip
+    wanted = _wanted_entries(groups, couplings, settings, device, nm_layers)
     missing = {k: v for k, v in wanted.items() if k not in table.entries}
     with pinned_threads(settings.threads) as threads:
         table.threads = threads
@@ -159,6 +162,55 @@ def profile_model(
     table.versions = environment()
     table.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return rest, whole
+
+
+def _wanted_entries(
+    groups: list[ChannelGroup],
+    couplings: list[LayerCoupling],
+    settings: ProfileSettings,
+    device: torch.device,
+    nm_layers: set[str] | frozenset[str],
+    sparse_only: bool = False,
+) -> dict[str, tuple[LayerShape, str]]:
+    """Key -> (shape, kernel) of every grid entry of the layers (`sparse_only`: only of layers with a 2:4 entry)."""
+    by_name, step = {g.name: g for g in groups}, settings.step or DEFAULT_STEP
+    wanted: dict[str, tuple[LayerShape, str]] = {}
+    for c in couplings:
+        for shape in layer_grid(c, by_name, step, settings.max_points):
+            sparse = sparse_possible(shape, device, settings.torch_dtype, c.name in nm_layers)
+            if sparse_only and not sparse:
+                continue
+            for kernel in ("dense", "2:4") if sparse else ("dense",):
+                wanted[shape.key(settings.setup.batch, settings.setup.dtype, settings.setup.runtime, kernel)] = (
+                    shape, kernel)  # fmt: skip
+    return wanted
+
+
+def profile_in_context(
+    model: nn.Module,
+    groups: list[ChannelGroup],
+    couplings: list[LayerCoupling],
+    table: LatencyTable,
+    settings: ProfileSettings,
+    device: torch.device,
+    nm_layers: set[str] | frozenset[str] = frozenset(),
+    progress: bool = True,
+) -> ContextRecord:
+    """The model's in-context record on this device (measured, or reused from `table`), plus per-layer dense and
+    2:4 entries of the layers that have a 2:4 kernel here (none on a CPU), at the record's step."""
+    check_device(table, device)
+    with pinned_threads(settings.threads) as threads:
+        table.threads = threads
+        if device.type == "cpu":
+            say_if_busy(threads)
+        record = profile_context(model, groups, couplings, table, settings, device, rest_key(model, settings.setup),
+                                 points=settings.max_points, progress=progress)  # fmt: skip
+        at_step = replace(settings, step=record.step)
+        wanted = _wanted_entries(groups, couplings, at_step, device, nm_layers, sparse_only=True)
+        measure_entries({k: v for k, v in wanted.items() if k not in table.entries}, table, at_step, device, progress)
+    table.versions = environment()
+    table.date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return record
 
 
 def rest_key(model: nn.Module, setup: Setup) -> str:
@@ -222,7 +274,8 @@ def measure_deployed(
     net = copy.deepcopy(model).to(device)
     if settings.setup.runtime == "torch":
         masks = {n: m for n, m in nm_prune_(net).items() if n in sparse} if sparse else {}
-        net = to_inference_model(net, masks, device, settings.torch_dtype, choose="sparse").model
+        # the layers in `sparse` were chosen by their measured entries: all of them run sparse, 3x3 convs too
+        net = to_inference_model(net, masks, device, settings.torch_dtype, choose="sparse-all").model
         net.input_shape = model.input_shape
     return measure_model(net, settings, device, eager=bool(sparse) and device.type == "cuda")
 
@@ -266,10 +319,9 @@ def pinned_threads(threads: int | None) -> Iterator[int]:
 
 def say_if_busy(threads: int) -> None:
     """One line when other work shares the CPU being timed (a load average above its idle cores)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > (os.cpu_count() or 1) + 0.5:  # the timing process itself keeps `threads` cores busy
-        print(f"note: load average {load:.1f} with {threads} of {os.cpu_count()} cores timed: other work shares "
-              "this machine, so the latencies may be off", file=sys.stderr)  # fmt: skip
+    note = busy_note(threads)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def profile_report(
@@ -279,38 +331,53 @@ def profile_report(
     device: torch.device,
     ratios: tuple[float, ...] = (),
     progress: bool = True,
+    variants: tuple[tuple[str, dict[str, int]], ...] = (),
+    layers: bool = False,
 ) -> dict:
-    """Profile `model` into `table`, then check the table: for the dense model and for a copy pruned uniformly
-    at each ratio in `ratios` (counts on the table's step), the predicted latency beside the measured one.
+    """Profile `model` into `table` in context, then check it: the dense model, copies pruned uniformly at each
+    ratio in `ratios` (counts on the table's step) and the named `variants` (group -> kept count), each measured
+    interleaved with the dense model, predicted beside measured. `layers`: also measure per-layer entries and
+    give the per-layer prediction (rest + sum of entries, the design of table version 2) beside, for comparison.
 
     Example:
         >>> from hybridprune.models.sources import build_model
-        >>> s = ProfileSettings(Setup("torch", 2, "float32"), step=4, max_points=2, rounds=3)
+        >>> s = ProfileSettings(Setup("torch", 2, "float32"), step=8, max_points=2, rounds=3)
         >>> r = profile_report(build_model("alexnet", width=0.125), new_table(torch.device("cpu")), s,
         ...                    torch.device("cpu"), ratios=(0.5,), progress=False)
-        >>> [row["model"] for row in r["checks"]]
-        ['dense', 'uniform 0.5']
+        >>> [row["model"] for row in r["checks"]], all(row["predicted_ms"] > 0 for row in r["checks"])
+        (['dense', 'uniform 0.5'], True)
     """
     from hybridprune.pruning.graph import channel_groups, dependency_graph, example_input
     from hybridprune.pruning.latency import layer_couplings, predict_latency
+    from hybridprune.pruning.latency_context import ContextModel, boundary_counts
     from hybridprune.pruning.nm import eligible_layers
-    from hybridprune.pruning.plan import apply_filter_plan_, kept_count, plan_filter_pruning
+    from hybridprune.pruning.plan import kept_count
 
     groups = channel_groups(model, dependency_graph(model))
     couplings = layer_couplings(model, groups, example_input(model))
-    rest, whole = profile_model(model, groups, couplings, table, settings, device, eligible_layers(model), progress)
-    checks = [_check_row("dense", whole, predict_latency(couplings, {}, table, settings.setup, rest.median_ms)[0])]
-    for ratio in ratios:
-        counts = {g.name: kept_count(g.size, ratio, settings.step) for g in groups}
-        pruned = copy.deepcopy(model)
-        apply_filter_plan_(pruned, plan_filter_pruning({g.name: torch.zeros(g.size) for g in groups}, 0.0, 1, groups,
-                                                       counts))  # fmt: skip
-        predicted = predict_latency(couplings, counts, table, settings.setup, rest.median_ms)[0]
-        checks.append(
-            _check_row(f"uniform {ratio:g}", measure_deployed(pruned, frozenset(), settings, device), predicted)
-        )
-    return {"device": table.device, "threads": table.threads, **asdict(settings.setup), "step": settings.step,
-            "entries": len(table.entries), "rest_ms": rest.median_ms, "checks": checks}  # fmt: skip
+    record = profile_in_context(model, groups, couplings, table, settings, device, eligible_layers(model), progress)
+    context = ContextModel(record)
+    named = [(f"uniform {r:g}", {g.name: kept_count(g.size, r, record.step) for g in groups}) for r in ratios]
+    named += list(variants)
+    rest = None
+    if layers:
+        rest = profile_model(model, groups, couplings, table, replace(settings, step=record.step), device, set(),
+                             progress)[0].median_ms  # fmt: skip
+    with pinned_threads(settings.threads):
+        dense, measured = measure_variants(model, groups, [c for _, c in named], settings, device, progress)
+    checks = []
+    for name, counts, entry in [("dense", {}, dense), *((n, c, e) for (n, c), e in zip(named, measured, strict=True))]:
+        row = _check_row(name, entry, context.predict(counts))
+        if rest is not None:
+            per_layer = predict_latency(couplings, counts, table, settings.setup, rest)[0]
+            row |= {"per_layer_predicted_ms": per_layer, "per_layer_error": per_layer / entry.median_ms - 1}
+        checks.append(row | {"counts": counts})
+    candidates = {g.name: boundary_counts(g.size, record.step) for g in groups}
+    return {"device": table.device, "threads": table.threads, **asdict(settings.setup), "step": record.step,
+            "block": record.block, "forced_step": settings.step is not None,
+            "indistinguishable": {g: ks for g, ks in context.indistinguishable(candidates).items() if ks},
+            "models_measured": 1 + sum(map(len, record.single.values())) + sum(map(len, record.pairs.values())),
+            "floor_ms": record.floor.median_ms, "entries": len(table.entries), "checks": checks}  # fmt: skip
 
 
 def _check_row(name: str, measured: Entry, predicted: float) -> dict:

@@ -1,19 +1,21 @@
-"""Inference conversion: N:M layers to semi-structured sparse kernels (cuSPARSELt/CUTLASS), dense elsewhere.
+"""Inference conversion: N:M layers to semi-structured sparse kernels (cuSPARSELt/CUTLASS) where they pay.
 
 PyTorch runs 2:4 weights fast only as a sparse GEMM operand (`to_sparse_semi_structured`, CUDA,
-fp16/bf16). No library has a sparse conv, so a conv runs as a GEMM: the channels-last input is
-unfolded into patches `[N*Ho*Wo, kh*kw*in]` and multiplied by the weight permuted to
-`[out, kh, kw, in]` and flattened. That `(kh, kw, in)` order puts each N:M group (consecutive
-input channels at one kernel position, as `nm.py` builds them) into consecutive GEMM columns,
-which is what the sparse tensor core requires. BatchNorm is folded into the weight first: that
-scales each filter by a constant, so zeros stay zeros and the pattern survives.
+fp16/bf16). No library has a sparse conv, so a conv runs as a GEMM (`deploy/gemm.py`): an unpadded 1x1
+conv directly on its channels-last pixels, any other conv on unfolded patches. The unfold copies kh*kw
+times the input, more than 2:4 can save, so kxk convs stay on cuDNN unless measured faster; linears and
+1x1 convs take the sparse kernel. BatchNorm is folded into the weight first: that scales each filter by a
+constant, so zeros stay zeros and the pattern survives.
 
-No mask policy lives here: the input is a model whose N:M layers hold zeros in the pruned places.
+Every layer's decision comes with its reason (`LayerKernel.reason`); with cuSPARSELt, each sparse layer's
+algorithm is chosen once by timing (`deploy/sparse_tuning.py`). No mask policy lives here: the input is a
+model whose N:M layers hold zeros in the pruned places.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -21,114 +23,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridprune.config import NMPattern
-from hybridprune.deploy.timing import median_ms
+from hybridprune.deploy.gemm import (  # noqa: F401 - conv_padding, kernel_operand, unfold_channels_last: re-exported
+    Gemm,
+    GemmConv2d,
+    GemmLinear,
+    conv_padding,
+    conv_weight_as_gemm,
+    gemm_ineligibility,
+    kernel_operand,
+    unfold_channels_last,
+)
+from hybridprune.deploy.sparse_tuning import kernel_ms, layer_input, tune_cusparselt_alg
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import as_example, dependency_graph, example_input, followers, set_module, sole_consumer
 from hybridprune.pruning.nm import nm_eligibility, satisfies_nm
 
-KERNEL_CHOICES = ("sparse", "fastest", "dense", "gemm")
+KERNEL_CHOICES = ("sparse", "fastest", "dense", "gemm", "sparse-all")
 DTYPES_BY_NAME = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def conv_weight_as_gemm(weight: torch.Tensor) -> torch.Tensor:
-    """`[out, in, kh, kw]` -> `[out, kh * kw * in]`: the GEMM operand whose rows keep N:M groups contiguous."""
-    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
-
-
-def unfold_channels_last(
-    x: torch.Tensor,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    dilation: tuple[int, int] = (1, 1),
-    padding_mode: str = "zeros",
-) -> tuple[torch.Tensor, int, int]:
-    """Patches `[N * Ho * Wo, kh * kw * C]` of an `[N, C, H, W]` input, in `(kh, kw, C)` order.
-
-    `padding` is (left, right, top, bottom), as F.pad takes it; `padding_mode` as nn.Conv2d names it.
-    """
-    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    if any(padding):
-        mode = "constant" if padding_mode == "zeros" else padding_mode
-        x = F.pad(x, padding, mode=mode)
-    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    patches = x.permute(0, 2, 3, 1).unfold(1, span_h, sh).unfold(2, span_w, sw)  # [N, Ho, Wo, C, span_h, span_w]
-    patches = patches[..., ::dh, ::dw]  # dilation: every dh-th row and dw-th column of the span
-    n, ho, wo = patches.shape[:3]
-    return patches.permute(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, -1), ho, wo
-
-
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """The conv's padding as (left, right, top, bottom), resolving 'same' and 'valid'."""
-    if conv.padding == "valid":
-        return (0, 0, 0, 0)
-    if conv.padding == "same":
-        pads = []
-        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size), strict=True):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def gemm_ineligibility(conv: nn.Conv2d) -> str:
-    """Why a conv cannot run as unfold + GEMM ('' when it can)."""
-    if conv.groups != 1:
-        return f"grouped conv (groups={conv.groups}) is not one GEMM"
-    if conv.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-        return f"padding mode {conv.padding_mode!r}"
-    return ""
-
-
-class GemmConv2d(nn.Module):
-    """A conv computed as unfold + GEMM with a `[out, kh*kw*in]` weight, dense or semi-structured sparse.
-
-    Honours stride, padding (numbers, 'same', 'valid'), padding mode and dilation. Output is
-    `[N, out, Ho, Wo]` in channels-last memory, so the next GemmConv2d unfolds without a layout copy.
-    """
-
-    def __init__(
-        self,
-        weight_2d: torch.Tensor,
-        bias: torch.Tensor | None,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        padding: tuple[int, int, int, int],
-        dilation: tuple[int, int] = (1, 1),
-        padding_mode: str = "zeros",
-    ) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight_2d, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.kernel, self.stride, self.padding = kernel, stride, padding
-        self.dilation, self.padding_mode = dilation, padding_mode
-
-    @classmethod
-    def from_conv(
-        cls, conv: nn.Conv2d, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
-    ) -> GemmConv2d:
-        reason = gemm_ineligibility(conv)
-        if reason:
-            raise HybridPruneError(f"GEMM conv cannot take {conv}: {reason}")
-        w = conv.weight if weight is None else weight
-        b = conv.bias if bias is None else bias
-        return cls(
-            conv_weight_as_gemm(w.detach()),
-            None if b is None else b.detach(),
-            conv.kernel_size,
-            conv.stride,
-            conv_padding(conv),
-            conv.dilation,
-            conv.padding_mode,
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches, ho, wo = unfold_channels_last(
-            x, self.kernel, self.stride, self.padding, self.dilation, self.padding_mode
-        )
-        out = F.linear(patches, self.weight, self.bias)
-        return out.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,12 +88,34 @@ def fold_batchnorm_(model: nn.Module, example_inputs: torch.Tensor | None = None
 
 
 def sparse_backend(device: torch.device) -> str | None:
-    """'cusparselt' or 'cutlass' where 2:4 kernels run (CUDA, compute capability >= 8.0), else None."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    if torch.cuda.get_device_capability(device) < (8, 0):
+    """'cusparselt' or 'cutlass' where PyTorch's 2:4 kernels run on `device`, else None (`no_sparse_reason` says
+    why). PyTorch's CUTLASS 2:4 kernels are built for compute capability 8.x only: on 9.x (Hopper) and later
+    only cuSPARSELt counts.
+
+    Example:
+        >>> sparse_backend(torch.device("cpu")) is None
+        True
+    """
+    if no_sparse_reason(device):
         return None
     return "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+
+
+def no_sparse_reason(device: torch.device) -> str:
+    """Why `device` runs no 2:4 kernel ('' where it does).
+
+    Example:
+        >>> no_sparse_reason(torch.device("cpu"))
+        'cpu: no sparse tensor cores (needs CUDA compute capability >= 8.0)'
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"{device.type}: no sparse tensor cores (needs CUDA compute capability >= 8.0)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"compute capability {major}.{minor}: no sparse tensor cores (needs >= 8.0)"
+    if major > 8 and not torch.backends.cusparselt.is_available():
+        return f"compute capability {major}.{minor} without cuSPARSELt: PyTorch's CUTLASS 2:4 kernels target 8.x only"
+    return ""
 
 
 # Minimum (rows, cols) of the sparse operand, and the multiple both must be, per backend and dtype:
@@ -193,21 +126,79 @@ SPARSE_MIN_SHAPE = {
 }
 
 
+@dataclass(frozen=True)
+class SparseKernel:
+    """One 2:4 GEMM kernel as the sparse layers use it: its name, the (rows, cols) multiples its sparse operand
+    needs per dtype, `compress` (a dense 2:4 weight to the kernel's weight, once) and `gemm(x2d, weight, bias)`
+    (`x2d @ W.T + bias`, given a contiguous row-major x2d). A test swaps in a replay of a kernel here.
+
+    Example:
+        >>> k = SparseKernel("dense-replay", {torch.float32: (16, 16)}, compress=lambda w: w)
+        >>> sparse_module(nn.Linear(16, 16), k).gemm is F.linear
+        True
+    """
+
+    name: str
+    min_shape: Mapping[torch.dtype, tuple[int, int]]
+    compress: Callable[[torch.Tensor], torch.Tensor]
+    gemm: Gemm = F.linear
+
+    @property
+    def tunable(self) -> bool:
+        """Whether the kernel has cuSPARSELt algorithm ids to choose from."""
+        return self.name == "cusparselt"
+
+
+def semi_structured_kernel(backend: str) -> SparseKernel:
+    """PyTorch's semi-structured kernel of `backend` ('cusparselt' or 'cutlass'), through `F.linear`."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cls = SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt" else SparseSemiStructuredTensorCUTLASS
+    return SparseKernel(backend, SPARSE_MIN_SHAPE[backend], lambda w: cls.from_dense(w.contiguous()))
+
+
+def as_kernel(backend: str | SparseKernel | None) -> SparseKernel | None:
+    """The kernel a backend name stands for (None stays None)."""
+    return semi_structured_kernel(backend) if isinstance(backend, str) else backend
+
+
 def kernel_ineligibility(
-    weight_2d_shape: tuple[int, int], backend: str | None, dtype: torch.dtype, pattern: NMPattern
+    weight_2d_shape: tuple[int, int], backend: str | SparseKernel | None, dtype: torch.dtype, pattern: NMPattern
 ) -> str:
     """Why a GEMM weight of this shape cannot run on the sparse kernel ('' when it can)."""
     if backend is None:
         return "no sparse tensor cores on this device"
+    kernel = as_kernel(backend)
+    name, table = kernel.name, kernel.min_shape
     if (pattern.n, pattern.m) != (2, 4):
         return f"{pattern} is not 2:4, the only pattern sparse tensor cores run"
-    if dtype not in SPARSE_MIN_SHAPE[backend]:
-        return f"{backend} has no {dtype} kernel"
+    if dtype not in table:
+        return f"{name} has no {dtype} kernel"
     rows, cols = weight_2d_shape
-    min_r, min_c = SPARSE_MIN_SHAPE[backend][dtype]
+    min_r, min_c = table[dtype]
     if rows % min_r or cols % min_c:
-        return f"weight {rows}x{cols} is not a multiple of {min_r}x{min_c} ({backend}, {dtype})"
+        return f"weight {rows}x{cols} is not a multiple of {min_r}x{min_c} ({name}, {dtype})"
     return ""
+
+
+def sparse_module(module: nn.Module, backend: str | SparseKernel | None) -> GemmConv2d | GemmLinear:
+    """A copy of a 2:4-pruned conv or linear layer as one GEMM on the sparse kernel (`backend`: a name, or a
+    SparseKernel); the layer itself is untouched. A conv becomes a `GemmConv2d` (1x1 without padding: the pixels
+    are the operand; others: unfold), a linear a `GemmLinear`; both hand the kernel contiguous operands only.
+
+    Example:
+        >>> from hybridprune.pruning.nm import nm_mask
+        >>> conv = nn.Conv2d(64, 128, 1).cuda().half()  # doctest: +SKIP
+        >>> conv.weight.data.mul_(nm_mask(conv.weight))  # doctest: +SKIP
+        >>> sparse = sparse_module(conv, sparse_backend(torch.device("cuda")))  # doctest: +SKIP
+    """
+    kernel = as_kernel(backend)
+    if kernel is None:
+        raise HybridPruneError("no sparse kernel on this device: sparse_module needs a GPU with sparse tensor cores")
+    layer = GemmConv2d.from_conv(module) if isinstance(module, nn.Conv2d) else GemmLinear.from_linear(module)
+    layer.weight = nn.Parameter(kernel.compress(layer.weight.data), requires_grad=False)
+    layer.gemm = kernel.gemm
+    return layer
 
 
 # --- conversion -----------------------------------------------------------------------------------
@@ -215,7 +206,7 @@ def kernel_ineligibility(
 
 @dataclass
 class LayerKernel:
-    """Which kernel one layer runs, why, and (when measured) both candidates' times."""
+    """Which kernel one layer runs, why, and (when measured) both candidates' times and the cuSPARSELt algorithm."""
 
     name: str
     kind: str
@@ -225,6 +216,7 @@ class LayerKernel:
     dense_ms: float | None = None
     sparse_ms: float | None = None
     input_shape: tuple[int, ...] | None = None
+    alg_id: int | None = None
 
 
 @dataclass
@@ -251,15 +243,19 @@ def to_inference_model(
     pattern: NMPattern = NMPattern(),
     example_inputs: torch.Tensor | None = None,
     example: torch.Tensor | None = None,
+    kernel: SparseKernel | None = None,
 ) -> InferenceModel:
-    """Fold BatchNorm and run every eligible N:M layer on the semi-structured sparse kernel.
+    """Fold BatchNorm and run the N:M layers that pay on the 2:4 sparse kernel; every layer says why (`layers`).
 
-    `choose`: 'sparse' uses the sparse kernel wherever eligible; 'fastest' times dense and sparse on
-    the layer's real input shape (from `example_inputs`, a batch of the size to time) and keeps the faster;
-    'dense' converts nothing; 'gemm' lowers every N:M conv to unfold + a dense GEMM (checks the lowering on any
-    device). Without sparse tensor cores (CPU, pre-Ampere GPU) the result is the dense folded model, said once
-    in `notice`. Any nn.Module: a plain one is traced on `example_inputs` (`example` is that argument's
-    older name).
+    `choose`: 'sparse' puts linears and unpadded 1x1 convs (direct GEMMs) on the sparse kernel and keeps kxk
+    convs dense (their unfold copies kh*kw times the input, more than 2:4 saves); 'fastest' times dense and
+    sparse on the layer's real input shape (from `example_inputs`, a batch of the size to time) and keeps the
+    faster; 'sparse-all' puts every eligible layer on the sparse kernel (correctness checks); 'dense' converts
+    nothing; 'gemm' lowers every N:M conv to a dense GEMM (checks the lowering on any device). With cuSPARSELt
+    and `example_inputs`, each sparse layer's algorithm is chosen by timing, its output checked against dense.
+    Without sparse tensor cores (CPU, pre-Ampere GPU) the result is the dense folded model, said in `notice`.
+    `kernel` replaces the device's sparse kernel (a test's replay). Any nn.Module: a plain one is traced on
+    `example_inputs` (`example` is that argument's older name).
 
     Example:
         >>> from hybridprune.models.sources import build_model
@@ -279,92 +275,104 @@ def to_inference_model(
     check_dtype(dtype, device)
     example = example_inputs if example_inputs is not None else example
     example = None if example is None else as_example(example)
-    why_dense = {e.name: e.reason for e in nm_eligibility(model, pattern, example)}
-    model = fold_batchnorm_(copy.deepcopy(model).eval(), example).to(device=device, dtype=dtype)
-    backend = sparse_backend(device)
+    param = next(model.parameters(), None)  # tracing runs the model as it is: the example in its dtype
+    traced = None if example is None or param is None else example.to(dtype=param.dtype)
+    why_dense = {e.name: e.reason for e in nm_eligibility(model, pattern, traced)}
+    model = fold_batchnorm_(copy.deepcopy(model).eval(), traced).to(device=device, dtype=dtype)
+    kernel = kernel or as_kernel(sparse_backend(device))
     shapes = _layer_input_shapes(model, example.to(device, dtype)) if example is not None else {}
-    result = InferenceModel(model, backend=backend)
-    if backend is None:
-        result.notice = (
-            f"{device.type}: no sparse tensor cores (needs CUDA compute capability >= 8.0), so every "
-            "layer runs dense; N:M layers give no speedup here"
-        )
+    result = InferenceModel(model, backend=None if kernel is None else kernel.name)
+    if kernel is None:
+        result.notice = f"{no_sparse_reason(device)}, so every layer runs dense; N:M layers give no speedup here"
     for name, module in list(model.named_modules()):
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            result.layers.append(
-                _convert_layer(model, name, module, masks, backend, dtype, pattern, choose, shapes.get(name), why_dense)
-            )
+            info = LayerKernel(name, "conv" if isinstance(module, nn.Conv2d) else "linear", (0, 0), "dense",
+                               input_shape=shapes.get(name))  # fmt: skip
+            _convert_layer(model, module, info, masks, kernel, dtype, pattern, choose, why_dense)
+            result.layers.append(info)
     return result
 
 
 def _convert_layer(
     model: nn.Module,
-    name: str,
     module: nn.Module,
+    info: LayerKernel,
     masks: dict[str, torch.Tensor],
-    backend: str | None,
+    kernel: SparseKernel | None,
     dtype: torch.dtype,
     pattern: NMPattern,
     choose: str,
-    input_shape: tuple[int, ...] | None,
     why_dense: dict[str, str],
-) -> LayerKernel:
+) -> None:
+    """Decide `info.name`'s kernel, fill `info` (kernel, reason, times) and swap the layer in `model`."""
     is_conv = isinstance(module, nn.Conv2d)
-    w2d = conv_weight_as_gemm(module.weight) if is_conv else module.weight
-    info = LayerKernel(name, "conv" if is_conv else "linear", tuple(w2d.shape), "dense", input_shape=input_shape)
-    if name not in masks:
-        info.reason = why_dense.get(name) or "no N:M mask in this model"
-        return info
+    info.gemm_shape = tuple(conv_weight_as_gemm(module.weight).shape if is_conv else module.weight.shape)
+    if info.name not in masks:
+        info.reason = why_dense.get(info.name) or "no N:M mask in this model"
+        return
     if not satisfies_nm(module.weight, pattern):
-        raise HybridPruneError(f"layer {name} has a mask but its weights break {pattern}: not an N:M checkpoint")
-    if is_conv and gemm_ineligibility(module):
-        info.reason = gemm_ineligibility(module)
-        return info
+        raise HybridPruneError(f"layer {info.name} has a mask but its weights break {pattern}: not an N:M checkpoint")
+    info.reason = gemm_ineligibility(module) if is_conv else ""
+    if info.reason:
+        return
     if choose == "gemm":
         if is_conv:
-            set_module(model, name, GemmConv2d.from_conv(module))
+            set_module(model, info.name, GemmConv2d.from_conv(module))
             info.kernel = "gemm"
-        return info
-    info.reason = kernel_ineligibility(tuple(w2d.shape), backend, dtype, pattern)
-    if info.reason or choose == "dense":
-        info.reason = info.reason or "dense chosen"
-        return info
-    sparse = sparse_module(module, backend)
-    if choose == "fastest" and input_shape is not None:
-        info.dense_ms, info.sparse_ms = _time_layer(module, input_shape), _time_layer(sparse, input_shape)
+        return
+    info.reason = kernel_ineligibility(info.gemm_shape, kernel, dtype, pattern) or _policy_reason(module, choose)
+    if info.reason:
+        return
+    sparse = _sparse_if_faster(module, info, kernel, choose)
+    if sparse is not None:
+        set_module(model, info.name, sparse)
+        info.kernel = "sparse"
+
+
+def _policy_reason(module: nn.Module, choose: str) -> str:
+    """Why `choose` keeps an eligible layer dense without measuring it ('' when it may go sparse)."""
+    if choose == "dense":
+        return "dense chosen"
+    if choose == "sparse" and isinstance(module, nn.Conv2d) and not _direct_gemm(module):
+        kh, kw = module.kernel_size
+        return f"{kh}x{kw} conv: unfold copies its input {kh * kw} times, more than 2:4 saves (fastest measures it)"
+    return ""
+
+
+def _direct_gemm(conv: nn.Conv2d) -> bool:
+    """An unpadded 1x1 conv: its input pixels are its GEMM operand, no unfold."""
+    return tuple(conv.kernel_size) == (1, 1) and not any(conv_padding(conv))
+
+
+def _sparse_if_faster(
+    module: nn.Module, info: LayerKernel, kernel: SparseKernel, choose: str
+) -> GemmConv2d | GemmLinear | None:
+    """The sparse layer, its algorithm chosen where it can be and measured against dense under 'fastest'; None
+    (with `info.reason`) where it should stay dense."""
+    sparse = sparse_module(module, kernel)
+    shape, device = info.input_shape, next(module.parameters()).device
+    why = "direct GEMM" if choose == "sparse" else "every eligible layer sparse" if choose == "sparse-all" else ""
+    if shape is None or (choose != "fastest" and not (kernel.tunable and device.type == "cuda")):
+        info.reason = why or "fastest: no input shape to time, sparse by default"
+        return sparse
+    x = layer_input(module, shape)
+    if kernel.tunable and device.type == "cuda":
+        info.sparse_ms, note = tune_cusparselt_alg(sparse, module, x)
+        info.alg_id = sparse.weight.alg_id_cusparselt
+        if info.sparse_ms is None:
+            info.reason = note
+            return None
+    else:
+        info.sparse_ms, note = kernel_ms(sparse, x)
+    why = "; ".join(filter(None, [why, note]))
+    if choose == "fastest":
+        info.dense_ms, dense_note = kernel_ms(module, x)
         if info.sparse_ms >= info.dense_ms:
             info.reason = f"dense measured faster ({info.dense_ms:.3f} vs {info.sparse_ms:.3f} ms)"
-            return info
-    set_module(model, name, sparse)
-    info.kernel = "sparse"
-    return info
-
-
-def _to_sparse(weight: torch.Tensor, backend: str | None) -> torch.Tensor:
-    """Compress a 2:4 weight for the chosen backend (explicit class: no global backend switch)."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
-    cls = SparseSemiStructuredTensorCUSPARSELT if backend == "cusparselt" else SparseSemiStructuredTensorCUTLASS
-    return cls.from_dense(weight.contiguous())
-
-
-def sparse_module(module: nn.Module, backend: str | None) -> nn.Module:
-    """A copy of a 2:4-pruned conv or linear layer whose weight is a semi-structured sparse tensor of `backend`
-    (a conv becomes a `GemmConv2d`); the layer itself is untouched. Needs a GPU with sparse tensor cores.
-
-    Example:
-        >>> from hybridprune.pruning.nm import nm_mask
-        >>> conv = nn.Conv2d(64, 128, 3, padding=1).cuda().half()  # doctest: +SKIP
-        >>> conv.weight.data.mul_(nm_mask(conv.weight))  # doctest: +SKIP
-        >>> sparse = sparse_module(conv, sparse_backend(torch.device("cuda")))  # doctest: +SKIP
-    """
-    if isinstance(module, nn.Conv2d):
-        gemm = GemmConv2d.from_conv(module)
-        gemm.weight = nn.Parameter(_to_sparse(gemm.weight.data, backend), requires_grad=False)
-        return gemm
-    linear = copy.deepcopy(module)
-    linear.weight = nn.Parameter(_to_sparse(linear.weight.data, backend), requires_grad=False)
-    return linear
+            return None
+        why = f"sparse measured faster ({info.sparse_ms:.3f} vs {info.dense_ms:.3f} ms); {why}"
+    info.reason = why
+    return sparse
 
 
 @torch.no_grad()
@@ -381,13 +389,6 @@ def _layer_input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tu
         for h in hooks:
             h.remove()
     return shapes
-
-
-@torch.no_grad()
-def _time_layer(module: nn.Module, input_shape: tuple[int, ...], repeats: int = 20) -> float:
-    param = next(module.parameters())
-    x = torch.randn(input_shape, device=param.device, dtype=param.dtype)
-    return median_ms(lambda: module(x), repeats=repeats, device=param.device)
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device) -> None:

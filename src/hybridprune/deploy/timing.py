@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -37,3 +38,19 @@ def time_calls(fn: Callable[[], object], repeats: int, device: torch.device, war
 def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 3) -> float:
     """Median wall time of fn in milliseconds."""
     return float(torch.tensor(time_calls(fn, repeats, device, warmup)).median())
+
+
+def busy_note(threads: int | None = None) -> str | None:
+    """A line saying that other work shares the CPU being timed (a load average above its idle cores), or None.
+
+    Example:
+        >>> busy_note() is None or "load average" in busy_note()
+        True
+    """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    if load <= cores + 0.5:  # the timing process itself keeps its threads' cores busy
+        return None
+    timed = f"{threads} of {cores}" if threads else f"{cores}"
+    return (f"load average {load:.1f} with {timed} cores timed: other work shares this machine, so the latencies "
+            "may be off")  # fmt: skip

@@ -38,9 +38,27 @@ def prepare_data_config(d: DataConfig, seed: int) -> Dataset:
 
 
 def data_meta(data: Dataset) -> dict[str, Any]:
-    """What a checkpoint records of its data: the class names, in label order, when the data has them."""
+    """What a checkpoint records of its data: the dataset's name or spec (`cifar10`, `npz:PATH`; never a file's
+    contents), and the class names, in label order, when the data has them."""
     classes = getattr(data.train, "classes", None)
-    return {"classes": list(classes)} if classes else {}
+    return {"dataset": data.name, **({"classes": list(classes)} if classes else {})}
+
+
+def recorded_dataset(meta: dict[str, Any], path: str | Path) -> str | None:
+    """The dataset a checkpoint's header records, checked as a `--dataset` value is; None where it records none
+    (checkpoints written before it was recorded).
+
+    Example:
+        >>> recorded_dataset({"dataset": "cifar10"}, "m.safetensors"), recorded_dataset({}, "m.safetensors")
+        ('cifar10', None)
+    """
+    name = meta.get("dataset")
+    if name is None:
+        return None
+    try:
+        return DataConfig(dataset=name).dataset
+    except HybridPruneError as e:
+        raise HybridPruneError(f"{path}: header field 'dataset' is not a dataset ({e}); pass --dataset") from None
 
 
 def check_classes(meta: dict[str, Any], data: Dataset, path: str | Path) -> None:
@@ -51,14 +69,16 @@ def check_classes(meta: dict[str, Any], data: Dataset, path: str | Path) -> None
         raise HybridPruneError(f"{path} was trained on other classes than {data.name} has (e.g. {', '.join(diff)})")
 
 
-def check_fits(model: nn.Module, data: Dataset) -> None:
-    """A checkpoint's model must take the dataset's images and predict at least its classes."""
+def check_fits(model: nn.Module, data: Dataset, trained_on: str | None = None) -> None:
+    """A checkpoint's model must take the dataset's images and predict at least its classes; the refusal says
+    which `--dataset` to pass (`trained_on`: the dataset the checkpoint records, where it records one)."""
     c, h, w = model.input_shape
     want = (data.train.channels, data.train.image_size)
     if (c, h) != want or model.num_classes < data.train.num_classes:
+        hint = f"pass --dataset {trained_on}" if isinstance(trained_on, str) else "pass the --dataset it was trained on"
         raise HybridPruneError(
             f"model takes {c}x{h}x{w} images and {model.num_classes} classes; "
-            f"{data.name} has {want[0]}x{want[1]}x{want[1]} and {data.train.num_classes}"
+            f"{data.name} has {want[0]}x{want[1]}x{want[1]} and {data.train.num_classes}: {hint}"
         )
 
 
@@ -92,6 +112,6 @@ def load_dense_checkpoint(path: str | Path, data: Dataset, user_model: str | Non
     model, masks, meta = load_checkpoint(path, user_model)
     if masks:
         raise HybridPruneError(f"{path} is already N:M-pruned; pruning starts from a dense checkpoint")
-    check_fits(model, data)
+    check_fits(model, data, meta.get("dataset"))
     check_classes(meta, data, path)
     return model

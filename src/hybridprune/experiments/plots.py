@@ -67,7 +67,7 @@ def _accuracy_plot(setup: tuple, rows: list[Row], out: Path, plt: Any) -> Path:
         ax.grid(alpha=0.3)
     if not single:
         axes[0].legend()
-    return _save_figure(fig, plt, out / f"accuracy-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png")
+    return save_figure(fig, plt, out / f"accuracy-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png")
 
 
 def _frontier_plot(setup: tuple, rows: list[Row], nm_rows: list[Row], out: Path, plt: Any) -> Path:
@@ -95,7 +95,7 @@ def _frontier_plot(setup: tuple, rows: list[Row], nm_rows: list[Row], out: Path,
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save_figure(fig, plt, out / f"frontier-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png")
+    return save_figure(fig, plt, out / f"frontier-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}.png")
 
 
 def _measured_plot(setup: tuple, runs: list[dict], out: Path, plt: Any) -> Path:
@@ -116,7 +116,7 @@ def _measured_plot(setup: tuple, runs: list[dict], out: Path, plt: Any) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     name = f"latency-{_slug(dataset_label(ds))}-{_slug(model)}-w{width:g}-{_slug(runtime)}-b{batch}.png"
-    return _save_figure(fig, plt, out / name)
+    return save_figure(fig, plt, out / name)
 
 
 def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
@@ -142,10 +142,11 @@ def _pareto_plot(bench_file: Path, out: Path, plt: Any) -> Path:
         title=f"accuracy vs throughput ({next(iter(best.values()))['device'] if best else 'no accuracies'})",
     )
     ax.grid(alpha=0.3)
-    return _save_figure(fig, plt, out / f"pareto-{bench_file.stem}.png")
+    return save_figure(fig, plt, out / f"pareto-{bench_file.stem}.png")
 
 
-def _save_figure(fig: Any, plt: Any, path: Path) -> Path:
+def save_figure(fig: Any, plt: Any, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` (folders made) with every label inside the image, then close it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")  # no label cut at the edge, whatever its length

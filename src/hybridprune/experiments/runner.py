@@ -59,7 +59,7 @@ def execute_nm_only(
     dense, dense_result = _job(cfg, data, device, _baseline_dir(artifacts, cfg)).dense()
     job = _job(cfg, data, device, Path(artifacts) / f"nm-only-{nm_only_key(cfg)}")
     job.out.mkdir(parents=True, exist_ok=True)
-    nm = job.nm_only(dense)
+    nm = job.nm_only(dense, asked=True)  # a grid's nm_only asks for it
     return {
         **_model_columns(nm_only_key(cfg), experiment, cfg),
         "seed": cfg.seed,
@@ -91,7 +91,8 @@ def execute_run(
 
 def run_row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: dict, wall: float) -> Row:
     """The store row of a finished pruning run (`result`: `Job.filter_then_nm`'s record) that took `wall` s."""
-    stages = {f"{s}_{suffix}": result[s][field] for s in STAGES for suffix, field in STAGE_ACCURACIES.items()}
+    final = result.get("hybrid", result["filter"])  # a run without a 2:4 step ends with its filter-pruned model
+    stages = {f"{s}_{suffix}": result.get(s, final)[v] for s in STAGES for suffix, v in STAGE_ACCURACIES.items()}
     return {
         **_model_columns(run_key(cfg), experiment, cfg),
         "metric": cfg.prune.metric,
@@ -100,7 +101,7 @@ def run_row(cfg: RunConfig, experiment: str, dataset: str, dense: dict, result: 
         "seed": cfg.seed,
         "dense_accuracy": dense["accuracy"],
         **stages,
-        **{c: result["hybrid"][c] for c in COUNT_COLUMNS},  # the final model's
+        **{c: final[c] for c in COUNT_COLUMNS},  # the final model's
         **_finished_columns(cfg, wall, {"dense": dense, **result, "dataset_name": dataset}),
     }
 

@@ -64,7 +64,8 @@ def _stage_row(label: str, stage: str, s: dict[str, Any]) -> list[str]:
 
 
 def run_table(result: dict[str, Any]) -> str:
-    """The comparison table of one `hybridprune run` result: every metric at every stage.
+    """The comparison table of one `hybridprune run` result: every metric at every stage it ran, each row named for
+    what its model is (`filter+2:4` only where 2:4 masks were applied; no `2:4 only` row where none was built).
 
     Example:
         >>> s = {"accuracy": 90.0, "params": 10, "nonzero_params": 5, "macs": 2000, "effective_macs": 1000}
@@ -82,38 +83,66 @@ def run_table(result: dict[str, Any]) -> str:
         "MACs",
         "eff. MACs",
     ]
+    nm = pattern_label(result)
     rows = [_stage_row("dense", "dense", result["dense"])]
-    if "nm" in result:
-        rows.append(_stage_row("(none)", "2:4 only", result["nm"]))
+    if result.get("nm"):
+        rows.append(_stage_row("(none)", f"{nm} only", result["nm"]))
     for r in result["results"]:
         rows.append(_stage_row(r["metric"], "filter", r["filter"]))
-        rows.append(_stage_row(r["metric"], "filter+N:M", r["hybrid"]))
+        if r.get("hybrid"):
+            rows.append(_stage_row(r["metric"], f"filter+{nm}", r["hybrid"]))
     return markdown_table(headers, rows)
 
 
+def pattern_label(result: dict[str, Any]) -> str:
+    """The N:M pattern a run applied, as its rows name it ('2:4' unless the config says another).
+
+    Example:
+        >>> pattern_label({"config": {"prune": {"nm": "1:4"}}}), pattern_label({})
+        ('1:4', '2:4')
+    """
+    return str(result.get("config", {}).get("prune", {}).get("nm", "2:4"))
+
+
+def masked_layers(result: dict[str, Any]) -> set[str]:
+    """The layers that took N:M masks in the first metric's final model, or else in the 2:4-only model.
+
+    Example:
+        >>> sorted(masked_layers({"results": [{"hybrid": {"nm_layers": ["net.a"]}}], "nm": {"nm_layers": ["net.b"]}}))
+        ['net.a']
+    """
+    first = (result.get("results") or [{}])[0]
+    stage = first.get("hybrid") or result.get("nm") or {}
+    return set(stage.get("nm_layers", []))
+
+
 def layer_table(result: dict[str, Any]) -> str:
-    """Per-layer view: the channel group each conv produces, the channels kept by the first metric's plan,
-    and whether each layer took N:M masks (and why not)."""
+    """Per-layer view, layers named as in the JSON and the model (`net.features.0.conv`): the channel group each
+    conv produces, the channels kept by the first metric's plan, and, where the run applied N:M masks, whether
+    each layer took them (and why not); a run that applied none has no such column.
+
+    Example:
+        >>> layer = {"name": "net.fc", "kind": "linear", "shape": [10, 16], "eligible": True, "reason": ""}
+        >>> print(layer_table({"layers": [layer], "results": []}).splitlines()[2])
+        | net.fc | linear | 10x16       | -             | -              |
+    """
     groups: dict[str, dict[str, Any]] = {}
     if result.get("results"):
         for g in result["results"][0]["plan"]["groups"]:
             groups.update({member: g for member in g["members"]})
+    masked, nm = masked_layers(result), pattern_label(result)
     rows = []
     for e in result["layers"]:
         g = groups.get(e["name"])
         kept = f"{g['original']} -> {len(g['keep'])} ({100 * g['real_ratio']:.0f}% pruned)" if g else "-"
         kept += f"; {g['note']}" if g and g.get("note") else ""  # grouped convs: how the count was cut, or why not
-        rows.append(
-            [
-                e["name"].removeprefix("net."),
-                e["kind"],
-                "x".join(map(str, e["shape"])),
-                g["name"].removeprefix("net.") if g else "-",
-                kept,
-                "N:M" if e["eligible"] else f"dense: {e['reason']}",
-            ]
-        )
-    return markdown_table(["layer", "kind", "dense shape", "channel group", "channels kept", "N:M"], rows)
+        row = [e["name"], e["kind"], "x".join(map(str, e["shape"])), g["name"] if g else "-", kept]
+        if masked:
+            why = e["reason"] if not e["eligible"] else "eligible, not chosen by --nm-where"
+            row.append(nm if e["name"] in masked else f"dense: {why}")
+        rows.append(row)
+    headers = ["layer", "kind", "dense shape", "channel group", "channels kept"]
+    return markdown_table(headers + ([nm] if masked else []), rows)
 
 
 def latency_tables(result: dict[str, Any]) -> str:
@@ -143,7 +172,7 @@ def latency_tables(result: dict[str, Any]) -> str:
         sparse = set(lat["sparse_layers"])
         members = {g["name"]: g["members"] for g in r.get("plan", {}).get("groups", [])}
         rows = [
-            [g["group"].removeprefix("net."), f"{g['size']} -> {g['kept']}", f"{g['predicted_saving_ms']:.3f}",
+            [g["group"], f"{g['size']} -> {g['kept']}", f"{g['predicted_saving_ms']:.3f}",
              "2:4" if sparse & set(members.get(g["group"], ())) else "dense"]
             for g in lat["groups"]
         ]  # fmt: skip
@@ -160,6 +189,7 @@ def bench_tables(result: dict[str, Any]) -> str:
             r["dtype"],
             str(r["batch_size"]),
             f"{r['latency_ms_median']:.3f}",
+            f"{100 * _spread(r):.0f}%",
             f"{r['latency_ms_p10']:.3f}",
             f"{r['latency_ms_p90']:.3f}",
             f"{r['throughput']:.0f}",
@@ -185,7 +215,9 @@ def bench_tables(result: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             markdown_table(
-                ["variant", "mode", "dtype", "batch", "median ms", "p10 ms", "p90 ms", "images/s", "accuracy"], runs
+                ["variant", "mode", "dtype", "batch", "median ms", "spread", "p10 ms", "p90 ms", "images/s",
+                 "accuracy"],
+                runs,
             ),
             markdown_table(
                 ["mode", "dtype", "batch", "filter/dense", "nm/dense", "hybrid/dense", "hybrid/filter", "hybrid/nm"],
@@ -194,6 +226,13 @@ def bench_tables(result: dict[str, Any]) -> str:
             markdown_table(["variant", "dtype", "weight bytes dense", "N:M compressed", "as run"], sizes),
         ]
     )
+
+
+def _spread(run: dict[str, Any]) -> float:
+    """The p10-p90 width of a timing as a share of its median (computed for benches written before it was kept)."""
+    if "spread" in run:
+        return run["spread"]
+    return (run["latency_ms_p90"] - run["latency_ms_p10"]) / run["latency_ms_median"]
 
 
 def kernel_table(result: dict[str, Any], batch_size: int | None = None) -> str:

@@ -17,6 +17,10 @@ so the budget couples neighbouring groups and the problem is not a plain knapsac
 Among answers of equal value both keep the one closest to the budget (more channels for the same importance:
 sensitivity curves are flat where pruning costs no measured accuracy).
 
+With an in-context model (`Budget.context`, `pruning.latency_context`: whole-graph measurements, what the tables
+of version 3 hold) a model's latency is its prediction, plus, for the layers that run 2:4, their 2:4 entry minus
+their dense entry; without one, the rest of the network plus every layer's entry (the per-layer path).
+
 2:4 is decided per layer from the table (`nm_rule`): `auto` runs a layer 2:4 where its 2:4 entry beats dense by
 NM_PAYS_MARGIN at the chosen counts; `all` puts masks on every eligible layer (their 2:4 entries, where the
 device has a kernel, else dense time); `none` leaves every layer dense.
@@ -34,6 +38,7 @@ from hybridprune.config import NM_PAYS_MARGIN
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.graph import ChannelGroup
 from hybridprune.pruning.latency import LatencyTable, LayerCoupling, Setup
+from hybridprune.pruning.latency_context import ContextModel
 
 EXACT_LIMIT = 20_000
 
@@ -50,6 +55,7 @@ class Budget:
     budget_ms: float
     nm_rule: str = "all"  # all | auto | none
     nm_layers: frozenset[str] = frozenset()  # layers that can take 2:4 masks
+    context: ContextModel | None = None  # whole-graph measurements in context: the prediction, when present
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,33 @@ def layer_time(coupling: LayerCoupling, counts: dict[str, int], budget: Budget) 
     return (sparse if pays else dense), pays
 
 
+def sparse_time(coupling: LayerCoupling, counts: dict[str, int], budget: Budget) -> tuple[float, bool]:
+    """With an in-context model: what running this layer 2:4 adds (its 2:4 entry minus its dense one, <= 0 where
+    it pays), and whether it runs 2:4 under the nm rule; layers without a dense entry (no 2:4 kernel) add 0."""
+    if budget.nm_rule == "none" or coupling.name not in budget.nm_layers:
+        return 0.0, False
+    s, shape = budget.setup, coupling.shape(counts)
+    dense = budget.table.lookup(shape, s.batch, s.dtype, s.runtime, "dense")
+    sparse = budget.table.lookup(shape, s.batch, s.dtype, s.runtime, "2:4")
+    if dense is None or sparse is None:
+        return 0.0, budget.nm_rule == "all"
+    if budget.nm_rule == "all":
+        return sparse - dense, True
+    pays = sparse <= dense * (1 - NM_PAYS_MARGIN)
+    return (sparse - dense if pays else 0.0), pays
+
+
 def predict(couplings: list[LayerCoupling], counts: dict[str, int], budget: Budget) -> tuple[float, frozenset[str]]:
-    """Predicted model latency at `counts` (rest of the network plus every layer), and the layers run 2:4."""
+    """Predicted model latency at `counts` (in context, or the rest of the network plus every layer), and the
+    layers run 2:4."""
+    if budget.context is not None:
+        total, sparse = budget.context.predict(counts), set()
+        for c in couplings:
+            t, on = sparse_time(c, counts, budget)
+            total += t
+            if on:
+                sparse.add(c.name)
+        return max(total, 0.0), frozenset(sparse)
     total, sparse = budget.rest_ms, set()
     for c in couplings:
         t, on = layer_time(c, counts, budget)
@@ -180,9 +211,14 @@ def solve_uniform(couplings: list[LayerCoupling], candidates: dict[str, list[int
 def _unreachable(budget: Budget, fastest: float) -> HybridPruneError:
     return HybridPruneError(
         f"the latency target ({budget.budget_ms:.3f} ms predicted) cannot be reached: the fastest model the candidate "
-        f"counts allow predicts {fastest:.3f} ms (of which {budget.rest_ms:.3f} ms is the rest of the network); "
-        "raise --target-latency or lower --latency-step"
+        f"counts allow predicts {fastest:.3f} ms ({_floor_note(budget)}); raise --target-latency"
     )
+
+
+def _floor_note(budget: Budget) -> str:
+    if budget.context is not None:
+        return f"the smallest model measured {budget.context.record.floor.median_ms:.3f} ms in context"
+    return f"of which {budget.rest_ms:.3f} ms is the rest of the network; or lower --latency-step"
 
 
 def _enumerate(couplings: list[LayerCoupling], values: Values, budget: Budget, groups: list[str]) -> Allocation:
@@ -207,7 +243,10 @@ def _greedy(couplings: list[LayerCoupling], values: Values, budget: Budget, grou
 
     def delta(g: str, k: int) -> tuple[float, float]:  # (value change, time change) of moving g to k
         moved = {**counts, g: k}
-        dt = sum(layer_time(c, moved, budget)[0] - layer_time(c, counts, budget)[0] for c in touching[g])
+        if budget.context is not None:  # whole-model prediction: cheap, and its interactions are not per layer
+            dt = predict(couplings, moved, budget)[0] - predict(couplings, counts, budget)[0]
+        else:
+            dt = sum(layer_time(c, moved, budget)[0] - layer_time(c, counts, budget)[0] for c in touching[g])
         return values[g][k] - values[g][counts[g]], dt
 
     while time > budget.budget_ms:  # down: least value lost per ms saved

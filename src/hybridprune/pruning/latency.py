@@ -29,7 +29,9 @@ from hybridprune.parse import read_json
 from hybridprune.pruning.graph import ChannelGroup
 
 TABLE_FORMAT = "hybridprune-latency-table"
-TABLE_VERSION = 2  # 2: ONNX Runtime entries timed with outputs bound once (1: a fresh output array per call)
+# 3: whole-model measurements in context (`models`) and the device's step structure (`steps`); layer entries only
+# where 2:4 is measured (2: ONNX Runtime entries timed with outputs bound once; 1: a fresh output array per call)
+TABLE_VERSION = 3
 KERNELS = ("dense", "2:4")
 
 
@@ -201,6 +203,10 @@ class LatencyTable:
     entries: dict[str, Entry] = field(default_factory=dict)
     rest: dict[str, Entry] = field(default_factory=dict)  # model label and setup -> the rest of the network
     threads: int | None = None
+    # model label and setup -> its in-context record (JSON-ready; read with `latency_context.context_record`)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # runtime, batch, dtype and swept layer -> {"block", "counts", "ms"}: where latency moves with channel counts
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add(self, key: str, entry: Entry) -> None:
         self.entries[key] = entry
@@ -238,6 +244,8 @@ class LatencyTable:
             "versions": self.versions,
             "entries": {k: asdict(e) for k, e in sorted(self.entries.items())},
             "rest": {k: asdict(e) for k, e in sorted(self.rest.items())},
+            "models": dict(sorted(self.models.items())),
+            "steps": dict(sorted(self.steps.items())),
         }
 
     def save(self, path: str | Path, record: bool = False) -> Path:
@@ -314,7 +322,7 @@ def table_from_dict(raw: Any, where: str, device: str | None = None) -> LatencyT
             f"{where}: latency table version {raw.get('version')!r}; this version reads {TABLE_VERSION} (timings "
             "of another version do not mix with this one's): profile again"
         )
-    missing = [k for k in ("device", "date", "versions", "entries", "rest") if k not in raw]
+    missing = [k for k in ("device", "date", "versions", "entries", "rest", "models", "steps") if k not in raw]
     if missing:
         raise HybridPruneError(f"{where}: latency table lacks {', '.join(missing)}")
     if not isinstance(raw["device"], str) or not raw["device"]:
@@ -330,9 +338,13 @@ def table_from_dict(raw: Any, where: str, device: str | None = None) -> LatencyT
         k: _entry(v, f"{where}: rest {k!r}", allow_negative=True)
         for k, v in _mapping(raw["rest"], where, "rest").items()
     }
+    models, steps = _mapping(raw["models"], where, "models"), _mapping(raw["steps"], where, "steps")
+    for name, value in (*models.items(), *steps.items()):
+        _mapping(value, where, f"record {name!r}")
     threads = raw.get("threads")
     return LatencyTable(raw["device"], dict(raw["versions"]) if isinstance(raw["versions"], dict) else {},
-                        str(raw["date"]), entries, rest, threads if isinstance(threads, int) else None)  # fmt: skip
+                        str(raw["date"]), entries, rest, threads if isinstance(threads, int) else None,
+                        dict(models), dict(steps))  # fmt: skip
 
 
 # One call of one layer, or of a whole model at the largest batch, takes milliseconds to seconds on any device
@@ -344,6 +356,11 @@ def _mapping(value: Any, where: str, name: str) -> dict:
     if not isinstance(value, dict):
         raise HybridPruneError(f"{where}: {name} must be a mapping of keys to timings")
     return value
+
+
+def read_entry(value: Any, where: str) -> Entry:
+    """One timing read back from a table, checked (non-negative, finite, bounded); one line otherwise."""
+    return _entry(value, where)
 
 
 def _entry(value: Any, where: str, allow_negative: bool = False) -> Entry:

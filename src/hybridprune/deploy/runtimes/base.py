@@ -1,15 +1,10 @@
-"""How a module is run for timing on each runtime, and how several are timed fairly against each other.
+"""The protocol every runtime follows, and what all of them share: sessions, ONNX in memory, the CPU's
+instruction sets, fair interleaved timing.
 
-- `torch`: PyTorch eager, `inference_mode`; on a GPU the call is captured once as a CUDA graph and replayed,
-  which removes per-kernel launch overhead (what a deployer would do for small layers).
-- `onnxruntime`: the module exported to ONNX in memory and run by an ONNX Runtime CPU session with pinned
-  intra-op threads and no spinning between runs.
-- `tensorrt`: needs the `tensorrt` package and a CUDA GPU; an engine is built from the same ONNX graph with
-  fp16 and, for 2:4 layers, sparse weights enabled. It has not run on a machine with TensorRT yet.
-
-`auto` is what a deployer would pick on the device: TensorRT on a GPU where it is installed, else PyTorch with
-CUDA graphs; ONNX Runtime on a CPU where it is installed, else PyTorch. Calls are timed round-robin (one call
-of each in turn, many rounds), so a machine that slows down for a while slows every candidate alike.
+A `Runtime` says whether it is installed here, which devices and precisions it takes (and, on a CPU, whether
+the CPU has the instructions a precision needs), builds a `Session` from a module or an ONNX file at a precision,
+and reports its versions. A `Session` runs float32 images to float32 logits (`run`) and gives a no-argument
+callable with its input bound once (`bound`), which is what timing calls.
 """
 
 from __future__ import annotations
@@ -20,36 +15,125 @@ import platform
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from hybridprune.config import LATENCY_RUNTIMES
+from hybridprune.config import DEPLOY_PRECISIONS
 from hybridprune.deploy.timing import time_calls
 from hybridprune.errors import HybridPruneError, first_line
 
 Call = Callable[[], object]
+OnnxModel = bytes | str | Path  # an ONNX graph in memory, or a file
+ISA_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # a CPU with either computes bf16 natively
 
 
-def resolve_runtime(name: str, device: torch.device) -> str:
-    """The runtime `name` means on `device` (`auto` resolved), or one line saying why it cannot run here.
+class Session:
+    """A model ready to run in one runtime at one precision: float32 images in, float32 logits out."""
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images (float32, on the CPU)."""
+        raise NotImplementedError
+
+    def bound(self, x: torch.Tensor) -> Call:
+        """A no-argument callable running `x` with its buffers bound once, as a latency-critical deployment
+        would (what timing calls)."""
+        raise NotImplementedError
+
+
+class Runtime:
+    """One runtime: what it needs, what it runs, how it loads a model. Subclasses set the class attributes and
+    `load` (and `session_of` where the runtime runs modules rather than ONNX graphs)."""
+
+    name: ClassVar[str]
+    library: ClassVar[str]  # the module that must be importable
+    install: ClassVar[str]  # how to get it
+    precisions: ClassVar[dict[str, tuple[str, ...]]]  # device type -> precisions it runs there
+    reads_onnx: ClassVar[bool] = True
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.library) is not None
+
+    def unsupported(self, precision: str, device: torch.device | str = "cpu") -> str | None:
+        """Why `precision` cannot run on `device` here (what is missing), or None when it can."""
+        kind = torch.device(device).type
+        if precision not in DEPLOY_PRECISIONS:
+            return f"unknown precision {precision!r}; valid: {', '.join(DEPLOY_PRECISIONS)}"
+        if kind not in self.precisions:
+            return f"{self.name} runs on {' or '.join(self.precisions)}, not on {kind}"
+        if precision not in self.precisions[kind]:
+            return f"{self.name} runs {', '.join(self.precisions[kind])} on {kind}, not {precision}"
+        if not self.installed():
+            return f"{self.name} is not installed ({self.install})"
+        if kind == "cuda" and not torch.cuda.is_available():
+            return f"{self.name} on cuda needs a CUDA GPU, and torch sees none"
+        return self.cpu_lacks(precision) if kind == "cpu" else None
+
+    def cpu_lacks(self, precision: str) -> str | None:
+        """What this CPU lacks for `precision` (None: nothing)."""
+        if precision == "bf16" and not (cpu_flags() & set(BF16_FLAGS)):
+            return f"{self.name} bf16 needs a CPU with native bf16 ({' or '.join(BF16_FLAGS)}); this one has neither"
+        return None
+
+    def check(self, precision: str, device: torch.device | str = "cpu") -> None:
+        """Raise one line naming what is missing when `precision` cannot run on `device` here."""
+        reason = self.unsupported(precision, device)
+        if reason:
+            raise HybridPruneError(reason)
+
+    def available(self, device: torch.device | str = "cpu") -> list[str]:
+        """The precisions this runtime can run on `device` here."""
+        return [p for p in self.precisions.get(torch.device(device).type, ()) if self.unsupported(p, device) is None]
+
+    def load(self, model: OnnxModel, precision: str, threads: int | None = None, device: str = "cpu") -> Session:
+        """A session of an ONNX graph (bytes or a checked file) at `precision`; int8 reads a QDQ graph."""
+        raise HybridPruneError(f"{self.name} runs PyTorch modules, not ONNX files")
+
+    def session_of(
+        self, module: nn.Module, x: torch.Tensor, precision: str, threads: int | None = None
+    ) -> Session:
+        """A session of `module` at `precision` for inputs shaped like `x` (exported to ONNX in memory where the
+        runtime reads ONNX). int8 needs calibration, so it comes from a QDQ file (`deploy.quantize`)."""
+        if precision == "int8":
+            raise HybridPruneError(f"{self.name} int8 runs a QDQ file: make one with `hybridprune quantize` first")
+        return self.load(onnx_bytes(module, x), precision, threads, x.device.type)
+
+    def versions(self) -> dict[str, str | None]:
+        """The library's version, for the record (None when it is not installed)."""
+        if not self.installed():
+            return {self.library: None}
+        module = importlib.import_module(self.library)
+        return {self.library: str(getattr(module, "__version__", "unknown"))}
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere).
 
     Example:
-        >>> resolve_runtime("torch", torch.device("cpu"))
-        'torch'
+        >>> isinstance(cpu_flags(), set)
+        True
     """
-    if name not in LATENCY_RUNTIMES:
-        raise HybridPruneError(f"unknown latency runtime {name!r}; valid: {', '.join(LATENCY_RUNTIMES)}")
-    installed = {r: importlib.util.find_spec(r) is not None for r in ("onnxruntime", "tensorrt")}
-    if name == "auto":
-        if device.type == "cuda":
-            return "tensorrt" if installed["tensorrt"] else "torch"
-        return "onnxruntime" if installed["onnxruntime"] else "torch"
-    if name == "onnxruntime" and (device.type != "cpu" or not installed["onnxruntime"]):
-        raise HybridPruneError('--latency-runtime onnxruntime runs on the CPU with pip install -e ".[export]"')
-    if name == "tensorrt" and (device.type != "cuda" or not installed["tensorrt"]):
-        raise HybridPruneError("--latency-runtime tensorrt needs a CUDA GPU and the tensorrt package installed")
-    return name
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_isa() -> dict[str, bool]:
+    """The instruction sets that decide int8 and bf16 speed, present or not: AVX-512, VNNI, AMX, AVX512-BF16.
+
+    Example:
+        >>> sorted(cpu_isa())[:2]
+        ['amx_bf16', 'amx_int8']
+    """
+    flags = cpu_flags()
+    return {name: name in flags for name in ISA_FLAGS}
 
 
 def device_name(device: torch.device) -> str:
@@ -65,44 +149,6 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def module_call(module: nn.Module, x: torch.Tensor, runtime: str, threads: int | None = None) -> Call:
-    """A no-argument callable running `module` on `x` in `runtime` (the module on x's device and dtype)."""
-    if runtime == "onnxruntime":
-        return _ort_call(module, x, threads)
-    if runtime == "tensorrt":
-        return _tensorrt_call(module, x)
-    if x.device.type == "cuda":
-        try:
-            return cuda_graph_call(module, x)
-        except Exception:  # noqa: BLE001 - a kernel that cannot be captured runs eagerly (with launch overhead)
-            torch.cuda.synchronize(x.device)
-            return eager_call(module, x)
-    return eager_call(module, x)
-
-
-def eager_call(module: nn.Module, x: torch.Tensor) -> Call:
-    def call() -> object:
-        with torch.inference_mode():
-            return module(x)
-
-    return call
-
-
-def cuda_graph_call(module: nn.Module, x: torch.Tensor) -> Call:
-    """Capture one forward pass as a CUDA graph; replaying it removes per-kernel launch overhead."""
-    static_x = x.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):
-            module(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        module(static_x)
-    return graph.replay
-
-
 def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
     """The module exported to ONNX (TorchScript exporter), in memory."""
     buffer = io.BytesIO()
@@ -114,57 +160,6 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
         except Exception as e:  # noqa: BLE001 - an operator ONNX lacks
             raise HybridPruneError(f"ONNX export of {type(module).__name__} failed ({first_line(e)})") from None
     return buffer.getvalue()
-
-
-def _ort_call(module: nn.Module, x: torch.Tensor, threads: int | None) -> Call:
-    import numpy as np
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal cores
-    session = ort.InferenceSession(onnx_bytes(module, x), options, providers=["CPUExecutionProvider"])
-    outputs: list = []  # the buffers stay alive as long as the call
-    feed = {session.get_inputs()[0].name: x.cpu().float().numpy()}
-    # outputs go into buffers allocated once, as a latency-critical deployment binds them: a fresh output array
-    # per call would add page faults in proportion to its size, which a whole graph (reusing its arena) never
-    # pays, and so skew a table of single layers against the model they add up to
-    binding = session.io_binding()
-    for name, array in feed.items():
-        binding.bind_cpu_input(name, array)
-    for meta, first in zip(session.get_outputs(), session.run(None, feed), strict=True):
-        buffer = np.empty_like(first)
-        binding.bind_output(meta.name, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data)
-        outputs.append(buffer)
-
-    def call() -> list:
-        session.run_with_iobinding(binding)
-        return outputs
-
-    return call
-
-
-def _tensorrt_call(module: nn.Module, x: torch.Tensor) -> Call:  # pragma: no cover - needs TensorRT and a GPU
-    import tensorrt as trt
-
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes(module, x)):
-        raise HybridPruneError(f"TensorRT cannot parse {type(module).__name__}: {parser.get_error(0)}")
-    config = builder.create_builder_config()
-    if x.dtype == torch.float16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(builder.build_serialized_network(network, config))
-    context = engine.create_execution_context()
-    out = torch.empty(tuple(context.get_tensor_shape("y")), device=x.device, dtype=x.dtype)
-    context.set_tensor_address("x", x.data_ptr())
-    context.set_tensor_address("y", out.data_ptr())
-    stream = torch.cuda.current_stream().cuda_stream
-    return lambda: context.execute_async_v3(stream)
 
 
 def interleaved_times(
