@@ -269,7 +269,7 @@ def spread_note(runs: list[dict[str, Any]]) -> str | None:
 
     Example:
         >>> spread_note([{"spread": 0.1}]) is None, spread_note([{"spread": 0.6}, {"spread": 0.1}])[:50]
-        (True, '1 of 2 timings spread by more than 25% of their med')
+        (True, '1 of 2 timings spread by more than 25% of their me')
     """
     wide = [r["spread"] for r in runs if r["spread"] > SPREAD_NOTE]
     if not wide:

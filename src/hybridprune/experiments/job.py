@@ -50,7 +50,9 @@ from hybridprune.training.loop import (
     evaluate,
     fit,
     recalibrate_bn_,
+    resolve_precision,
 )
+from hybridprune.training.precision import Precision
 from hybridprune.world import World, barrier, broadcast, check_batch
 
 LATENCY_TABLE = "latency-table.json"  # a run's latency table, kept in its output folder
@@ -98,6 +100,15 @@ class Job:
     dense_model: nn.Module | None = None  # the loaded `dense_checkpoint`
     teacher: nn.Module | None = None  # the dense model, when fine-tuning distils from it
     world: World = World()  # the ranks of a torchrun job: all compute, rank 0 writes
+    precision: Precision | None = None  # `--precision auto` as measured once, on the first model trained
+
+    def training_precision(self, cfg: TrainConfig, model: nn.Module) -> Precision | None:
+        """What `auto` resolves to for this job, measured once and said once (None: a named precision)."""
+        if cfg.precision != "auto":
+            return None
+        if self.precision is None:
+            self.precision = resolve_precision(cfg, model, self.data, self.device, self.world)
+        return self.precision
 
     def write_record(self, path: Path, obj: Any) -> None:
         """Write a JSON record into the output folder (rank 0 writes, every rank waits for it)."""
@@ -130,6 +141,8 @@ class Job:
             nm = self.nm_only(dense, asked=bool(include_nm_only))
             if nm is not None:
                 result["nm"] = nm
+        if self.precision is not None:
+            result["training_precision"] = {"name": self.precision.name, "reason": self.precision.reason}
         if hasattr(data.train, "skipped"):
             skipped = sum(s.skipped.count for s in (data.train, data.test) if hasattr(s, "skipped"))
             result["dataset"]["unreadable_files_skipped"] = skipped
@@ -181,8 +194,9 @@ class Job:
             return self._load_dense(record)
         model = new_model(self.cfg, self.data, self.log)
         if not self.cfg.model.weights:  # the user's trained model is pruned as it is
+            precision = self.training_precision(self.cfg.train, model)
             fit(model, self.data, self.cfg.train, self.device, seed=self.cfg.seed, desc="train dense",
-                progress=self.progress, world=self.world)  # fmt: skip
+                progress=self.progress, world=self.world, precision=precision)  # fmt: skip
         return self._record_dense(model, record)
 
     def nm_only(self, dense: nn.Module, asked: bool = True) -> dict[str, Any] | None:
@@ -313,7 +327,7 @@ class Job:
         self, model: nn.Module, cfg: TrainConfig, seed: int, desc: str, masks: dict[str, torch.Tensor] | None = None
     ) -> None:
         fit(model, self.data, cfg, self.device, seed=seed, masks=masks, desc=desc, progress=self.progress,
-            teacher=self.teacher, world=self.world)  # fmt: skip
+            teacher=self.teacher, world=self.world, precision=self.training_precision(cfg, model))  # fmt: skip
 
     def _save(self, name: str, model: nn.Module, masks: dict[str, torch.Tensor] | None, meta: dict) -> Path:
         path = self.out / f"{name}.safetensors"

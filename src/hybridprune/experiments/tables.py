@@ -124,7 +124,7 @@ def layer_table(result: dict[str, Any]) -> str:
     Example:
         >>> layer = {"name": "net.fc", "kind": "linear", "shape": [10, 16], "eligible": True, "reason": ""}
         >>> print(layer_table({"layers": [layer], "results": []}).splitlines()[2])
-        | net.fc | linear | 10x16       | -             | -              |
+        | net.fc | linear | 10x16       | -             | -             |
     """
     groups: dict[str, dict[str, Any]] = {}
     if result.get("results"):

@@ -90,9 +90,20 @@ def _stop_if_diverged(model: nn.Module, losses_finite: torch.Tensor, where: str,
     raise HybridPruneError(f"{where}: another process's loss or statistics became NaN or infinite; {_lower_lr(lr)}")
 
 
-def _precision(cfg: TrainConfig, model: nn.Module, data: Dataset, device: torch.device, world: World) -> Precision:
-    """The precision of this training: `auto` on a CPU with native bf16 times a step of this model on its first
-    batch both ways; every rank then takes fp32 unless all measured bf16 faster, so the ranks agree."""
+def resolve_precision(
+    cfg: TrainConfig, model: nn.Module, data: Dataset, device: torch.device, world: World = World()
+) -> Precision:
+    """The precision `cfg.precision` means for training `model` on `data` (see `training.precision`), said in
+    one line when `auto` chose it: `auto` on a CPU with native bf16 times a step of this model on its first
+    batch both ways; every rank then takes fp32 unless all measured bf16 faster, so the ranks agree.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+        >>> data = Dataset("toy", ImageSet(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4).long(), 2),
+        ...                ImageSet(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(2).long(), 2))
+        >>> resolve_precision(TrainConfig(precision="fp32"), net, data, torch.device("cpu")).name
+        'fp32'
+    """
     if cfg.precision != "auto" or device.type != "cpu":
         chosen = choose_precision(cfg.precision, device)
     else:
@@ -177,9 +188,10 @@ def _train(
     progress: bool,
     teacher: nn.Module | None,
     world: World,
+    precision: Precision | None,
 ) -> None:
     """The epochs of `fit`: one optimizer step per batch, masks re-applied after each."""
-    precision = _precision(cfg, model, data, device, world)
+    precision = precision or resolve_precision(cfg, model, data, device, world)
     autocast_dtype = precision.autocast_dtype
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")  # bf16 needs no loss scaling
     trained = ddp(model, world, device)  # gradients averaged over the ranks; the model itself when alone
@@ -244,11 +256,13 @@ def fit(
     progress: bool = True,
     teacher: nn.Module | None = None,
     world: World = World(),
+    precision: Precision | None = None,
 ) -> nn.Module:
     """Train in place; with `masks`, zeroed weights are re-zeroed after every optimizer step, so the
     N:M pattern holds exactly throughout. With a `world` of several ranks (torchrun), each rank trains on
     its shard of every epoch under DistributedDataParallel with `cfg.batch_size / ranks` images a step, and
-    the ranks end with identical weights and BatchNorm statistics.
+    the ranks end with identical weights and BatchNorm statistics. `precision` (from `resolve_precision`)
+    spares several trainings of one job measuring `auto` each.
 
     Example:
         >>> from hybridprune.data.datasets import load_dataset
@@ -267,7 +281,7 @@ def fit(
         model.to(memory_format=torch.channels_last)  # tensor-core convs want NHWC
     check_batch(cfg.batch_size, world)
     with synced_batchnorm(model, world, device) if cfg.sync_bn else contextlib.nullcontext(model) as net:
-        _train(net, data, cfg, device, seed, masks, desc, progress, teacher, world)
+        _train(net, data, cfg, device, seed, masks, desc, progress, teacher, world, precision)
     sync_model_(model, world)  # BatchNorm statistics were gathered on each rank's own shard
     return model.eval()
 
