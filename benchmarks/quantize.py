@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 import hybridprune as hp
-from hybridprune.config import QuantizeConfig
 from hybridprune.data.batching import batches, channel_stats
 from hybridprune.data.images import Dataset
 from hybridprune.deploy.accuracy import module_accuracy
-from hybridprune.deploy.quantize import quantize, timing_session
-from hybridprune.deploy.runtimes import available_pairs, cpu_isa, interleaved_times, load_onnx, quantiles
+from hybridprune.deploy.quantize import timing_session
+from hybridprune.deploy.runtimes import available_pairs, interleaved_times, load_onnx, quantiles
 from hybridprune.deploy.runtimes import runtime_versions as versions
 from hybridprune.experiments.tables import markdown_table
+from hybridprune.hardware import cpu_isa
 from hybridprune.outputs import write_json, write_text
 from hybridprune.provenance import environment
 
@@ -40,12 +40,13 @@ def train_variants(data: Dataset, name: str, width: float, epochs: int, seed: in
     torch.manual_seed(seed)
     dense = hp.build_model(name, in_channels=3, num_classes=10, image_size=32, width=width, mean=mean, std=std)
     cpu = torch.device("cpu")
-    hp.fit(dense, data, hp.TrainConfig(epochs=epochs, batch_size=128), cpu, seed=seed, desc=f"{name} dense")
+    train = hp.TrainConfig(epochs=epochs, batch_size=128, precision="fp32")  # fp32: the same arithmetic every run
+    hp.fit(dense, data, train, cpu, seed=seed, desc=f"{name} dense")
     filtered = copy.deepcopy(dense)
     calib = [x for x, _ in batches(data.train.subset(512, seed), 128)]
     hp.prune_filters_(filtered, hp.PruneConfig(metric="hybrid", filter_ratio=0.4, round_to=8), calib, seed=seed)
     hp.recalibrate_bn_(filtered, data.train, cpu)
-    tune = hp.TrainConfig(epochs=1, batch_size=128, lr=0.02)
+    tune = hp.TrainConfig(epochs=1, batch_size=128, lr=0.02, precision="fp32")
     hp.fit(filtered, data, tune, cpu, seed=seed, desc=f"{name} filter")
     hybrid = copy.deepcopy(filtered)
     masks = hp.nm_prune_(hybrid)
@@ -64,9 +65,9 @@ def accuracies(model, masks, data: Dataset, folder: Path, seed: int, threads: in
     for method in METHODS:  # each runtime gets its own file: the format measured fastest there
         int8[method] = {}
         for runtime in (r for r, p in available_pairs(cpu, onnx_only=True) if p == "int8"):
-            cfg = QuantizeConfig(calibration_images=256, calibration_method=method, runtime=runtime, rounds=3)
+            cfg = hp.QuantizeConfig(calibration_images=256, calibration_method=method, runtime=runtime, rounds=3)
             path = folder / f"int8-{method}-{runtime}.onnx"
-            report = quantize(model, data.train, data.test, path, cfg, masks=masks, seed=seed, threads=threads)
+            report = hp.quantize(model, data.train, data.test, path, cfg, masks=masks, seed=seed, threads=threads)
             w = report.weights
             int8[method][runtime] = {
                 "top1": report.int8_top1, "fp32_top1": report.fp32_top1, "format": report.format,

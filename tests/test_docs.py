@@ -37,6 +37,8 @@ SMOKE = {
     "bench": {"--batch-size": "2", "--rounds": "1", "--calls": "1", "--no-progress": None},
     "convert": {"--batch-size": "2"},
     "export": {"--check-images": "4"},
+    "quantize": {"--train-size": "64", "--test-size": "32", "--calibration-images": "32", "--batch-size": "32",
+                 "--rounds": "1", "--no-progress": None},
 }
 # text in a command -> why it is parsed but not run here
 PARSE_ONLY = {

@@ -264,3 +264,24 @@ def test_evaluate_a_checkpoint_in_a_runtime(digits_checkpoint, tmp_path, capsys)
     assert result["runtime"] == "onnxruntime" and result["precision"] == "fp32" and 0 <= result["accuracy"] <= 100
     _one_line_refusal([*argv, "--overwrite", "--runtime", "onnxruntime", "--deploy-precision", "int8"], capsys,
                       "hybridprune quantize")  # fmt: skip
+
+
+def test_bench_times_runtime_precision_pairs_beside_pytorch(tmp_path, one_torch_thread):
+    import json
+
+    pairs = "onnxruntime:fp32,onnxruntime:int8" + (",openvino:fp32,openvino:int8" if has_openvino else "")
+    out = tmp_path / "b.json"
+    argv = ["bench", "--synthetic", "--width", "0.125", "--batch-sizes", "2", "--rounds", "1", "--calls", "1",
+            "--runtimes", pairs, "--no-progress", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    modes = {(r["mode"], r["dtype"], r["variant"]) for r in result["runs"]}
+    for pair in pairs.split(","):
+        runtime, precision = pair.split(":")
+        assert {(runtime, precision, v) for v in ("dense", "filter", "nm", "hybrid")} <= modes
+    assert result["runtimes"]["versions"]["onnxruntime"] and "amx_int8" in result["runtimes"]["cpu"]
+
+
+def test_bench_refuses_a_pair_that_cannot_run_here_before_any_work(capsys):
+    _one_line_refusal(["bench", "--synthetic", "--runtimes", "tensorrt:int8"], capsys, "tensorrt runs on cuda")
+    _one_line_refusal(["bench", "--synthetic", "--runtimes", "openvino"], capsys, "is not RUNTIME:PRECISION")

@@ -8,7 +8,7 @@ import torch
 
 from hybridprune.config import LATENCY_RUNTIMES, RUNTIME_NAMES
 from hybridprune.deploy import runtimes as rt
-from hybridprune.deploy.runtimes import base
+from hybridprune.deploy.runtimes import base, files
 from hybridprune.errors import HybridPruneError
 
 onnx = pytest.importorskip("onnx")
@@ -113,7 +113,9 @@ def test_resolve_runtime_and_the_available_pairs():
 
 
 def test_cpu_isa_records_the_five_flags_that_decide_int8_and_bf16_speed():
-    isa = rt.cpu_isa()
+    from hybridprune.hardware import cpu_isa
+
+    isa = cpu_isa()
     assert {"avx512f", "avx512_vnni", "amx_int8", "amx_bf16", "avx512_bf16"} <= set(isa)
     assert all(isinstance(v, bool) for v in isa.values())
 
@@ -178,10 +180,10 @@ def test_a_file_that_is_not_a_model_or_not_of_its_precision_is_one_line(net, tmp
 
 
 def test_check_classifier_compares_the_files_interface_with_the_dataset(net, tmp_path):
-    info = rt.inspect_onnx(_export(net, tmp_path / "m.onnx"))
+    info = files.inspect_onnx(_export(net, tmp_path / "m.onnx"))
     assert info.input_shape[1:] == (3, 16, 16) and info.output_shape[1:] == (10,) and not info.quantized
-    rt.check_classifier(info, 3, 16, 10, "tiny")
+    files.check_classifier(info, 3, 16, 10, "tiny")
     with pytest.raises(HybridPruneError, match="tiny has 1x32x32 images and 10 classes"):
-        rt.check_classifier(info, 1, 32, 10, "tiny")
+        files.check_classifier(info, 1, 32, 10, "tiny")
     with pytest.raises(HybridPruneError, match="and 100 classes"):
-        rt.check_classifier(info, 3, 16, 100, "tiny")
+        files.check_classifier(info, 3, 16, 100, "tiny")

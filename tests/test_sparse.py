@@ -4,14 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridprune.config import NMPattern
-from hybridprune.deploy.sparse import (
-    GemmConv2d,
-    conv_weight_as_gemm,
-    fold_batchnorm_,
-    kernel_ineligibility,
-    to_inference_model,
-    unfold_channels_last,
-)
+from hybridprune.deploy.gemm import GemmConv2d, conv_weight_as_gemm, unfold_channels_last
+from hybridprune.deploy.sparse import fold_batchnorm_, kernel_ineligibility, to_inference_model
 from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.nm import nm_mask, nm_prune_
 

@@ -11,7 +11,8 @@ layers first; a layer imports only the layers before it:
                   checkpoints (a pruned model as data)
     training      fit/evaluate with masks held, distillation, DistributedDataParallel, hold_masks for your own
                   loop, the Lightning callback
-    deploy        timing, sparse kernels and the inference model, bench, ONNX export
+    deploy        timing, sparse kernels and the inference model, bench, ONNX export, runtimes and precisions,
+                  INT8 quantization
     experiments   the staged job, grids, the experiment store, reports and plots
     cli           one module per command family
 
@@ -33,7 +34,9 @@ from hybridprune.version import __version__ as __version__
 
 # public name -> the module that defines it
 _API = {
-    "hybridprune.config": ("RECIPES DataConfig ModelConfig ModelSource NMPattern PruneConfig RunConfig TrainConfig"),
+    "hybridprune.config": (
+        "RECIPES DataConfig ModelConfig ModelSource NMPattern PruneConfig QuantizeConfig RunConfig TrainConfig"
+    ),
     "hybridprune.errors": "HybridPruneError",
     "hybridprune.data.datasets": "load_dataset",
     "hybridprune.data.images": "Dataset ImageSet",
@@ -49,6 +52,8 @@ _API = {
     "hybridprune.training.loop": "calibration_batches evaluate fit recalibrate_bn_",
     "hybridprune.training.masks": "MaskHandle hold_masks",
     "hybridprune.training.lightning": "HybridPruningCallback",  # needs the optional extra: lightning
+    "hybridprune.deploy.runtimes": "RUNTIMES get_runtime",
+    "hybridprune.deploy.quantize": "quantize",  # needs the optional extra: export
 }
 _WHERE = {name: module for module, names in _API.items() for name in names.split()}
 __all__ = sorted([*_WHERE, "__version__"])
@@ -74,11 +79,14 @@ if TYPE_CHECKING:  # what editors and type checkers see
         ModelSource,
         NMPattern,
         PruneConfig,
+        QuantizeConfig,
         RunConfig,
         TrainConfig,
     )
     from hybridprune.data.datasets import load_dataset  # noqa: F401
     from hybridprune.data.images import Dataset, ImageSet  # noqa: F401
+    from hybridprune.deploy.quantize import quantize  # noqa: F401
+    from hybridprune.deploy.runtimes import RUNTIMES, get_runtime  # noqa: F401
     from hybridprune.errors import HybridPruneError  # noqa: F401
     from hybridprune.experiments.job import run  # noqa: F401
     from hybridprune.models.counts import model_stats  # noqa: F401

@@ -147,7 +147,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     result["environment"] = env
     result["command"] = "hybridprune " + " ".join(args.argv)
     if deployments:
-        from hybridprune.deploy.runtimes import cpu_isa, runtime_versions
+        from hybridprune.deploy.runtimes import runtime_versions
+        from hybridprune.hardware import cpu_isa
 
         result["runtimes"] = {"versions": runtime_versions(*dict.fromkeys(r for r, _ in deployments)), "cpu": cpu_isa()}
     result["variants"] = {v.name: {"source": v.source, "accuracy": v.accuracy} for v in variants}

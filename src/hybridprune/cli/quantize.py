@@ -145,8 +145,10 @@ def quantize_summary(r: dict[str, Any], data: str) -> str:
 def evaluate_onnx_file(args: argparse.Namespace) -> None:
     """`evaluate MODEL.onnx`: top-1 of the file in --runtime at --deploy-precision on the test split."""
     from hybridprune.deploy.accuracy import onnx_accuracy
-    from hybridprune.deploy.runtimes import cpu_isa, get_runtime, inspect_onnx, runtime_versions
+    from hybridprune.deploy.runtimes import get_runtime, runtime_versions
+    from hybridprune.deploy.runtimes.files import inspect_onnx
     from hybridprune.experiments.inputs import prepare_data_config
+    from hybridprune.hardware import cpu_isa
     from hybridprune.outputs import write_json
 
     check_json_target(args.json, args.overwrite)

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from hybridprune.data.batching import batches
 from hybridprune.data.images import ImageSet, StreamedSplit
 from hybridprune.deploy.export import export_onnx
-from hybridprune.deploy.runtimes import Session, check_classifier, get_runtime, load_onnx
+from hybridprune.deploy.runtimes import get_runtime, load_onnx
+from hybridprune.deploy.runtimes.base import Session
+from hybridprune.deploy.runtimes.files import check_classifier
 from hybridprune.errors import HybridPruneError
 
 Split = ImageSet | StreamedSplit

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from hybridprune.config import NMPattern
 from hybridprune.deploy.export import onnxruntime_session
-from hybridprune.deploy.runtimes import cuda_graph_call, eager_call
+from hybridprune.deploy.runtimes.pytorch import cuda_graph_call, eager_call
 from hybridprune.deploy.sparse import InferenceModel, to_inference_model
 from hybridprune.deploy.timing import busy_note, time_calls
 from hybridprune.errors import HybridPruneError

@@ -42,7 +42,7 @@ from hybridprune.pruning.budget import (
 from hybridprune.pruning.filters import ignored_modules
 from hybridprune.pruning.graph import example_input
 from hybridprune.pruning.latency import LatencyTable, layer_couplings, load_table
-from hybridprune.pruning.latency_context import ContextModel, ContextRecord, boundary_counts
+from hybridprune.pruning.latency_context import ContextModel, ContextRecord
 from hybridprune.pruning.metrics import ScoringContext, score_filters
 from hybridprune.pruning.nm import eligible_layers
 from hybridprune.pruning.plan import apply_filter_plan_, plan_filter_pruning
@@ -101,7 +101,7 @@ def allocate_for_latency(
     context = profile_in_context(model, ctx.groups, couplings, table, settings, device, nm_layers, progress)
     if table_out is not None:
         table.save(table_out, record=record)
-    candidates = {g.name: boundary_counts(g.size, context.step) for g in ctx.groups}
+    candidates = {g.name: context.candidates(g.name) for g in ctx.groups}
     if cfg.allocation == "sensitivity":
         curves = measure_sensitivity(model, ctx.groups, scores, calibration, labels, context.step)
         solver = partial(solve, couplings, sensitivity_values(ctx.groups, curves, candidates))
@@ -110,7 +110,7 @@ def allocate_for_latency(
     else:
         solver = partial(solve, couplings, importance_values(ctx.groups, scores, candidates))
     report = _report(cfg, settings, device, table, context)
-    model_ = ContextModel(context)
+    model_ = ContextModel(context, couplings)
     budget = Budget(table, settings.setup, 0.0, 0.0, cfg.nm_rule, nm_layers, model_)
     dense_counts = {g.name: g.size for g in ctx.groups}
     report.dense_ms["predicted"] = predict(couplings, dense_counts, budget)[0]

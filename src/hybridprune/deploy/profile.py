@@ -29,14 +29,8 @@ from tqdm.auto import tqdm
 
 from hybridprune.config import NMPattern
 from hybridprune.deploy.profile_context import measure_variants, profile_context
-from hybridprune.deploy.runtimes import (
-    device_name,
-    eager_call,
-    interleaved_times,
-    module_call,
-    quantiles,
-    resolve_runtime,
-)
+from hybridprune.deploy.runtimes import device_name, interleaved_times, module_call, quantiles, resolve_runtime
+from hybridprune.deploy.runtimes.pytorch import eager_call
 from hybridprune.deploy.sparse import kernel_ineligibility, sparse_backend, sparse_module, to_inference_model
 from hybridprune.deploy.timing import busy_note
 from hybridprune.errors import HybridPruneError
@@ -331,11 +325,12 @@ def profile_report(
     device: torch.device,
     ratios: tuple[float, ...] = (),
     progress: bool = True,
-    variants: tuple[tuple[str, dict[str, int]], ...] = (),
+    variants: tuple[tuple[str, dict[str, float]], ...] = (),
     layers: bool = False,
 ) -> dict:
     """Profile `model` into `table` in context, then check it: the dense model, copies pruned uniformly at each
-    ratio in `ratios` (counts on the table's step) and the named `variants` (group -> kept count), each measured
+    ratio in `ratios` and the named `variants` (group -> kept fraction; missing groups: dense), counts rounded to
+    the table's step, each measured
     interleaved with the dense model, predicted beside measured. `layers`: also measure per-layer entries and
     give the per-layer prediction (rest + sum of entries, the design of table version 2) beside, for comparison.
 
@@ -349,16 +344,19 @@ def profile_report(
     """
     from hybridprune.pruning.graph import channel_groups, dependency_graph, example_input
     from hybridprune.pruning.latency import layer_couplings, predict_latency
-    from hybridprune.pruning.latency_context import ContextModel, boundary_counts
+    from hybridprune.pruning.latency_context import ContextModel
     from hybridprune.pruning.nm import eligible_layers
     from hybridprune.pruning.plan import kept_count
 
     groups = channel_groups(model, dependency_graph(model))
     couplings = layer_couplings(model, groups, example_input(model))
     record = profile_in_context(model, groups, couplings, table, settings, device, eligible_layers(model), progress)
-    context = ContextModel(record)
-    named = [(f"uniform {r:g}", {g.name: kept_count(g.size, r, record.step) for g in groups}) for r in ratios]
-    named += list(variants)
+    context, exact = ContextModel(record, couplings), ContextModel(record)
+    def kept(g: ChannelGroup, ratio: float) -> int:
+        return kept_count(g.size, ratio, record.group_steps.get(g.name, record.step))
+
+    named = [(f"uniform {r:g}", {g.name: kept(g, r) for g in groups}) for r in ratios]
+    named += [(n, {g.name: kept(g, 1 - f[g.name]) for g in groups if g.name in f}) for n, f in variants]
     rest = None
     if layers:
         rest = profile_model(model, groups, couplings, table, replace(settings, step=record.step), device, set(),
@@ -367,12 +365,12 @@ def profile_report(
         dense, measured = measure_variants(model, groups, [c for _, c in named], settings, device, progress)
     checks = []
     for name, counts, entry in [("dense", {}, dense), *((n, c, e) for (n, c), e in zip(named, measured, strict=True))]:
-        row = _check_row(name, entry, context.predict(counts))
+        row = _check_row(name, entry, context.predict(counts)) | {"expansion_predicted_ms": exact.predict(counts)}
         if rest is not None:
             per_layer = predict_latency(couplings, counts, table, settings.setup, rest)[0]
             row |= {"per_layer_predicted_ms": per_layer, "per_layer_error": per_layer / entry.median_ms - 1}
         checks.append(row | {"counts": counts})
-    candidates = {g.name: boundary_counts(g.size, record.step) for g in groups}
+    candidates = {g.name: record.candidates(g.name) for g in groups}
     return {"device": table.device, "threads": table.threads, **asdict(settings.setup), "step": record.step,
             "block": record.block, "forced_step": settings.step is not None,
             "indistinguishable": {g: ks for g, ks in context.indistinguishable(candidates).items() if ks},

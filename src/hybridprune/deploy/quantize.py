@@ -41,8 +41,6 @@ from hybridprune.data.batching import batches
 from hybridprune.deploy.accuracy import Split, evaluate_session
 from hybridprune.deploy.export import count_broken_groups, export_onnx
 from hybridprune.deploy.runtimes import (
-    Session,
-    cpu_isa,
     device_name,
     get_runtime,
     interleaved_times,
@@ -50,7 +48,9 @@ from hybridprune.deploy.runtimes import (
     quantiles,
     runtime_versions,
 )
+from hybridprune.deploy.runtimes.base import Session
 from hybridprune.errors import HybridPruneError, first_line
+from hybridprune.hardware import cpu_isa
 from hybridprune.outputs import atomic_target
 
 FORMAT_NAMES = ("u8s8", "s8s8")

@@ -60,6 +60,7 @@ def write_grid_report(
         md += _section(f"Top-1 accuracy (%), {title}: mean ± std (seeds)", markdown_table(headers, body))
         written.append(write_text(out / f"accuracy-{column}.csv", _csv([headers, *body])))
     md += _differences_section(rows) + _recipes_section(rows) + _iso_section(rows) + _measured_section(rows)
+    md += _equal_latency_section(rows)
     if benches:
         md += _latency_section(benches)
     written += write_plots(rows, out, bench_files or [], nm_rows or [])
@@ -213,6 +214,31 @@ def _measured_section(rows: list[Row]) -> list[str]:
                     "Uniform allocation under a target keeps one fraction of every group, the largest whose "
                     "predicted latency fits the budget (corrected by measurement like the others): pruning by one "
                     "ratio everywhere, at the same measured latency.")  # fmt: skip
+
+
+def _equal_latency_section(rows: list[Row]) -> list[str]:
+    """Each allocation's accuracy minus uniform's at the same measured latency (uniform's frontier, per seed)."""
+    from hybridprune.experiments.frontiers import equal_latency_comparison
+
+    body = []
+    for (ds, model, width, device, runtime, batch, dtype), runs in sorted(measured_latencies(rows).items()):
+        where = f"{device}, {runtime}, batch {batch}, {dtype}"
+        for r in equal_latency_comparison(runs):
+            diff = "-" if r["difference"] is None else (
+                f"{r['difference']:+.2f} ± {r['std']:.2f} (p {_p_value(r['p'])}, n {r['pairs']})")  # fmt: skip
+            base = "-" if r["baseline_accuracy"] is None else f"{r['baseline_accuracy']:.2f}"
+            body.append([dataset_label(ds), f"{model} w{width:g}", where, r["metric"],
+                         r["allocation"], f"{r['target']:g}", f"{r['measured_ms'][0]:.3f}",
+                         f"{r['accuracy'][0]:.2f}", base, diff, str(r["outside"])])  # fmt: skip
+    if not body:
+        return []
+    headers = ["dataset", "model", "measured on", "metric", "allocation", "target", "measured ms", "accuracy (%)",
+               "uniform at that latency", "- uniform (paired)", "outside uniform's range"]  # fmt: skip
+    return _section("Allocations at equal measured latency: accuracy minus uniform's, read off uniform's frontier",
+                    markdown_table(headers, body),
+                    "Uniform's accuracy at each run's measured latency is interpolated along uniform's frontier "
+                    "(its runs at every target, same metric and seed); runs outside that range are counted, not "
+                    "extrapolated.")  # fmt: skip
 
 
 def _latency_section(bench_results: list[dict]) -> list[str]:

@@ -35,14 +35,16 @@ from hybridprune.errors import HybridPruneError
 from hybridprune.pruning.latency import Entry, LatencyTable, LayerCoupling, read_entry
 
 BLOCKS = (4, 8, 16, 32)  # block sizes `find_block` considers
-BLOCK_TOLERANCE = 0.03  # a block holds when rounding counts up to it costs at most this (median over counts)
+BLOCK_TOLERANCE = 0.05  # a block holds when rounding a count up to it costs at most this (median over blocks)
 DEFAULT_STEP = 4  # candidates when no block is found: latency moves with every count the sweep measured
 
 
 def find_block(counts: list[int], times: list[float], tolerance: float = BLOCK_TOLERANCE) -> int:
-    """The largest block b (of BLOCKS) at which latency moves: running any measured count as the next multiple of
-    b costs at most `tolerance` (median over the counts), so counts inside a block buy nothing. DEFAULT_STEP
-    when no block holds.
+    """The largest block b (of BLOCKS) at which latency moves: a count halfway into a block runs no faster than
+    the block's boundary (their time ratio, median over the blocks of the sweep, at most 1 + `tolerance`), so
+    counts inside a block buy nothing. Counts off the blocks are often slower than the boundary above them (the
+    runtime pads and reorders), which is why the halfway counts, not all counts, are the test. DEFAULT_STEP when
+    no block holds.
 
     Example:
         >>> ks = list(range(2, 65, 2))
@@ -52,8 +54,8 @@ def find_block(counts: list[int], times: list[float], tolerance: float = BLOCK_T
     at = dict(zip(counts, times, strict=True))
     best = DEFAULT_STEP
     for b in BLOCKS:
-        ratios = [at[up] / at[k] for k in counts if (up := -(-k // b) * b) in at and at[k] > 0]
-        if len(ratios) >= 4 and _median(ratios) <= 1 + tolerance:
+        ratios = [at[k + b // 2] / at[k] for k in counts if k % b == b // 2 and k + b // 2 in at and at[k] > 0]
+        if len(ratios) >= 2 and _median(ratios) <= 1 + tolerance:
             best = max(best, b)
     return best
 
@@ -89,6 +91,29 @@ def coupled_pairs(couplings: list[LayerCoupling]) -> list[tuple[str, str]]:
     return sorted(pairs)
 
 
+def context_variants(
+    sizes: dict[str, int], couplings: list[LayerCoupling], step: int, points: int, pair_points: int,
+    group_steps: dict[str, int] | None = None,
+) -> list[dict[str, int]]:
+    """The models to measure (group -> kept count, others dense): each group alone at `points` of its candidate
+    counts below its size, each coupled pair at `pair_points` x `pair_points` of those, and last the smallest
+    model (every group at its smallest candidate).
+
+    Example:
+        >>> from hybridprune.pruning.latency import LayerShape
+        >>> c = [LayerCoupling("l", LayerShape("conv", 32, 32, 4, 4), "b", 32, (("a", 32, 32),))]
+        >>> context_variants({"a": 32, "b": 32}, c, 16, 5, 2)
+        [{'a': 16}, {'b': 16}, {'a': 16, 'b': 16}, {'a': 16, 'b': 16}]
+    """
+    steps = {g: (group_steps or {}).get(g, step) for g in sizes}
+    single = {g: sampled(boundary_counts(n, steps[g])[:-1], points) for g, n in sizes.items()}
+    grid = {g: sampled(ks, pair_points) for g, ks in single.items()}
+    variants = [{g: k} for g, ks in single.items() for k in ks]
+    variants += [{g: a, h: b} for g, h in coupled_pairs(couplings) if g in sizes and h in sizes
+                 for a in grid[g] for b in grid[h]]  # fmt: skip
+    return [*variants, {g: boundary_counts(n, steps[g])[0] for g, n in sizes.items()}]
+
+
 @dataclass
 class ContextRecord:
     """One model's in-context measurements on one setup (runtime, batch, dtype): whole-graph latencies of the
@@ -103,13 +128,28 @@ class ContextRecord:
     floor: Entry
     single: dict[str, dict[int, Entry]] = field(default_factory=dict)
     pairs: dict[tuple[str, str], dict[tuple[int, int], Entry]] = field(default_factory=dict)
+    group_steps: dict[str, int] = field(default_factory=dict)  # groups whose counts need a coarser step (grouped convs)
 
     def candidates(self, group: str) -> list[int]:
-        return boundary_counts(self.sizes[group], self.step)
+        return boundary_counts(self.sizes[group], self.group_steps.get(group, self.step))
+
+    @classmethod
+    def of(cls, sizes: dict[str, int], step: int, block: int, variants: list[dict[str, int]], dense: Entry,
+           measured: list[Entry], group_steps: dict[str, int] | None = None) -> ContextRecord:  # fmt: skip
+        """The record of `context_variants`' models and their measured latencies (the last: the smallest model)."""
+        record = cls(sizes, step, block, dense, measured[-1], group_steps={
+            g: s for g, s in (group_steps or {}).items() if s != step})  # fmt: skip
+        for counts, entry in zip(variants[:-1], measured[:-1], strict=True):
+            (g, a), *rest = counts.items()
+            if rest:
+                record.pairs.setdefault((g, rest[0][0]), {})[(a, rest[0][1])] = entry
+            else:
+                record.single.setdefault(g, {})[a] = entry
+        return record
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "sizes": self.sizes, "step": self.step, "block": self.block,
+            "sizes": self.sizes, "step": self.step, "block": self.block, "group_steps": self.group_steps,
             "dense": _entry_dict(self.dense), "floor": _entry_dict(self.floor),
             "single": {g: {str(k): _entry_dict(e) for k, e in sorted(v.items())} for g, v in self.single.items()},
             "pairs": {f"{g}|{h}": {f"{a}x{b}": _entry_dict(e) for (a, b), e in sorted(v.items())}
@@ -142,7 +182,8 @@ def record_from_dict(raw: Any, where: str) -> ContextRecord:
             pairs[(g, h)] = {tuple(int(c) for c in ab.split("x")): entry(e, f"{where} {gh}={ab}")
                              for ab, e in grid.items()}  # fmt: skip
         record = ContextRecord(sizes, int(raw["step"]), int(raw["block"]), entry(raw["dense"], f"{where} dense"),
-                               entry(raw["floor"], f"{where} floor"), single, pairs)  # fmt: skip
+                               entry(raw["floor"], f"{where} floor"), single, pairs,
+                               {str(g): int(n) for g, n in raw.get("group_steps", {}).items()})  # fmt: skip
     except HybridPruneError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -153,8 +194,45 @@ def record_from_dict(raw: Any, where: str) -> ContextRecord:
     return record
 
 
+RIDGE = 0.1  # pull of the fitted unit costs towards the MAC-proportional ones, relative to the data's scale
+
+
+def unit_work(coupling: LayerCoupling, counts: dict[str, int], block: int) -> float:
+    """A fused unit's work at `counts`: its MACs with channel counts padded up to the device's block, as the
+    runtime's blocked layout pads them (per image)."""
+    s = coupling.shape(counts)
+    c_in, c_out = (-(-c // block) * block for c in (s.c_in, s.c_out))
+    per_group = c_in if s.groups == 1 else max(1, s.c_in // s.groups)
+    h, w = (s.h // s.stride[0], s.w // s.stride[1]) if s.kind == "conv" else (1, 1)
+    return float(per_group * c_out * s.kernel[0] * s.kernel[1] * max(1, h) * max(1, w))
+
+
+def fit_units(record: ContextRecord, couplings: list[LayerCoupling]) -> dict[str, float]:
+    """Each fused unit's in-context cost at dense counts (ms), fitted to every whole-model measurement of the
+    record: latency(v) - latency(dense) = sum_l w_l (work_l(v) / work_l(dense) - 1), least squares with a ridge
+    towards MAC-proportional costs, w >= 0. One measurement carries the noise of the whole model; a fit over all
+    of them averages it, where the exact expansion adds one noisy difference per group and pair."""
+    import torch
+
+    variants = [({g: k}, e) for g, ks in record.single.items() for k, e in ks.items()]
+    variants += [({g: a, h: b}, e) for (g, h), grid in record.pairs.items() for (a, b), e in grid.items()]
+    variants.append(({g: record.candidates(g)[0] for g in record.sizes}, record.floor))
+    dense = [unit_work(c, {}, record.block) or 1.0 for c in couplings]
+    a = torch.tensor([[unit_work(c, v, record.block) / d - 1 for c, d in zip(couplings, dense, strict=True)]
+                      for v, _ in variants], dtype=torch.float64)  # fmt: skip
+    y = torch.tensor([e.median_ms - record.dense.median_ms for _, e in variants], dtype=torch.float64)
+    share = torch.tensor(dense, dtype=torch.float64) / sum(dense)
+    x = a @ share
+    scale = float((x @ y) / (x @ x).clamp_min(1e-12)) if len(variants) else 0.0
+    prior = share * max(scale, 0.0)
+    lam = RIDGE * float((a * a).sum()) / max(1, len(couplings))
+    w = torch.linalg.solve(a.T @ a + lam * torch.eye(len(couplings), dtype=torch.float64), a.T @ y + lam * prior)
+    return {c.name: max(0.0, float(v)) for c, v in zip(couplings, w, strict=True)}
+
+
 class ContextModel:
-    """Predicted latency of a model at any kept counts, from its in-context record.
+    """Predicted latency of a model at any kept counts, from its in-context record: with `couplings`, the fitted
+    unit costs (`fit_units`, the default); without, the exact second-order expansion.
 
     Example:
         >>> e = lambda t: Entry(t, t, t, 1)
@@ -165,8 +243,11 @@ class ContextModel:
         (8.0, 6.0, 10.0)
     """
 
-    def __init__(self, record: ContextRecord) -> None:
+    def __init__(self, record: ContextRecord, couplings: list[LayerCoupling] | None = None) -> None:
         self.record = record
+        self.couplings = couplings
+        self.units = fit_units(record, couplings) if couplings else None
+        self._dense_work = {c.name: unit_work(c, {}, record.block) or 1.0 for c in couplings or ()}
         self._cache: dict[tuple, float] = {}
 
     def single(self, group: str, count: int) -> float:
@@ -204,6 +285,15 @@ class ContextModel:
         i = bisect.bisect_left(cands, count)
         return cands[min(i, len(cands) - 1)]
 
+    def fitted(self, counts: dict[str, int]) -> float:
+        """The fitted unit model itself, before the floor: dense plus each unit's cost times its change of work."""
+        if self.units is None:
+            return self.expansion(counts)
+        block = self.record.block
+        return self.record.dense.median_ms + sum(
+            self.units[c.name] * (unit_work(c, counts, block) / self._dense_work[c.name] - 1) for c in self.couplings
+        )
+
     def expansion(self, counts: dict[str, int]) -> float:
         """The second-order expansion itself, before the floor (for checks)."""
         r = self.record
@@ -217,7 +307,7 @@ class ContextModel:
         """Predicted latency (ms): the expansion, never below the smallest model's measured latency."""
         key = tuple(sorted((g, self.boundary(g, k)) for g, k in counts.items() if g in self.record.sizes))
         if key not in self._cache:
-            self._cache[key] = max(self.expansion(dict(key)), self.record.floor.median_ms)
+            self._cache[key] = max(self.fitted(dict(key)), self.record.floor.median_ms)
         return self._cache[key]
 
     def indistinguishable(self, candidates: dict[str, list[int]]) -> dict[str, list[int]]:

@@ -1,6 +1,7 @@
 """Where a model runs, and at what precision: one object per runtime behind one protocol (`base.Runtime`),
-found through `RUNTIMES`, and how several calls are timed fairly against each other. Imports nothing above
-`deploy` (no experiments, no cli); each runtime imports its own library only when it builds a session.
+found through `RUNTIMES`, and how several calls are timed fairly against each other. Each name has one home:
+the protocol, sessions and CPU flags in `base`, ONNX file checks in `files`, each runtime in its module. Imports
+nothing above `deploy` (no experiments, no cli); each runtime imports its library only when it builds a session.
 
 | runtime | module | devices | precisions |
 | --- | --- | --- | --- |
@@ -19,39 +20,23 @@ candidate alike.
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from hybridprune.config import LATENCY_RUNTIMES, RUNTIME_NAMES
-from hybridprune.deploy.runtimes.base import (
-    BF16_FLAGS,
-    Call,
-    OnnxModel,
-    Runtime,
-    Session,
-    cpu_flags,
-    cpu_isa,
-    device_name,
-    interleaved_times,
-    onnx_bytes,
-    quantiles,
-)
-from hybridprune.deploy.runtimes.files import OnnxInfo, check_classifier, inspect_onnx
+from hybridprune.deploy.runtimes.base import Call, Runtime, Session
+from hybridprune.deploy.runtimes.files import OnnxInfo, inspect_onnx
 from hybridprune.deploy.runtimes.ort import OnnxRuntime
 from hybridprune.deploy.runtimes.ov import OpenVinoRuntime
-from hybridprune.deploy.runtimes.pytorch import TorchRuntime, cuda_graph_call, eager_call
+from hybridprune.deploy.runtimes.pytorch import TorchRuntime
 from hybridprune.deploy.runtimes.trt import TensorRtRuntime
+from hybridprune.deploy.timing import time_calls
 from hybridprune.errors import HybridPruneError
 from hybridprune.registry import Registry
-
-__all__ = [
-    "BF16_FLAGS", "Call", "OnnxInfo", "OnnxModel", "RUNTIMES", "Runtime", "Session", "available_pairs",
-    "check_classifier", "cpu_flags", "cpu_isa", "cuda_graph_call", "device_name", "eager_call", "get_runtime",
-    "inspect_onnx", "interleaved_times", "load_onnx", "module_call", "onnx_bytes", "parse_pairs", "precision_of",
-    "quantiles", "resolve_runtime", "runtime_versions",
-]  # fmt: skip
 
 RUNTIMES: Registry[Runtime] = Registry("runtime", RUNTIME_NAMES)
 for _runtime in (TorchRuntime(), OnnxRuntime(), OpenVinoRuntime(), TensorRtRuntime()):
@@ -169,3 +154,47 @@ def runtime_versions(*names: str) -> dict[str, str | None]:
     for name in names or tuple(RUNTIMES):
         out |= get_runtime(name).versions()
     return out
+
+
+def device_name(device: torch.device) -> str:
+    """The device's model name, as a table records it: the GPU's name, or the CPU's model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def interleaved_times(
+    calls: Sequence[Call], rounds: int, device: torch.device, warmup: int = 3, per_round: int = 1
+) -> list[list[float]]:
+    """Milliseconds of `rounds` timings of each call, taken round-robin after `warmup` untimed calls each; a
+    timing covers `per_round` back-to-back calls (divided back to one), so very short calls are measurable.
+
+    Example:
+        >>> times = interleaved_times([lambda: None, lambda: sum(range(100))], 5, torch.device("cpu"))
+        >>> [len(t) for t in times]
+        [5, 5]
+    """
+    for call in calls:
+        time_calls(call, 0, device, warmup)
+    times: list[list[float]] = [[] for _ in calls]
+
+    def repeated(call: Call) -> Call:
+        return call if per_round == 1 else lambda: [call() for _ in range(per_round)]
+
+    batch = [repeated(c) for c in calls]
+    for _ in range(rounds):
+        for i, call in enumerate(batch):
+            times[i].append(time_calls(call, 1, device, warmup=0)[0] / per_round)
+    return times
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    """Median, 10th and 90th percentile of a list of times."""
+    t = torch.tensor(times, dtype=torch.float64)
+    return float(t.quantile(0.5)), float(t.quantile(0.1)), float(t.quantile(0.9))

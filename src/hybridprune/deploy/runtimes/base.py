@@ -1,5 +1,5 @@
 """The protocol every runtime follows, and what all of them share: sessions, ONNX in memory, the CPU's
-instruction sets, fair interleaved timing.
+instruction sets.
 
 A `Runtime` says whether it is installed here, which devices and precisions it takes (and, on a CPU, whether
 the CPU has the instructions a precision needs), builds a `Session` from a module or an ONNX file at a precision,
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import platform
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,13 +20,11 @@ import torch
 from torch import nn
 
 from hybridprune.config import DEPLOY_PRECISIONS
-from hybridprune.deploy.timing import time_calls
 from hybridprune.errors import HybridPruneError, first_line
+from hybridprune.hardware import BF16_FLAGS, cpu_flags, native_bf16
 
 Call = Callable[[], object]
 OnnxModel = bytes | str | Path  # an ONNX graph in memory, or a file
-ISA_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # a CPU with either computes bf16 natively
 
 
 class Session:
@@ -73,7 +70,7 @@ class Runtime:
 
     def cpu_lacks(self, precision: str) -> str | None:
         """What this CPU lacks for `precision` (None: nothing)."""
-        if precision == "bf16" and not (cpu_flags() & set(BF16_FLAGS)):
+        if precision == "bf16" and native_bf16(cpu_flags()) is None:
             return f"{self.name} bf16 needs a CPU with native bf16 ({' or '.join(BF16_FLAGS)}); this one has neither"
         return None
 
@@ -108,47 +105,6 @@ class Runtime:
         return {self.library: str(getattr(module, "__version__", "unknown"))}
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere).
-
-    Example:
-        >>> isinstance(cpu_flags(), set)
-        True
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_isa() -> dict[str, bool]:
-    """The instruction sets that decide int8 and bf16 speed, present or not: AVX-512, VNNI, AMX, AVX512-BF16.
-
-    Example:
-        >>> sorted(cpu_isa())[:2]
-        ['amx_bf16', 'amx_int8']
-    """
-    flags = cpu_flags()
-    return {name: name in flags for name in ISA_FLAGS}
-
-
-def device_name(device: torch.device) -> str:
-    """The device's model name, as a table records it: the GPU's name, or the CPU's model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
     """The module exported to ONNX (TorchScript exporter), in memory."""
     buffer = io.BytesIO()
@@ -160,34 +116,3 @@ def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
         except Exception as e:  # noqa: BLE001 - an operator ONNX lacks
             raise HybridPruneError(f"ONNX export of {type(module).__name__} failed ({first_line(e)})") from None
     return buffer.getvalue()
-
-
-def interleaved_times(
-    calls: Sequence[Call], rounds: int, device: torch.device, warmup: int = 3, per_round: int = 1
-) -> list[list[float]]:
-    """Milliseconds of `rounds` timings of each call, taken round-robin after `warmup` untimed calls each; a
-    timing covers `per_round` back-to-back calls (divided back to one), so very short calls are measurable.
-
-    Example:
-        >>> times = interleaved_times([lambda: None, lambda: sum(range(100))], 5, torch.device("cpu"))
-        >>> [len(t) for t in times]
-        [5, 5]
-    """
-    for call in calls:
-        time_calls(call, 0, device, warmup)
-    times: list[list[float]] = [[] for _ in calls]
-
-    def repeated(call: Call) -> Call:
-        return call if per_round == 1 else lambda: [call() for _ in range(per_round)]
-
-    batch = [repeated(c) for c in calls]
-    for _ in range(rounds):
-        for i, call in enumerate(batch):
-            times[i].append(time_calls(call, 1, device, warmup=0)[0] / per_round)
-    return times
-
-
-def quantiles(times: list[float]) -> tuple[float, float, float]:
-    """Median, 10th and 90th percentile of a list of times."""
-    t = torch.tensor(times, dtype=torch.float64)
-    return float(t.quantile(0.5)), float(t.quantile(0.1)), float(t.quantile(0.9))

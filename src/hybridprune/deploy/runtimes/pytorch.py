@@ -52,12 +52,13 @@ class TorchSession(Session):
     """A module at one dtype and memory format on one device."""
 
     def __init__(self, module: nn.Module, dtype: torch.dtype, device: torch.device, channels_last: bool) -> None:
-        self.module, self.dtype, self.device = module, dtype, device
-        self.format = torch.channels_last if channels_last else torch.contiguous_format
+        self.module, self.dtype, self.device, self.channels_last = module, dtype, device, channels_last
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """x on the session's device and dtype; channels-last where the session runs so, else as given (a caller
+        timing a channels-last input keeps it)."""
         x = x.to(device=self.device, dtype=self.dtype)
-        return x.contiguous(memory_format=self.format) if x.dim() == 4 else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
