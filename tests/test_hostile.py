@@ -115,6 +115,7 @@ def fail_safe(command: str, root: Path, ckpt: Path) -> list[str]:
         "convert": ["convert", f"{absent}.safetensors", "--device", "cpu", "--json", out / "c.json"],
         "experiment": ["experiment", f"{absent}.yaml", "--store", out / "s.sqlite", "--list"],
         "export": ["export", f"{absent}.safetensors", "--out", out / "m.onnx"],
+        "quantize": ["quantize", f"{absent}.safetensors", "--out", out / "m.onnx", "--dataset", "digits"],
         "profile": ["profile", "--model", "alexnet", "--latency-table", f"{absent}.json", "--out", out / "t.json"],
     }[command]
 

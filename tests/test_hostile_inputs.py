@@ -557,13 +557,15 @@ def test_a_real_store_of_each_version_still_opens(tmp_path):
 
 def test_an_empty_file_is_no_store_to_report_on_and_becomes_one_for_a_grid(tmp_path, capsys):
     """An empty file holds nothing to lose (it is also what a store looks like the instant another process
-    creates it): `report` refuses it unchanged, `experiment` makes it a store."""
+    creates it): `report` refuses it unchanged, `experiment --list` reads it as no runs done and leaves it empty,
+    and a grid makes it a store."""
     store = tmp_path / "s.sqlite"
     _foreign(store, None)
     refused_unchanged(["report", "--store", store, "--out", tmp_path / "r"], tmp_path, capsys, "empty", str(store))
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(GRID))
-    assert call(["experiment", tmp_path / "grid.yaml", "--store", store, "--list"], capsys).code == 0
-    assert Store(store, create=False).rows() == []
+    listed = call(["experiment", tmp_path / "grid.yaml", "--store", store, "--list"], capsys)
+    assert listed.code == 0 and "todo" in listed.out and store.stat().st_size == 0
+    assert Store(store).rows() == []  # what `experiment` opens to run the grid
 
 
 # --- 7. messages name the right kind of file ------------------------------------------------------------------------

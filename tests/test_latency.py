@@ -4,7 +4,6 @@ import itertools
 import json
 import math
 import random
-from argparse import Namespace
 
 import pytest
 import torch
@@ -227,8 +226,8 @@ def test_profiling_covers_every_group_at_every_candidate_count_and_a_second_prof
 @pytest.fixture
 def deterministic_times(monkeypatch):
     """Layer and model latencies from their shapes instead of a clock, so the plumbing of latency-target runs is
-    tested without timing noise (a shared CI machine): a layer costs 0.01 ms + 1e-6 ms per MAC of the batch, a
-    model the sum of its layers plus 0.5 ms."""
+    tested without timing noise (a shared CI machine): a layer costs 0.01 ms + 1e-6 ms per MAC of the batch; a
+    model, in context, `synthetic_ms` (a sum of units with counts padded to blocks of 8)."""
     from hybridprune.deploy import latency_target
 
     def cost(shape: LayerShape, batch: int) -> float:
@@ -242,28 +241,38 @@ def deterministic_times(monkeypatch):
         return [[call()] * 3 for call in calls]
 
     def deployed(model, sparse, settings, device):
-        groups = channel_groups(model, dependency_graph(model))
-        total = 0.5 + sum(
-            cost(c.dense, settings.setup.batch) for c in layer_couplings(model, groups, example_input(model))
-        )
+        total = synthetic_ms(model, settings.setup.batch)
         return Entry(total, total, total, 3)
 
     monkeypatch.setattr(profile_module, "_layer_call", layer_call)
     monkeypatch.setattr(profile_module, "_timed", timed)
     monkeypatch.setattr(profile_module, "measure_deployed", deployed)
     monkeypatch.setattr(latency_target, "measure_deployed", deployed)
-    patch_context_timing(monkeypatch, lambda model, batch: deployed(model, (), Namespace(setup=Setup("", batch, "")),
-                                                                        None).median_ms)  # fmt: skip
+    patch_context_timing(monkeypatch, synthetic_ms)
 
 
-def patch_context_timing(monkeypatch, model_ms, block: int = 8):
+def patch_context_timing(monkeypatch, model_ms, block: int = 8, real_copies: bool = False):
     """In-context profiling without a clock: a model takes `model_ms(model, batch)`, the step sweep's graph 1 ms
-    per started block of `block` channels."""
+    per started block of `block` channels; unless `real_copies`, a pruned variant is not built but timed from its
+    layers' shapes at its counts (the same sum as `synthetic_ms`, which the pruned layers' shapes match)."""
     from hybridprune.deploy import profile_context
 
+    couplings_of: dict[int, list] = {}
+
+    def fake_copy(model, groups, counts):
+        if id(model) not in couplings_of:
+            couplings_of[id(model)] = layer_couplings(model, groups, example_input(model))
+        return ("variant", couplings_of[id(model)], counts)
+
     def deployed_call(model, x, settings, device):
-        ms = model_ms(model, settings.setup.batch)
+        if isinstance(model, tuple):
+            ms = 0.5 + sum(unit_ms(c.shape(model[2]), settings.setup.batch) for c in model[1])
+        else:
+            ms = model_ms(model, settings.setup.batch)
         return lambda: ms
+
+    if not real_copies:
+        monkeypatch.setattr(profile_context, "pruned_copy", fake_copy)
 
     monkeypatch.setattr(profile_context, "_deployed_call", deployed_call)
     monkeypatch.setattr(profile_context, "_chain_call", lambda shape, k, x, s, d: lambda: 1.0 + -(-k // block))
@@ -419,7 +428,9 @@ def test_a_latency_grid_runs_and_its_report_shows_measured_latency(tmp_path, det
     written = write_grid_report(rows, tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Pruned to a measured latency target" in report and "0.6" in report and "0.9" in report
-    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in report.splitlines() if "| l1 " in line]
+    measured, _, equal = report.partition("Allocations at equal measured latency")
+    assert "| l1 " in equal  # the equal-latency section follows (one uniform point per seed: nothing to read)
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in measured.splitlines() if "| l1 " in line]
     versus = {(c[4], c[5]): c[-2] for c in cells}  # (allocation, target) -> accuracy minus uniform's, paired
     assert versus[("global", "0.6")].endswith("(p n/a, n 1)") and versus[("uniform", "0.6")] == "-"
     assert versus[("global", "0.9")] == "-"  # no uniform run at that target: nothing to pair
@@ -501,16 +512,24 @@ def grouped_net():
     return net.eval()
 
 
+def unit_ms(s: LayerShape, batch: int) -> float:
+    """A fused unit's synthetic latency: a function of its (in, out) counts padded to blocks of 8."""
+    if s.kind == "linear":
+        return 0.01 + 1e-6 * batch * s.c_in * s.c_out
+    c_in, c_out = (-(-c // 8) * 8 for c in (s.c_in, s.c_out))
+    return 0.02 + 1e-5 * batch * c_in * c_out / s.groups * s.kernel[0] * s.kernel[1]
+
+
 def synthetic_ms(model, batch: int) -> float:
-    """A model's latency as a sum of fused units, each a function of its (in, out) counts padded to blocks of 8,
-    plus a per-graph overhead: what the second-order expansion reproduces exactly."""
+    """A model's latency as a sum of fused units (`unit_ms`) plus a per-graph overhead: what the second-order
+    expansion reproduces exactly."""
     total = 0.5
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
-            c_in, c_out = (-(-c // 8) * 8 for c in (m.in_channels, m.out_channels))
-            total += 0.02 + 1e-5 * batch * c_in * c_out / m.groups * m.kernel_size[0] * m.kernel_size[1]
+            total += unit_ms(LayerShape("conv", m.in_channels, m.out_channels, kernel=tuple(m.kernel_size),
+                                        groups=m.groups), batch)  # fmt: skip
         elif isinstance(m, torch.nn.Linear):
-            total += 0.01 + 1e-6 * batch * m.in_features * m.out_features
+            total += unit_ms(LayerShape("linear", m.in_features, m.out_features), batch)
     return total
 
 
@@ -529,7 +548,7 @@ def test_the_fused_unit_keys_are_found_for_the_zoo_and_the_expansion_is_exact(na
         couplings = layer_couplings(model, groups, example_input(model))
     else:
         model, groups, couplings = structure(name)
-    patch_context_timing(monkeypatch, synthetic_ms)
+    patch_context_timing(monkeypatch, synthetic_ms, real_copies=True)
     settings = ProfileSettings(SETUP, step=None, max_points=64, rounds=1, threads=1)
     record = profile_context(model, groups, couplings, new_table(torch.device("cpu")), settings,
                              torch.device("cpu"), "key", points=64, pair_points=64, progress=False)  # fmt: skip

@@ -115,7 +115,7 @@ def test_auto_precision_on_a_cpu_follows_its_flags_and_measurements(flags, fp32_
 def test_auto_precision_says_which_it_chose_once_per_training(capsys):
     model = build_model("zoo:residual_net", in_channels=1, num_classes=2, image_size=16)
     fit(model, _toy_data(), TrainConfig(epochs=1, batch_size=16), torch.device("cpu"), progress=False)
-    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("precision auto:")]
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("precision auto:")]
     assert len(said) == 1 and any(p in said[0] for p in ("auto: fp32 (", "auto: bf16 ("))
 
 
@@ -151,6 +151,6 @@ def test_compile_falls_back_to_eager_with_one_line_where_it_fails(monkeypatch, c
     model = build_model("zoo:plain_net", in_channels=1, num_classes=2, image_size=16)
     fit(model, data, TrainConfig(epochs=3, batch_size=16, augment=False, compile=True), torch.device("cpu"),
         progress=False)  # fmt: skip
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("precision auto:")]
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torch.compile failed (RuntimeError: no compiler for this layer" in err[0]
     assert evaluate(model, data.test, torch.device("cpu")) == 100.0  # trained eagerly all the same

@@ -64,8 +64,9 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     check_output_dir(store_path.parent)
     if store_path.is_dir():
         raise HybridPruneError(f"--store {store_path} is a folder; give the SQLite file to write")
-    if args.list:  # only reads: a store that does not exist yet is not made, and every run is still to do
-        finished = Store(store_path, create=False).finished_keys() if store_path.exists() else set()
+    if args.list:  # only reads: a store not made yet (or an empty file) is not made one, and every run is to do
+        made = store_path.exists() and store_path.stat().st_size > 0
+        finished = Store(store_path, create=False).finished_keys() if made else set()
         print("\n".join(pending_summary(grid, finished)))
         return
     store = Store(store_path)

@@ -113,8 +113,8 @@ def measure_variants(
     dense_times: list[float] = []
     out: list[Entry] = []
     bar = tqdm(total=len(variants), desc="profile in context", unit="model", disable=not progress)
-    for start in range(0, len(variants), VARIANTS_PER_CHUNK):
-        chunk = variants[start : start + VARIANTS_PER_CHUNK]
+    chunks = [variants[i : i + VARIANTS_PER_CHUNK] for i in range(0, len(variants), VARIANTS_PER_CHUNK)]
+    for chunk in chunks or [[]]:  # no variant (`--check-ratios ''`): the dense model is still measured
         calls = [_deployed_call(pruned_copy(model, groups, c), x, settings, device) for c in chunk]
         times = _timed([dense_call, *calls], settings.rounds, device)
         dense_times += times[0]

@@ -144,6 +144,9 @@ def predict(couplings: list[LayerCoupling], counts: dict[str, int], budget: Budg
     layers run 2:4."""
     if budget.context is not None:
         total, sparse = budget.context.predict(counts), set()
+        if not budget.table.entries:  # no per-layer entries: no layer has a 2:4 kernel measured on this device
+            on = {c.name for c in couplings if c.name in budget.nm_layers} if budget.nm_rule == "all" else set()
+            return total, frozenset(on)
         for c in couplings:
             t, on = sparse_time(c, counts, budget)
             total += t

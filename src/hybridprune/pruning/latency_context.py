@@ -249,6 +249,7 @@ class ContextModel:
         self.units = fit_units(record, couplings) if couplings else None
         self._dense_work = {c.name: unit_work(c, {}, record.block) or 1.0 for c in couplings or ()}
         self._cache: dict[tuple, float] = {}
+        self._works: dict[tuple, float] = {}
 
     def single(self, group: str, count: int) -> float:
         """Whole-model latency with only `group` at `count` (its step's boundary; linear between boundaries
@@ -289,10 +290,15 @@ class ContextModel:
         """The fitted unit model itself, before the floor: dense plus each unit's cost times its change of work."""
         if self.units is None:
             return self.expansion(counts)
-        block = self.record.block
         return self.record.dense.median_ms + sum(
-            self.units[c.name] * (unit_work(c, counts, block) / self._dense_work[c.name] - 1) for c in self.couplings
+            self.units[c.name] * (self._work(c, counts) / self._dense_work[c.name] - 1) for c in self.couplings
         )
+
+    def _work(self, c: LayerCoupling, counts: dict[str, int]) -> float:
+        key = (c.name, counts.get(c.out_group), *(counts.get(g) for g, _, _ in c.in_parts))
+        if key not in self._works:  # the solver asks for the same layer at the same counts many times
+            self._works[key] = unit_work(c, counts, self.record.block)
+        return self._works[key]
 
     def expansion(self, counts: dict[str, int]) -> float:
         """The second-order expansion itself, before the floor (for checks)."""

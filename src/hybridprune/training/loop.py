@@ -116,7 +116,7 @@ def resolve_precision(
         if any_rank(torch.tensor(chosen.name == "fp32"), world) and chosen.name != "fp32":
             chosen = Precision("fp32", "precision auto: fp32 (another rank measured bf16 no faster)")
     if chosen.reason and world.main:
-        print(chosen.reason, file=sys.stderr)
+        print(chosen.reason)  # a note of what was done, as the job's other lines: stderr is for what went wrong
     return chosen
 
 
