@@ -10,7 +10,13 @@ from zoo import ZOO_SOURCES, randomize_batchnorm_
 ZOO_NAMES = [*ZOO_SOURCES.values(), "alexnet", "resnet20"]
 
 
+# Tests that run OpenVINO in this process go last: in two CI runs here a segmentation fault hit later torch work
+# (training tests) after OpenVINO had run in the same process; its cause is not yet found.
+IN_PROCESS_OPENVINO = ("test_quantize.py", "test_runtimes.py", "deploy/runtimes", "deploy/quantize.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: any(part in item.nodeid for part in IN_PROCESS_OPENVINO))  # stable: order kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
