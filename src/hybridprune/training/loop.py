@@ -100,7 +100,7 @@ def resolve_precision(
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
         >>> data = Dataset("toy", ImageSet(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.zeros(4).long(), 2),
-        ...                ImageSet(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(2).long(), 2))
+        ...                ImageSet(torch.zeros(2, 1, 2, 2, dtype=torch.uint8), torch.zeros(2).long(), 2), hflip=False)
         >>> resolve_precision(TrainConfig(precision="fp32"), net, data, torch.device("cpu")).name
         'fp32'
     """
@@ -269,7 +269,7 @@ def fit(
         >>> from hybridprune.models.sources import build_model
         >>> ds = load_dataset("digits")
         >>> m = build_model("resnet20", in_channels=1, width=0.5)
-        >>> m = fit(m, ds, TrainConfig(epochs=1), torch.device("cpu"), progress=False)
+        >>> m = fit(m, ds, TrainConfig(epochs=1, precision="fp32"), torch.device("cpu"), progress=False)
     """
     if cfg.distill_weight > 0 and teacher is None:
         raise ValueError("distillation needs a teacher model")
