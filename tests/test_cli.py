@@ -334,7 +334,7 @@ def _configs_built(command, args):
 def _command_configs(command, args):
     if command in ("run", "train", "prune"):
         cfg = run_config_from_args(args)
-        return [cfg, cfg.data, cfg.model, cfg.train, cfg.finetune, cfg.prune]
+        return [cfg, cfg.data, cfg.model, cfg.train, cfg.finetune, cfg.prune, cfg.deploy]
     if command == "evaluate":
         return [data_config_from_args(args)]
     if command == "quantize":

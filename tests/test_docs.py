@@ -28,8 +28,9 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TRAINING = {"--train-size": "64", "--test-size": "32", "--epochs": "1", "--finetune-epochs": "1", "--batch-size": "32",
             "--calib-batches": "1", "--bn-recalib-batches": "1"}  # fmt: skip
 LATENCY = {"--latency-points": "2", "--latency-batch": "4"}
+DEPLOY = {"--deploy-batch": "4", "--deploy-rounds": "1", "--calibration-images": "32"}
 SMOKE = {
-    "run": {**TRAINING, **LATENCY, "--no-progress": None},
+    "run": {**TRAINING, **LATENCY, **DEPLOY, "--no-progress": None},
     "train": {**{k: TRAINING[k] for k in ("--train-size", "--test-size", "--epochs", "--batch-size")},
               "--no-progress": None},
     "prune": {**{k: v for k, v in TRAINING.items() if k not in ("--epochs", "--batch-size")}, **LATENCY,

@@ -467,6 +467,43 @@ DEFAULT_MODEL = ModelConfig("alexnet", 0.5)  # the job run with no --model: the 
 
 
 @dataclass(frozen=True)
+class DeployConfig(_CheckedConfig):
+    """What `run --deploy` adds to every variant it builds: its deployed forms (`targets`: a precision, whose
+    runtime is the one measured fastest on the dense model among those installed, or RUNTIME:PRECISION), each
+    with top-1 measured in its runtime and latency measured at `batch_size` over `rounds` round-robin rounds;
+    INT8 forms are calibrated as `hybridprune quantize` calibrates (activation format measured).
+
+    Example:
+        >>> DeployConfig(targets=("int8", "openvino:bf16")).batch_size
+        64
+        >>> DeployConfig(targets=("int4",))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hybridprune.errors.HybridPruneError: unknown deploy target 'int4'; valid: a precision (fp32, bf16, ...
+    """
+
+    targets: tuple[str, ...] = ()
+    batch_size: int = 64  # the batch latency is measured at
+    rounds: int = 10  # round-robin rounds of timing, every form in each
+    calibration_images: int = 256
+    calibration_method: str = "minmax"
+
+    RANGES: ClassVar = {"batch_size": (1, 4096), "rounds": (1, 10_000), "calibration_images": (1, 1_000_000)}
+
+    def __post_init__(self) -> None:
+        self._check_fields()
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(t.strip() for t in self.targets if t.strip())))
+        for target in self.targets:
+            runtime, _, precision = target.rpartition(":")
+            if precision not in DEPLOY_PRECISIONS or (runtime and runtime not in RUNTIME_NAMES):
+                raise HybridPruneError(
+                    f"unknown deploy target {target!r}; valid: a precision ({', '.join(DEPLOY_PRECISIONS)}) or "
+                    f"RUNTIME:PRECISION with a runtime of {', '.join(RUNTIME_NAMES)}"
+                )
+        check_name("calibration method", self.calibration_method, CALIBRATION_METHODS)
+
+
+@dataclass(frozen=True)
 class RunConfig(_CheckedConfig):
     """Everything `hybridprune run` needs: the dense model, the metrics to compare, fine-tuning."""
 
@@ -479,6 +516,7 @@ class RunConfig(_CheckedConfig):
     seed: int = 0
     filter_finetune: bool = True  # fine-tune between filter pruning and N:M pruning (the paper does)
     recipe: str = "plain"  # the name of the recovery recipe these settings came from (a label only)
+    deploy: DeployConfig = field(default_factory=DeployConfig)  # deployed forms of every variant (none: off)
 
     RANGES: ClassVar = {"seed": (0, 2**32 - 1)}
 
@@ -499,6 +537,7 @@ class RunConfig(_CheckedConfig):
             "train": TrainConfig,
             "finetune": TrainConfig,
             "prune": PruneConfig,
+            "deploy": DeployConfig,
         }
         unknown = sorted(set(values) - set(parts) - {"metrics", "seed", "filter_finetune", "recipe"})
         if unknown:
@@ -512,6 +551,19 @@ class RunConfig(_CheckedConfig):
             filter_finetune=values.get("filter_finetune", True),
             recipe=values.get("recipe", "plain"),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain data; `deploy` only when it deploys something, so the keys of stores and runs
+        made before deployment existed stay the same.
+
+        Example:
+            >>> "deploy" in RunConfig().to_dict(), "deploy" in RunConfig(deploy=DeployConfig(("int8",))).to_dict()
+            (False, True)
+        """
+        values = asdict(self)
+        if not self.deploy.targets:
+            del values["deploy"]
+        return values
 
     def with_recipe(self, name: str, recipe: dict[str, Any] | None = None) -> RunConfig:
         """These settings with a recipe's overrides (a named one from RECIPES, or `recipe` itself) applied.

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from hybridprune.config import (
     ALLOCATIONS,
+    CALIBRATION_METHODS,
     DEFAULT_DATA_DIR,
     DEFAULT_FINETUNE,
     DEFAULT_MODEL,
@@ -26,6 +27,7 @@ from hybridprune.config import (
     RECIPES,
     AnalysisConfig,
     DataConfig,
+    DeployConfig,
     ModelConfig,
     ModelSource,
     PruneConfig,
@@ -256,6 +258,7 @@ def add_prune(p: argparse.ArgumentParser, metric_help: str) -> None:
         "latency table measures 2:4 faster than dense; default with --target-latency), none (filter pruning only)",
     )
     add_latency(p)
+    add_deploy(p)
 
 
 def add_latency(p: argparse.ArgumentParser) -> None:
@@ -293,6 +296,26 @@ def add_latency(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--latency-table", default=None, help="a latency table (JSON) to reuse; only its missing entries are measured"
     )
+
+
+def add_deploy(p: argparse.ArgumentParser) -> None:
+    """What `--deploy` adds to every model the job builds: its deployed forms, measured in their runtimes."""
+    p.add_argument(
+        "--deploy",
+        default="",
+        help="also deploy every model the job builds (dense, 2:4-only, filter, filter+2:4) at these comma-separated "
+        "targets, each a precision (fp32, bf16, int8: the runtime measured fastest on the dense model among those "
+        "installed) or RUNTIME:PRECISION (e.g. openvino:int8); top-1 is measured in the runtime on the test set and "
+        "latency against the dense model in ONNX Runtime fp32 (default: none)",
+    )
+    numeric(p, "--deploy-batch", DeployConfig, "batch_size", "batch the deployed forms are timed at",
+            dest="deploy_batch")  # fmt: skip
+    numeric(p, "--deploy-rounds", DeployConfig, "rounds", "round-robin timing rounds of the deployed forms",
+            dest="deploy_rounds")  # fmt: skip
+    numeric(p, "--calibration-images", DeployConfig, "calibration_images",
+            "training images INT8 forms are calibrated on (seeded subset)")  # fmt: skip
+    p.add_argument("--calibration-method", default=DeployConfig.calibration_method, choices=CALIBRATION_METHODS,
+                   help="how INT8 ranges come from the calibration activations (default: minmax)")  # fmt: skip
 
 
 def _add_filter_flags(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from hybridprune.config import (
     METRIC_NAMES,
     RECIPES,
     DataConfig,
+    DeployConfig,
     ModelConfig,
     PruneConfig,
     RunConfig,
@@ -147,6 +148,23 @@ def run_config_from_args(args: argparse.Namespace, metrics: str | None = None) -
         metrics=names,
         seed=args.seed,
         recipe=getattr(args, "recipe", "plain"),
+        deploy=deploy_config(args),
+    )
+
+
+def deploy_config(args: argparse.Namespace) -> DeployConfig:
+    """The --deploy flags as a DeployConfig (a command without them deploys nothing).
+
+    Example:
+        >>> deploy_config(argparse.Namespace(deploy="int8, openvino:bf16")).targets
+        ('int8', 'openvino:bf16')
+    """
+    return DeployConfig(
+        targets=tuple(getattr(args, "deploy", "").split(",")),
+        batch_size=getattr(args, "deploy_batch", DeployConfig.batch_size),
+        rounds=getattr(args, "deploy_rounds", DeployConfig.rounds),
+        calibration_images=getattr(args, "calibration_images", DeployConfig.calibration_images),
+        calibration_method=getattr(args, "calibration_method", DeployConfig.calibration_method),
     )
 
 
@@ -314,9 +332,27 @@ def _print_result(result: dict[str, Any], json_path: str | None) -> None:
     latency = latency_tables(result)
     if latency:
         print(f"\nlatency (kept channels and predicted savings per channel group):\n{latency}")
+    if result.get("deployed"):
+        _print_deployed(result["deployed"], result["dense"]["accuracy"])
     if json_path:
         write_json(json_path, result)
         print(f"\nwrote {json_path}")
+
+
+def _print_deployed(deployed: dict[str, Any], dense_top1: float) -> None:
+    from hybridprune.experiments.deployed import deployed_table, fastest_within
+
+    base = deployed["baseline"]
+    baseline = f"{base['runtime']} {base['precision']}, {base['latency_ms']:.3f} ms"
+    print(f"\ndeployed (top-1 measured in each runtime; speed against the dense model in {baseline}, timed in the "
+          f"same rounds; {deployed['threads']} threads):")  # fmt: skip
+    print(deployed_table(deployed))
+    best = fastest_within(deployed, dense_top1)
+    if best is None:
+        print("no deployed form is within 1 point of the dense model's top-1")
+    else:
+        print(f"fastest within 1 point of dense top-1: {best['variant']} in {best['runtime']} {best['precision']}, "
+              f"{best['speedup']:.2f}x, top-1 {best['top1']:.2f}")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> None:

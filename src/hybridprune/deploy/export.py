@@ -39,11 +39,16 @@ def _onnx():
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, opset: int = OPSET, *, example_inputs: torch.Tensor | None = None
+    model: nn.Module,
+    path: str | Path,
+    opset: int = OPSET,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    record: bool = False,
 ) -> Path:
-    """Write the model (BatchNorm folded, normalisation inside, dynamic batch) to `path` atomically. Any
-    nn.Module: a plain one is traced on `example_inputs` (a batch it takes; its shape, not its values, is used)
-    unless filter pruning recorded its input shape.
+    """Write the model (BatchNorm folded, normalisation inside, dynamic batch) to `path` atomically (`record`:
+    listed in its folder's manifest, for a run folder). Any nn.Module: a plain one is traced on `example_inputs`
+    (a batch it takes; its shape, not its values, is used) unless filter pruning recorded its input shape.
 
     Example:
         >>> import tempfile, torchvision
@@ -59,7 +64,7 @@ def export_onnx(
     _onnx()
     example = torch.zeros(1, *input_shape(model, None if example_inputs is None else as_example(example_inputs)))
     folded = fold_batchnorm_(copy.deepcopy(model).cpu().eval(), example).eval()
-    with atomic_target(path) as tmp, warnings.catch_warnings():
+    with atomic_target(path, record=record) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on tracing; the check below is what counts
         try:
             torch.onnx.export(

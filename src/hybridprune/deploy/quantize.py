@@ -127,9 +127,11 @@ def quantize(
     threads: int | None = None,
     progress: bool = True,
     data_name: str = "the dataset",
+    record: bool = False,
 ) -> QuantizeReport:
     """Write `out`, the INT8 QDQ file of `model` calibrated on `cfg.calibration_images` images of `calibration`
-    (seeded by `seed`), after measuring it on `test` in `cfg.runtime`; returns what was measured.
+    (seeded by `seed`), after measuring it on `test` in `cfg.runtime`; returns what was measured. `record`: list
+    `out` in its folder's manifest (a run folder's files, which --overwrite may remove).
 
     Example:
         >>> import tempfile
@@ -163,7 +165,7 @@ def quantize(
         chosen = choose_format(times) if cfg.format == "auto" else cfg.format
         weights = weight_report(prepared, files[chosen], masks or {}, pattern)
         accuracy = compare_accuracy(fp32, files[chosen], test, cfg, threads, progress)
-        with atomic_target(out) as tmp:
+        with atomic_target(out, record=record) as tmp:
             shutil.copyfile(files[chosen], tmp)
     return QuantizeReport(
         out=str(out),

@@ -21,10 +21,12 @@ from torch import nn
 
 from hybridprune.config import PruneConfig, RunConfig, TrainConfig
 from hybridprune.data.images import Dataset
+from hybridprune.deploy.deployment import check_targets, deploy_variants
 from hybridprune.deploy.latency_target import LatencyReport, allocate_for_latency, layers_where_2to4_pays
 from hybridprune.deploy.profile import resolve_settings
 from hybridprune.deploy.runtimes import device_name
 from hybridprune.errors import HybridPruneError
+from hybridprune.experiments.deployed import DEPLOY_FOLDER, load_variants
 from hybridprune.experiments.inputs import (
     Log,
     data_meta,
@@ -141,6 +143,8 @@ class Job:
             nm = self.nm_only(dense, asked=bool(include_nm_only))
             if nm is not None:
                 result["nm"] = nm
+        if cfg.deploy.targets:
+            result["deployed"] = self.deployed(result)
         if self.precision is not None:
             result["training_precision"] = {"name": self.precision.name, "reason": self.precision.reason}
         if hasattr(data.train, "skipped"):
@@ -149,6 +153,20 @@ class Job:
             if skipped:  # nothing skipped is no news
                 self.log(f"data: {skipped} unreadable image file(s) skipped (pass --strict to stop at the first)")
         return result
+
+    def deployed(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Every model of `result` in its deployed forms (`--deploy`), measured by rank 0 for all ranks."""
+
+        def compute() -> dict[str, Any]:
+            answer = None
+            if self.world.main:
+                variants = load_variants(result, self.cfg.model.name)
+                answer = deploy_variants(variants, self.data, self.cfg.deploy, self.out / DEPLOY_FOLDER,
+                                         pattern=self.cfg.prune.pattern, seed=self.cfg.seed, progress=self.progress,
+                                         log=self.log)  # fmt: skip
+            return broadcast(answer, self.world)
+
+        return self._resumable("deploy", compute)
 
     def stage(
         self,
@@ -393,6 +411,8 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) ->
                     "choose another --out (--overwrite removes only hybridprune's own files)"
                 )
             remove_written_files(out)
+            if (out / DEPLOY_FOLDER).is_dir():  # the deployed forms of the run being redone
+                remove_written_files(out / DEPLOY_FOLDER)
         elif not config_file.is_file():
             raise HybridPruneError(f"{out} holds no hybridprune run to resume (no config.json); choose another --out")
         elif _read_json(config_file) != json.loads(json.dumps(cfg.to_dict())):  # tuples as lists
@@ -433,6 +453,7 @@ def run(
     dense_model = load_dense_checkpoint(dense_checkpoint, data, cfg.model.name) if dense_checkpoint else None
     check_prunable(dense_model if dense_model is not None else new_model(cfg, data, log=lambda _: None), cfg.prune)
     check_latency_settings(cfg.prune, device)
+    check_targets(cfg.deploy)  # a runtime or precision this machine lacks is said before any work
     with FolderLock(out) if world.main else contextlib.nullcontext() as lock:  # one run per folder
         if lock is not None and lock.replaced_stale:
             log(f"output folder: replaced the lock of a process that is gone ({lock.replaced_stale})")

@@ -1,0 +1,79 @@
+"""A job's deployed forms (`run --deploy`): which of its models are deployed, and the table that shows them.
+
+The measuring is `deploy.deployment`'s; this module only names a result's variants (dense, 2:4-only, each
+metric's filter-pruned and filter+2:4 models, as the run table names them) and prints what was measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybridprune.deploy.deployment import Variant
+from hybridprune.experiments.tables import format_accuracy, markdown_table, pattern_label
+from hybridprune.pruning.checkpoint import load_checkpoint
+
+DEPLOY_FOLDER = "deploy"  # inside a run folder: the deployed files and each form's record
+
+
+def variant_stages(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, stage record) of every model a job result holds, dense first, named as the run table names them.
+
+    Example:
+        >>> s = {"accuracy": 90.0, "checkpoint": "x"}
+        >>> [n for n, _ in variant_stages({"dense": s, "nm": s, "results": [{"metric": "l1", "filter": s}]})]
+        ['dense', '2:4 only', 'l1 filter']
+    """
+    nm = pattern_label(result)
+    stages = [("dense", result["dense"])]
+    if result.get("nm"):
+        stages.append((f"{nm} only", result["nm"]))
+    for r in result["results"]:
+        stages.append((f"{r['metric']} filter", r["filter"]))
+        if r.get("hybrid"):
+            stages.append((f"{r['metric']} filter+{nm}", r["hybrid"]))
+    return stages
+
+
+def load_variants(result: dict[str, Any], model: str) -> list[Variant]:
+    """Every model of a job result, loaded from its checkpoint on the CPU (`model`: the run's model name, so a
+    user's factory is named again), with its PyTorch top-1."""
+    variants = []
+    for name, stage in variant_stages(result):
+        net, masks, _ = load_checkpoint(stage["checkpoint"], model)
+        variants.append(Variant(name, net.cpu().eval(), masks, stage.get("accuracy")))
+    return variants
+
+
+def deployed_table(deployed: dict[str, Any]) -> str:
+    """Each deployed form: its top-1 as trained (PyTorch) and in its runtime, latency and speedup over the
+    baseline (the dense model in ONNX Runtime fp32, timed in the same rounds).
+
+    Example:
+        >>> form = {"variant": "dense", "runtime": "openvino", "precision": "int8", "trained_top1": 91.0,
+        ...         "top1": 90.5, "latency_ms": 2.0, "latency_p10_ms": 1.9, "latency_p90_ms": 2.2, "speedup": 7.5}
+        >>> [cell.strip() for cell in deployed_table({"forms": [form], "batch_size": 64}).splitlines()[2].split("|")]
+        ['', 'dense', 'openvino', 'int8', '91.00', '90.50', '-0.50', '2.000 (1.900-2.200)', '7.50x', '']
+    """
+    headers = ["variant", "runtime", "precision", "top-1 (PyTorch)", "top-1 deployed", "change",
+               f"ms at batch {deployed['batch_size']} (p10-p90)", "vs baseline"]  # fmt: skip
+    rows = []
+    for f in deployed["forms"]:
+        trained = f.get("trained_top1")
+        change = "-" if trained is None else f"{f['top1'] - trained:+.2f}"
+        latency = f"{f['latency_ms']:.3f} ({f['latency_p10_ms']:.3f}-{f['latency_p90_ms']:.3f})"
+        rows.append([f["variant"], f["runtime"], f["precision"], format_accuracy(trained), format_accuracy(f["top1"]),
+                     change, latency, f"{f['speedup']:.2f}x"])  # fmt: skip
+    return markdown_table(headers, rows)
+
+
+def fastest_within(deployed: dict[str, Any], dense_top1: float, points: float = 1.0) -> dict[str, Any] | None:
+    """The fastest deployed form whose top-1 in its runtime is within `points` of the dense model's PyTorch top-1
+    (None when no form is).
+
+    Example:
+        >>> forms = [{"top1": 89.0, "latency_ms": 1.0}, {"top1": 90.5, "latency_ms": 2.0}]
+        >>> fastest_within({"forms": forms}, 91.0)["latency_ms"]
+        2.0
+    """
+    close = [f for f in deployed["forms"] if f["top1"] >= dense_top1 - points]
+    return min(close, key=lambda f: f["latency_ms"]) if close else None

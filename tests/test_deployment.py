@@ -1,0 +1,137 @@
+"""`run --deploy`: every model of a job in its deployed forms, top-1 measured in the runtime that runs it (the
+same number as evaluating the written file there), 2:4 zeros kept through INT8, a bare precision resolved to the
+runtime measured fastest, finished forms reused on resume and removed by --overwrite, and each refusal in one
+line before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridprune.cli import main
+from hybridprune.config import DataConfig, DeployConfig, ModelConfig, PruneConfig, RunConfig, TrainConfig
+from hybridprune.deploy import deployment
+from hybridprune.deploy.accuracy import onnx_accuracy
+from hybridprune.deploy.runtimes import base, get_runtime
+from hybridprune.errors import HybridPruneError
+from hybridprune.experiments.deployed import variant_stages
+from hybridprune.experiments.inputs import prepare_data
+from hybridprune.experiments.job import run
+
+pytest.importorskip("onnxruntime.quantization")
+CPU = torch.device("cpu")
+TINY = {"alexnet": 0.125, "resnet20": 0.25}
+
+
+def tiny_job(model: str, targets: tuple[str, ...], **deploy) -> RunConfig:
+    """One metric, one epoch on a digits subset: four variants (dense, 2:4-only, filter, filter+2:4)."""
+    return RunConfig(
+        data=DataConfig(dataset="digits", train_size=256, test_size=64),
+        model=ModelConfig(name=model, width=TINY[model]),
+        train=TrainConfig(epochs=1, batch_size=64, precision="fp32"),
+        finetune=TrainConfig(epochs=1, batch_size=64, precision="fp32", warmup=0.0),
+        prune=PruneConfig(metric="l1", filter_ratio=0.5, round_to=4),
+        metrics=("l1",),
+        deploy=DeployConfig(targets=targets, batch_size=8, rounds=2, calibration_images=64, **deploy),
+    )
+
+
+@pytest.mark.parametrize("model", ["alexnet", "resnet20"])
+def test_every_variant_is_deployed_and_its_top1_is_the_files_in_its_runtime(model, tmp_path, one_torch_thread):
+    cfg = tiny_job(model, ("onnxruntime:int8", "onnxruntime:fp32"))
+    result = run(cfg, tmp_path / "run", CPU, progress=False, log=lambda _: None)
+    deployed = result["deployed"]
+    names = [name for name, _ in variant_stages(result)]
+    assert names == ["dense", "2:4 only", "l1 filter", "l1 filter+2:4"]
+    pairs = [("onnxruntime", "int8"), ("onnxruntime", "fp32")]
+    assert [(f["variant"], f["runtime"], f["precision"]) for f in deployed["forms"]] == [
+        (n, *p) for n in names for p in pairs
+    ]
+    test = prepare_data(cfg).test
+    for form in deployed["forms"]:
+        again = onnx_accuracy(form["file"], test, form["runtime"], form["precision"], threads=1, progress=False)
+        assert again.top1 == form["top1"] and again.images == 64  # measured on the written file, in its runtime
+        assert form["speedup"] == pytest.approx(deployed["baseline"]["latency_ms"] / form["latency_ms"])
+        assert form["latency_p10_ms"] <= form["latency_ms"] <= form["latency_p90_ms"]
+        if form["precision"] == "fp32":  # fp32 in ONNX Runtime is the trained model: same predictions, near enough
+            assert form["top1"] == pytest.approx(form["trained_top1"], abs=100 / 64 + 1e-9)
+        else:
+            assert form["zeros_lost"] == 0  # the 2:4 variants' zeros survive quantization (quantize checks it)
+    assert deployed["baseline"]["runtime"] == "onnxruntime" and deployed["cpu"]["name"]
+
+
+def test_resume_reuses_finished_forms_and_overwrite_removes_them(tmp_path, one_torch_thread):
+    cfg = tiny_job("alexnet", ("onnxruntime:int8",))
+    out = tmp_path / "run"
+    first = run(cfg, out, CPU, progress=False, log=lambda _: None)
+    files = {f["file"]: (out / "deploy" / f["file"].split("/")[-1]).stat().st_mtime_ns
+             for f in first["deployed"]["forms"]}  # fmt: skip
+    (out / "deploy.json").unlink()  # as if interrupted after the forms were made, before the stage's record
+    (out / "results.json").unlink()
+    lines: list[str] = []
+    again = run(cfg, out, CPU, resume=True, progress=False, log=lines.append)
+    assert [f["top1"] for f in again["deployed"]["forms"]] == [f["top1"] for f in first["deployed"]["forms"]]
+    assert {p: (out / "deploy" / p.split("/")[-1]).stat().st_mtime_ns for p in files} == files  # not remade
+    run(cfg, out, CPU, overwrite=True, progress=False, log=lambda _: None)
+    assert not any(p.name.startswith("dense-onnxruntime-int8.onnx.") for p in (out / "deploy").iterdir())
+    run(cfg.__class__(**{**cfg.__dict__, "deploy": DeployConfig()}), out, CPU, overwrite=True, progress=False,
+        log=lambda _: None)  # fmt: skip
+    assert not list((out / "deploy").glob("*.onnx"))  # --overwrite removed the deployed files of the run it redid
+
+
+@pytest.mark.parametrize("winner", [0, 1])
+def test_a_bare_precision_takes_the_runtime_measured_fastest(winner, tmp_path, monkeypatch, one_torch_thread):
+    def fake_times(forms, builder, x, rounds):
+        pairs = [p for _, p in forms]
+        if len(set(pairs)) == len(pairs) and all(v.name == "dense" for v, _ in forms) and len(forms) == 2:
+            return [[1.0, 1.0], [2.0, 2.0]] if winner == 0 else [[3.0, 3.0], [2.0, 2.0]]
+        return [[1.0, 1.0] for _ in forms]
+
+    monkeypatch.setattr(deployment, "_time_forms", fake_times)
+    monkeypatch.setattr(deployment, "target_pairs", lambda t, d="cpu": [("onnxruntime", "fp32"), ("torch", "fp32")])
+    from hybridprune.data.datasets import load_dataset
+    from hybridprune.data.images import Dataset
+    from hybridprune.models.sources import build_model
+
+    data = load_dataset("digits")
+    data = Dataset(data.name, data.train, data.test.subset(16, 0), data.hflip)
+    dense = deployment.Variant("dense", build_model("alexnet", in_channels=1, width=0.125).eval())
+    lines: list[str] = []
+    cfg = DeployConfig(targets=("fp32",), batch_size=4, rounds=2)
+    record = deployment.deploy_variants([dense], data, cfg, tmp_path, progress=False, log=lines.append)
+    chosen = ("onnxruntime", "torch")[winner]
+    assert record["choices"] == [{"target": "fp32", "runtime": chosen, "precision": "fp32", "by": "measured",
+                                  "median_ms": {"onnxruntime": 1.0 if winner == 0 else 3.0, "torch": 2.0}}]  # fmt: skip
+    assert [f["runtime"] for f in record["forms"]] == [chosen]
+    assert lines == [f"deploy fp32: {chosen} (dense model {1.0 if winner == 0 else 2.0:.3f} ms at batch 4; "
+                     f"{('torch 2.000 ms', 'onnxruntime 3.000 ms')[winner]})"]  # fmt: skip
+
+
+def test_a_bare_precision_names_what_each_runtime_lacks(monkeypatch):
+    monkeypatch.setattr(base, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
+    with pytest.raises(HybridPruneError, match="no runtime here runs it") as e:
+        deployment.target_pairs("bf16")
+    assert "needs a CPU with native bf16" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("int4", "unknown deploy target 'int4'; valid: a precision"),
+        ("tensorrt:int8", "tensorrt runs on cuda, not on cpu"),
+        ("onnxruntime:bf16", "onnxruntime runs fp32, int8 on cpu, not bf16"),
+    ],
+)
+def test_deploy_targets_that_cannot_run_are_one_line_before_any_work(flag, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--train-size", "64", "--test-size", "16", "--epochs", "0", "--deploy", flag, "--out", str(out)]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_an_openvino_target_is_refused_where_it_is_not_installed(monkeypatch):
+    monkeypatch.setattr(type(get_runtime("openvino")), "installed", lambda self: False)
+    with pytest.raises(HybridPruneError, match=r"openvino is not installed \(pip install"):
+        deployment.check_targets(DeployConfig(targets=("openvino:int8",)))
