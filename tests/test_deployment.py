@@ -32,7 +32,7 @@ def tiny_job(model: str, targets: tuple[str, ...], **deploy) -> RunConfig:
         finetune=TrainConfig(epochs=1, batch_size=64, precision="fp32", warmup=0.0),
         prune=PruneConfig(metric="l1", filter_ratio=0.5, round_to=4),
         metrics=("l1",),
-        deploy=DeployConfig(targets=targets, batch_size=8, rounds=2, calibration_images=64, **deploy),
+        deploy=DeployConfig(targets=targets, batch_sizes=(8, 1), rounds=2, calibration_images=64, **deploy),
     )
 
 
@@ -51,8 +51,10 @@ def test_every_variant_is_deployed_and_its_top1_is_the_files_in_its_runtime(mode
     for form in deployed["forms"]:
         again = onnx_accuracy(form["file"], test, form["runtime"], form["precision"], threads=1, progress=False)
         assert again.top1 == form["top1"] and again.images == 64  # measured on the written file, in its runtime
-        assert form["speedup"] == pytest.approx(deployed["baseline"]["latency_ms"] / form["latency_ms"])
-        assert form["latency_p10_ms"] <= form["latency_ms"] <= form["latency_p90_ms"]
+        assert set(form["latency"]) == {"8", "1"}  # every form timed at every batch
+        for batch, t in form["latency"].items():
+            assert t["speedup"] == pytest.approx(deployed["baseline"]["latency_ms"][batch] / t["median_ms"])
+            assert t["p10_ms"] <= t["median_ms"] <= t["p90_ms"]
         if form["precision"] == "fp32":  # fp32 in ONNX Runtime is the trained model: same predictions, near enough
             assert form["top1"] == pytest.approx(form["trained_top1"], abs=100 / 64 + 1e-9)
         else:
@@ -97,7 +99,7 @@ def test_a_bare_precision_takes_the_runtime_measured_fastest(winner, tmp_path, m
     data = Dataset(data.name, data.train, data.test.subset(16, 0), data.hflip)
     dense = deployment.Variant("dense", build_model("alexnet", in_channels=1, width=0.125).eval())
     lines: list[str] = []
-    cfg = DeployConfig(targets=("fp32",), batch_size=4, rounds=2)
+    cfg = DeployConfig(targets=("fp32",), batch_sizes=(4,), rounds=2)
     record = deployment.deploy_variants([dense], data, cfg, tmp_path, progress=False, log=lines.append)
     chosen = ("onnxruntime", "torch")[winner]
     assert record["choices"] == [{"target": "fp32", "runtime": chosen, "precision": "fp32", "by": "measured",
@@ -120,11 +122,14 @@ def test_a_bare_precision_names_what_each_runtime_lacks(monkeypatch):
         ("int4", "unknown deploy target 'int4'; valid: a precision"),
         ("tensorrt:int8", "tensorrt runs on cuda, not on cpu"),
         ("onnxruntime:bf16", "onnxruntime runs fp32, int8 on cpu, not bf16"),
+        ("int8 --deploy-batch 0", "deploy batch sizes must be integers in [1, 4096], got [0]"),
+        ("int8 --deploy-batch 1,x", "--deploy-batch takes integers separated by commas, got '1,x'"),
     ],
 )
 def test_deploy_targets_that_cannot_run_are_one_line_before_any_work(flag, message, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", "--train-size", "64", "--test-size", "16", "--epochs", "0", "--deploy", flag, "--out", str(out)]
+    argv = ["run", "--train-size", "64", "--test-size", "16", "--epochs", "0", "--deploy", *flag.split(), "--out",
+            str(out)]  # fmt: skip
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -235,7 +235,8 @@ class _CheckedConfig:
 
 def _has_type(value: Any, name: str) -> bool:
     if name.startswith("tuple"):
-        return isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value)
+        kind = int if name.startswith("tuple[int") else str
+        return isinstance(value, (tuple, list)) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
     if name not in _TYPES:
         return True  # a nested config checks itself
     return isinstance(value, _TYPES[name]) and not (isinstance(value, bool) and name in ("int", "float"))
@@ -470,12 +471,12 @@ DEFAULT_MODEL = ModelConfig("alexnet", 0.5)  # the job run with no --model: the 
 class DeployConfig(_CheckedConfig):
     """What `run --deploy` adds to every variant it builds: its deployed forms (`targets`: a precision, whose
     runtime is the one measured fastest on the dense model among those installed, or RUNTIME:PRECISION), each
-    with top-1 measured in its runtime and latency measured at `batch_size` over `rounds` round-robin rounds;
-    INT8 forms are calibrated as `hybridprune quantize` calibrates (activation format measured).
+    with top-1 measured in its runtime and latency measured at each of `batch_sizes` over `rounds` round-robin
+    rounds; INT8 forms are calibrated as `hybridprune quantize` calibrates (activation format measured).
 
     Example:
-        >>> DeployConfig(targets=("int8", "openvino:bf16")).batch_size
-        64
+        >>> DeployConfig(targets=("int8", "openvino:bf16")).batch_sizes
+        (64,)
         >>> DeployConfig(targets=("int4",))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -483,15 +484,21 @@ class DeployConfig(_CheckedConfig):
     """
 
     targets: tuple[str, ...] = ()
-    batch_size: int = 64  # the batch latency is measured at
+    batch_sizes: tuple[int, ...] = (64,)  # the batches latency is measured at (the first decides a bare precision)
     rounds: int = 10  # round-robin rounds of timing, every form in each
     calibration_images: int = 256
     calibration_method: str = "minmax"
 
-    RANGES: ClassVar = {"batch_size": (1, 4096), "rounds": (1, 10_000), "calibration_images": (1, 1_000_000)}
+    RANGES: ClassVar = {"rounds": (1, 10_000), "calibration_images": (1, 1_000_000)}
+    MAX_BATCH: ClassVar = 4096
 
     def __post_init__(self) -> None:
         self._check_fields()
+        object.__setattr__(self, "batch_sizes", tuple(dict.fromkeys(self.batch_sizes)))
+        if not self.batch_sizes or not all(1 <= b <= self.MAX_BATCH for b in self.batch_sizes):
+            raise HybridPruneError(
+                f"deploy batch sizes must be integers in [1, {self.MAX_BATCH}], got {list(self.batch_sizes)}"
+            )
         object.__setattr__(self, "targets", tuple(dict.fromkeys(t.strip() for t in self.targets if t.strip())))
         for target in self.targets:
             runtime, _, precision = target.rpartition(":")

@@ -308,8 +308,8 @@ def add_deploy(p: argparse.ArgumentParser) -> None:
         "installed) or RUNTIME:PRECISION (e.g. openvino:int8); top-1 is measured in the runtime on the test set and "
         "latency against the dense model in ONNX Runtime fp32 (default: none)",
     )
-    numeric(p, "--deploy-batch", DeployConfig, "batch_size", "batch the deployed forms are timed at",
-            dest="deploy_batch")  # fmt: skip
+    p.add_argument("--deploy-batch", default="64", help="batch size, or comma-separated batch sizes, the deployed "
+                   "forms are timed at (the first decides a bare precision's runtime; default 64)")  # fmt: skip
     numeric(p, "--deploy-rounds", DeployConfig, "rounds", "round-robin timing rounds of the deployed forms",
             dest="deploy_rounds")  # fmt: skip
     numeric(p, "--calibration-images", DeployConfig, "calibration_images",

@@ -161,7 +161,7 @@ def deploy_config(args: argparse.Namespace) -> DeployConfig:
     """
     return DeployConfig(
         targets=tuple(getattr(args, "deploy", "").split(",")),
-        batch_size=getattr(args, "deploy_batch", DeployConfig.batch_size),
+        batch_sizes=deploy_batches(getattr(args, "deploy_batch", "64")),
         rounds=getattr(args, "deploy_rounds", DeployConfig.rounds),
         calibration_images=getattr(args, "calibration_images", DeployConfig.calibration_images),
         calibration_method=getattr(args, "calibration_method", DeployConfig.calibration_method),
@@ -339,11 +339,25 @@ def _print_result(result: dict[str, Any], json_path: str | None) -> None:
         print(f"\nwrote {json_path}")
 
 
+def deploy_batches(text: str) -> tuple[int, ...]:
+    """'1,64' -> (1, 64); anything but integers is one line (DeployConfig checks the bound).
+
+    Example:
+        >>> deploy_batches("64, 1")
+        (64, 1)
+    """
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise HybridPruneError(f"--deploy-batch takes integers separated by commas, got {text!r}") from None
+
+
 def _print_deployed(deployed: dict[str, Any], dense_top1: float) -> None:
     from hybridprune.experiments.deployed import deployed_table, fastest_within
 
     base = deployed["baseline"]
-    baseline = f"{base['runtime']} {base['precision']}, {base['latency_ms']:.3f} ms"
+    times = ", ".join(f"{ms:.3f} ms at batch {b}" for b, ms in base["latency_ms"].items())
+    baseline = f"{base['runtime']} {base['precision']}, {times}"
     print(f"\ndeployed (top-1 measured in each runtime; speed against the dense model in {baseline}, timed in the "
           f"same rounds; {deployed['threads']} threads):")  # fmt: skip
     print(deployed_table(deployed))
@@ -351,8 +365,9 @@ def _print_deployed(deployed: dict[str, Any], dense_top1: float) -> None:
     if best is None:
         print("no deployed form is within 1 point of the dense model's top-1")
     else:
-        print(f"fastest within 1 point of dense top-1: {best['variant']} in {best['runtime']} {best['precision']}, "
-              f"{best['speedup']:.2f}x, top-1 {best['top1']:.2f}")  # fmt: skip
+        batch = str(max(deployed["batch_sizes"]))
+        print(f"fastest at batch {batch} within 1 point of dense top-1: {best['variant']} in {best['runtime']} "
+              f"{best['precision']}, {best['latency'][batch]['speedup']:.2f}x, top-1 {best['top1']:.2f}")  # fmt: skip
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -114,8 +114,8 @@ def deploy_variants(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Deploy every variant (the first is the dense model) at every target of `cfg` into `folder`; returns the
-    record: each form's top-1 in its runtime, latency at `cfg.batch_size` and speedup over the dense model in
-    ONNX Runtime fp32, the measured runtime choices, versions and the CPU's instruction sets.
+    record: each form's top-1 in its runtime, its latency at each of `cfg.batch_sizes` and speedup over the dense
+    model in ONNX Runtime fp32, the measured runtime choices, versions and the CPU's instruction sets.
 
     Example:
         >>> import tempfile
@@ -124,7 +124,7 @@ def deploy_variants(
         >>> data = load_dataset("digits")
         >>> data = Dataset(data.name, data.train, data.test.subset(64, 0), data.hflip)
         >>> dense = Variant("dense", build_model("alexnet", in_channels=1, width=0.125))
-        >>> cfg = DeployConfig(targets=("onnxruntime:fp32",), batch_size=8, rounds=2)
+        >>> cfg = DeployConfig(targets=("onnxruntime:fp32",), batch_sizes=(8,), rounds=2)
         >>> record = deploy_variants([dense], data, cfg, tempfile.mkdtemp(), progress=False, log=lambda _: None)
         >>> [(f["variant"], f["runtime"], f["precision"]) for f in record["forms"]]
         [('dense', 'onnxruntime', 'fp32')]
@@ -134,23 +134,26 @@ def deploy_variants(
     candidates = check_targets(cfg)
     threads = threads or torch.get_num_threads()
     builder = _FormBuilder(data, cfg, folder, pattern, seed, threads, progress)
-    x = timing_batch(data.test, cfg.batch_size)
-    choices = [_choose(target, pairs, variants[0], builder, x, cfg.rounds, log) for target, pairs in candidates.items()]
+    first = timing_batch(data.test, cfg.batch_sizes[0])
+    choices = [_choose(t, pairs, variants[0], builder, first, cfg.rounds, log) for t, pairs in candidates.items()]
     pairs = list(dict.fromkeys(c["pair"] for c in choices))
     forms = [(v, pair) for v in variants for pair in pairs]
     bar = tqdm(forms, desc="deploy", unit="form", disable=None if progress else True, leave=False)
     records = [builder.record(v, pair) for v, pair in bar]
     baseline = BASELINE if get_runtime(BASELINE[0]).available("cpu") else ("torch", "fp32")
-    times = _time_forms([*((v, p) for v, p in forms), (variants[0], baseline)], builder, x, cfg.rounds)
-    base_ms = quantiles(times[-1])[0]
-    for record, t in zip(records, times, strict=False):
-        median, p10, p90 = quantiles(t)
-        record |= {"latency_ms": median, "latency_p10_ms": p10, "latency_p90_ms": p90, "speedup": base_ms / median}
+    base_ms = {}
+    for batch in cfg.batch_sizes:
+        times = _time_forms([*forms, (variants[0], baseline)], builder, timing_batch(data.test, batch), cfg.rounds)
+        base_ms[str(batch)] = quantiles(times[-1])[0]
+        for record, t in zip(records, times, strict=False):
+            median, p10, p90 = quantiles(t)
+            record.setdefault("latency", {})[str(batch)] = {"median_ms": median, "p10_ms": p10, "p90_ms": p90,
+                                                            "speedup": base_ms[str(batch)] / median}  # fmt: skip
     return {
-        "batch_size": cfg.batch_size,
+        "batch_sizes": list(cfg.batch_sizes),
         "rounds": cfg.rounds,
         "threads": threads,
-        "timing_input": f"{cfg.batch_size} test images",
+        "timing_input": "the first test images, as many as the batch",
         "baseline": {"variant": variants[0].name, "runtime": baseline[0], "precision": baseline[1],
                      "latency_ms": base_ms},  # fmt: skip
         "choices": [{k: v for k, v in c.items() if k != "pair"} for c in choices],

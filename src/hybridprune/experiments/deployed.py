@@ -45,35 +45,42 @@ def load_variants(result: dict[str, Any], model: str) -> list[Variant]:
 
 
 def deployed_table(deployed: dict[str, Any]) -> str:
-    """Each deployed form: its top-1 as trained (PyTorch) and in its runtime, latency and speedup over the
-    baseline (the dense model in ONNX Runtime fp32, timed in the same rounds).
+    """Each deployed form: its top-1 as trained (PyTorch) and in its runtime, and at each timed batch its median
+    latency (10th-90th percentile) and speedup over the baseline (the dense model in ONNX Runtime fp32, timed in
+    the same rounds).
 
     Example:
+        >>> at_64 = {"median_ms": 2.0, "p10_ms": 1.9, "p90_ms": 2.2, "speedup": 7.5}
         >>> form = {"variant": "dense", "runtime": "openvino", "precision": "int8", "trained_top1": 91.0,
-        ...         "top1": 90.5, "latency_ms": 2.0, "latency_p10_ms": 1.9, "latency_p90_ms": 2.2, "speedup": 7.5}
-        >>> [cell.strip() for cell in deployed_table({"forms": [form], "batch_size": 64}).splitlines()[2].split("|")]
+        ...         "top1": 90.5, "latency": {"64": at_64}}
+        >>> [cell.strip() for cell in deployed_table({"forms": [form], "batch_sizes": [64]}).splitlines()[2].split("|")]
         ['', 'dense', 'openvino', 'int8', '91.00', '90.50', '-0.50', '2.000 (1.900-2.200)', '7.50x', '']
     """
-    headers = ["variant", "runtime", "precision", "top-1 (PyTorch)", "top-1 deployed", "change",
-               f"ms at batch {deployed['batch_size']} (p10-p90)", "vs baseline"]  # fmt: skip
+    batches = [str(b) for b in deployed["batch_sizes"]]
+    headers = ["variant", "runtime", "precision", "top-1 (PyTorch)", "top-1 deployed", "change"]
+    headers += [h for b in batches for h in (f"ms at batch {b} (p10-p90)", f"x at {b}")]
     rows = []
     for f in deployed["forms"]:
         trained = f.get("trained_top1")
         change = "-" if trained is None else f"{f['top1'] - trained:+.2f}"
-        latency = f"{f['latency_ms']:.3f} ({f['latency_p10_ms']:.3f}-{f['latency_p90_ms']:.3f})"
-        rows.append([f["variant"], f["runtime"], f["precision"], format_accuracy(trained), format_accuracy(f["top1"]),
-                     change, latency, f"{f['speedup']:.2f}x"])  # fmt: skip
+        row = [f["variant"], f["runtime"], f["precision"], format_accuracy(trained), format_accuracy(f["top1"]), change]
+        for b in batches:
+            t = f["latency"][b]
+            row += [f"{t['median_ms']:.3f} ({t['p10_ms']:.3f}-{t['p90_ms']:.3f})", f"{t['speedup']:.2f}x"]
+        rows.append(row)
     return markdown_table(headers, rows)
 
 
 def fastest_within(deployed: dict[str, Any], dense_top1: float, points: float = 1.0) -> dict[str, Any] | None:
-    """The fastest deployed form whose top-1 in its runtime is within `points` of the dense model's PyTorch top-1
-    (None when no form is).
+    """The fastest deployed form at the largest timed batch whose top-1 in its runtime is within `points` of the
+    dense model's PyTorch top-1 (None when no form is).
 
     Example:
-        >>> forms = [{"top1": 89.0, "latency_ms": 1.0}, {"top1": 90.5, "latency_ms": 2.0}]
-        >>> fastest_within({"forms": forms}, 91.0)["latency_ms"]
-        2.0
+        >>> forms = [{"top1": 89.0, "latency": {"64": {"median_ms": 1.0}}},
+        ...          {"top1": 90.5, "latency": {"64": {"median_ms": 2.0}}}]
+        >>> fastest_within({"forms": forms, "batch_sizes": [1, 64]}, 91.0)["top1"]
+        90.5
     """
+    batch = str(max(deployed["batch_sizes"]))
     close = [f for f in deployed["forms"] if f["top1"] >= dense_top1 - points]
-    return min(close, key=lambda f: f["latency_ms"]) if close else None
+    return min(close, key=lambda f: f["latency"][batch]["median_ms"]) if close else None
