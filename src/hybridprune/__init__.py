@@ -35,7 +35,8 @@ from hybridprune.version import __version__ as __version__
 # public name -> the module that defines it
 _API = {
     "hybridprune.config": (
-        "RECIPES DataConfig ModelConfig ModelSource NMPattern PruneConfig QuantizeConfig RunConfig TrainConfig"
+        "RECIPES DataConfig DeployConfig ModelConfig ModelSource NMPattern PruneConfig QuantizeConfig RunConfig "
+        "TrainConfig"
     ),
     "hybridprune.errors": "HybridPruneError",
     "hybridprune.data.datasets": "load_dataset",
@@ -54,6 +55,7 @@ _API = {
     "hybridprune.training.lightning": "HybridPruningCallback",  # needs the optional extra: lightning
     "hybridprune.deploy.runtimes": "RUNTIMES get_runtime",
     "hybridprune.deploy.quantize": "quantize",  # needs the optional extra: export
+    "hybridprune.deploy.deployment": "Variant deploy_variants",  # needs the optional extra: export
 }
 _WHERE = {name: module for module, names in _API.items() for name in names.split()}
 __all__ = sorted([*_WHERE, "__version__"])
