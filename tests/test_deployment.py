@@ -5,6 +5,8 @@ line before anything is written."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -140,3 +142,42 @@ def test_an_openvino_target_is_refused_where_it_is_not_installed(monkeypatch):
     monkeypatch.setattr(type(get_runtime("openvino")), "installed", lambda self: False)
     with pytest.raises(HybridPruneError, match=r"openvino is not installed \(pip install"):
         deployment.check_targets(DeployConfig(targets=("openvino:int8",)))
+
+
+def test_a_grid_deploys_each_run_and_the_report_shows_it_over_seeds(tmp_path, one_torch_thread):
+    from hybridprune.experiments.grid import grid_from_dict, run_grid
+    from hybridprune.experiments.report import write_grid_report
+    from hybridprune.experiments.store import Store
+
+    raw = {
+        "datasets": [{"dataset": "digits", "train_size": 96, "test_size": 48}],
+        "models": [{"name": "alexnet", "width": 0.125}],
+        "metrics": ["l1"],
+        "ratios": [0.5],
+        "seeds": [0, 1],
+        "train": {"epochs": 1, "batch_size": 32, "precision": "fp32"},
+        "finetune": {"epochs": 1, "batch_size": 32, "precision": "fp32"},
+        "prune": {"round_to": 4, "calib_batches": 1, "bn_recalib_batches": 1, "calib_batch_size": 32},
+        "nm_only": False,
+        "deploy": {"targets": ["onnxruntime:int8"], "batch_sizes": [4], "rounds": 1, "calibration_images": 32},
+    }
+    grid = grid_from_dict(raw, "deployed")
+    with pytest.raises(HybridPruneError, match="--workers 1"):
+        run_grid(grid, Store(tmp_path / "refused.sqlite"), workers=2, progress=False, log=lambda _: None)
+    store = Store(tmp_path / "d.sqlite")
+    assert run_grid(grid, store, progress=False, log=lambda _: None)["done"] == 2
+    rows = store.rows()
+    for row in rows:
+        forms = json.loads(row["result"])["deployed"]["forms"]
+        assert [f["variant"] for f in forms] == ["dense", "l1 filter", "l1 filter+2:4"]
+        assert all(f["zeros_lost"] == 0 and f["latency"]["4"]["median_ms"] > 0 for f in forms)
+    write_grid_report(rows, tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    section = report.split("## Deployed")[1]
+    for variant in ("dense", "l1 filter", "l1 filter+2:4"):
+        line = next(x for x in section.splitlines() if f"| {variant} " in x)
+        top1 = [json.loads(r["result"])["deployed"]["forms"] for r in rows]
+        mean = sum(next(f["top1"] for f in fs if f["variant"] == variant) for fs in top1) / 2
+        assert f"{mean:.2f} ±" in line and line.rstrip(" |").endswith("2")  # the mean over both seeds
+    with pytest.raises(HybridPruneError, match="unknown deploy target"):
+        grid_from_dict({**raw, "deploy": {"targets": ["int3"]}}, "bad")

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from hybridprune.deploy.deployment import Variant
+from hybridprune.experiments.statistics import mean_std
 from hybridprune.experiments.tables import format_accuracy, markdown_table, pattern_label
+from hybridprune.parse import loads_json
 from hybridprune.pruning.checkpoint import load_checkpoint
 
 DEPLOY_FOLDER = "deploy"  # inside a run folder: the deployed files and each form's record
@@ -84,3 +86,45 @@ def fastest_within(deployed: dict[str, Any], dense_top1: float, points: float = 
     batch = str(max(deployed["batch_sizes"]))
     close = [f for f in deployed["forms"] if f["top1"] >= dense_top1 - points]
     return min(close, key=lambda f: f["latency"][batch]["median_ms"]) if close else None
+
+
+def grid_deployed_table(rows: list[dict[str, Any]]) -> str:
+    """The deployed forms of a grid's runs, over seeds: per setup (dataset, model, run, ratio), variant and
+    precision, the runtime(s) chosen, top-1 in the runtime and its change from PyTorch (mean ± std), and the mean
+    speedup over dense ONNX Runtime fp32 at each batch ('' when no run deployed anything).
+
+    Example:
+        >>> import json
+        >>> form = {"variant": "l1 filter", "runtime": "openvino", "precision": "int8", "trained_top1": 90.0,
+        ...         "top1": 89.5, "latency": {"64": {"speedup": 8.0}}}
+        >>> row = lambda seed: {"dataset": "cifar10", "model": "alexnet", "width": 0.5, "metric": "l1", "ratio": 0.4,
+        ...     "seed": seed, "result": json.dumps({"deployed": {"batch_sizes": [64], "forms": [form]}})}
+        >>> [c.strip() for c in grid_deployed_table([row(0), row(1)]).splitlines()[2].split("|")[5:12]]
+        ['l1 filter', 'openvino', 'int8', '89.50 ± 0.00', '-0.50 ± 0.00', '8.00x', '2']
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    batches: dict[str, None] = {}
+    for row in rows:
+        deployed = loads_json(row["result"], "a result in the store").get("deployed")
+        for form in (deployed or {}).get("forms", []):
+            setup = (row["dataset"], f"{row['model']} w{row['width']:g}", row["metric"], f"{row['ratio']:.2f}")
+            groups.setdefault((*setup, form["variant"], form["precision"]), []).append(form)
+            batches |= dict.fromkeys(form["latency"])
+    if not groups:
+        return ""
+    body = []
+    for key, forms in sorted(groups.items()):
+        runtimes = "/".join(dict.fromkeys(f["runtime"] for f in forms))
+        top1 = mean_std([f["top1"] for f in forms])
+        change = mean_std([f["top1"] - f["trained_top1"] for f in forms])
+        speed = [_mean_speedup(forms, b) for b in batches]
+        cells = [f"{top1[0]:.2f} ± {top1[1]:.2f}", f"{change[0]:+.2f} ± {change[1]:.2f}", *speed, str(len(forms))]
+        body.append([*key[:5], runtimes, key[5], *cells])
+    headers = ["dataset", "model", "metric", "ratio", "variant", "runtime", "precision", "top-1 deployed",
+               "change", *(f"x at {b}" for b in batches), "seeds"]  # fmt: skip
+    return markdown_table(headers, body)
+
+
+def _mean_speedup(forms: list[dict[str, Any]], batch: str) -> str:
+    values = [f["latency"][batch]["speedup"] for f in forms if batch in f["latency"]]
+    return f"{sum(values) / len(values):.2f}x" if values else "-"

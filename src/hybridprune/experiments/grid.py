@@ -24,6 +24,7 @@ from hybridprune.config import (
     LATENCY_ALLOCATION,
     RECIPES,
     DataConfig,
+    DeployConfig,
     ModelConfig,
     PruneConfig,
     RunConfig,
@@ -31,6 +32,7 @@ from hybridprune.config import (
     check_recipe,
     validate_ratio,
 )
+from hybridprune.deploy.deployment import check_targets
 from hybridprune.errors import HybridPruneError
 from hybridprune.experiments.runner import (
     Placement,
@@ -59,6 +61,7 @@ GRID_KEYS = {
     "recipes",
     "nm_only",
     "description",
+    "deploy",
 }
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -85,6 +88,8 @@ class Grid:
     nm_only: bool = True  # also the 2:4-only model of every baseline (plain fine-tuning), for the frontier plot
     # instead of the ratios: fractions of the dense model's measured latency (prune.latency_* say how it is measured)
     target_latencies: tuple[float, ...] = ()
+    # every run's models also deployed (targets, batch sizes...: DeployConfig), top-1 and latency measured
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def runs(self) -> list[RunConfig]:
         """Every grid point as a one-metric RunConfig."""
@@ -119,6 +124,7 @@ class Grid:
             metrics=(metric,),
             seed=seed,
             filter_finetune=self.filter_finetune,
+            deploy=self.deploy,
         )
 
 
@@ -180,6 +186,7 @@ def grid_from_dict(raw: dict[str, Any], default_name: str = "experiment") -> Gri
         _recipes(raw),
         _flag(raw, "nm_only", True),
         targets,
+        DeployConfig.from_dict(_mapping(raw, "deploy")),
     )
 
 
@@ -258,10 +265,11 @@ def run_grid(
     Baselines are trained first (one per dataset/model/seed), then the 2:4-only models, then the pruning
     runs, each phase in parallel over `workers`. Ctrl-C stops after writing every run that had finished.
     """
-    if workers > 1 and (grid.target_latencies or grid.prune.get("nm_where") == "auto"):
+    if workers > 1 and (grid.target_latencies or grid.prune.get("nm_where") == "auto" or grid.deploy.targets):
         raise HybridPruneError(
             "this grid measures latency: run it with --workers 1, so no second worker shares the machine it times"
         )
+    check_targets(grid.deploy)  # a deploy target this machine cannot run is said before any work
     runs, finished = grid.runs(), store.finished_keys()
     pending = [c for c in runs if run_key(c) not in finished]
     nm_done = store.finished_nm_only()

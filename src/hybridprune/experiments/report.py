@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from hybridprune.errors import HybridPruneError
+from hybridprune.experiments.deployed import grid_deployed_table
 from hybridprune.experiments.plots import write_plots
 from hybridprune.experiments.statistics import (
     Row,
@@ -60,7 +61,7 @@ def write_grid_report(
         md += _section(f"Top-1 accuracy (%), {title}: mean ± std (seeds)", markdown_table(headers, body))
         written.append(write_text(out / f"accuracy-{column}.csv", _csv([headers, *body])))
     md += _differences_section(rows) + _recipes_section(rows) + _iso_section(rows) + _measured_section(rows)
-    md += _equal_latency_section(rows)
+    md += _equal_latency_section(rows) + _deployed_section(rows)
     if benches:
         md += _latency_section(benches)
     written += write_plots(rows, out, bench_files or [], nm_rows or [])
@@ -239,6 +240,17 @@ def _equal_latency_section(rows: list[Row]) -> list[str]:
                     "Uniform's accuracy at each run's measured latency is interpolated along uniform's frontier "
                     "(its runs at every target, same metric and seed); runs outside that range are counted, not "
                     "extrapolated.")  # fmt: skip
+
+
+def _deployed_section(rows: list[Row]) -> list[str]:
+    """The runs' deployed forms (a grid with `deploy:`): top-1 in each runtime and speed, over seeds."""
+    table = grid_deployed_table(rows)
+    if not table:
+        return []
+    return _section("Deployed: top-1 (%) measured in the runtime, and speed over dense ONNX Runtime fp32",
+                    table, "Each run deploys its dense baseline, its filter-pruned and its filter+2:4 models; every "
+                    "form and the baseline are timed in the same rounds; the runtime of a bare precision is the one "
+                    "measured fastest on the dense model in that run.")  # fmt: skip
 
 
 def _latency_section(bench_results: list[dict]) -> list[str]:

@@ -86,6 +86,9 @@ def execute_run(
     job.teacher = dense if cfg.finetune.distill_weight > 0 else None
     images, labels = calibration_data(data.train, cfg.prune.calib_batches, cfg.prune.calib_batch_size, cfg.seed)
     result = job.filter_then_nm(dense, cfg.prune.metric, images, labels)
+    if cfg.deploy.targets:  # this run's models and its dense baseline, deployed and measured
+        whole = {"config": cfg.to_dict(), "dense": dense_result, "results": [{"metric": cfg.prune.metric, **result}]}
+        result = {**result, "deployed": job.deployed(whole)}
     return run_row(cfg, experiment, data.name, dense_result, {**result, "environment": env}, time.time() - start)
 
 
