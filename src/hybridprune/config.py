@@ -41,7 +41,8 @@ LATENCY_RUNTIMES = ("auto", *RUNTIME_NAMES)  # auto: see deploy.runtimes.resolve
 QUANT_RUNTIMES = ("onnxruntime", "openvino")  # where an INT8 QDQ file is measured (tensorrt: build-only here)
 QUANT_FORMATS = ("auto", "u8s8", "s8s8")  # activations uint8 or int8 (weights int8 symmetric); auto: measured
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-LATENCY_DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float16 on GPUs, float32 on CPUs
+# auto: float16 on GPUs, float32 on CPUs; on a CPU bfloat16 and int8 are the runtime's precisions (the graph is fp32)
+LATENCY_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 NM_WHERE = ("all", "auto", "none")  # which eligible layers take 2:4 masks (auto: where the table says 2:4 pays)
 # the allocation a latency target brings unless one is named: sensitivity kept more accuracy than global (l1
 # scores) in every cell of docs/results/latency-cifar10/ (AlexNet and ResNet-20, targets 0.5 and 0.7, 3 seeds)

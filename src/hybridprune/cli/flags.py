@@ -275,7 +275,10 @@ def add_latency(p: argparse.ArgumentParser) -> None:
         "--latency-dtype",
         default=PruneConfig.latency_dtype,
         choices=list(LATENCY_DTYPES),
-        help="dtype of the measured layers; auto: float16 on GPUs, float32 on CPUs (default auto)",
+        help="precision the latencies are measured at; auto: float16 on GPUs, float32 on CPUs; on a CPU also "
+        "bfloat16 (openvino, torch; CPUs with AMX or AVX512-BF16) and int8 (onnxruntime, openvino: the graph "
+        "quantized, its quantize/dequantize nodes timed with it), so --target-latency is a fraction of the dense "
+        "model at that precision (default auto)",
     )
     numeric(
         p,

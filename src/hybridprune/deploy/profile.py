@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from hybridprune.config import NMPattern
 from hybridprune.deploy.profile_context import measure_variants, profile_context
-from hybridprune.deploy.runtimes import device_name, interleaved_times, module_call, quantiles, resolve_runtime
+from hybridprune.deploy.quantize import precision_call
+from hybridprune.deploy.runtimes import device_name, get_runtime, interleaved_times, quantiles, resolve_runtime
+from hybridprune.deploy.runtimes.base import Call
 from hybridprune.deploy.runtimes.pytorch import eager_call
 from hybridprune.deploy.sparse import kernel_ineligibility, sparse_backend, sparse_module, to_inference_model
 from hybridprune.deploy.timing import busy_note
@@ -56,8 +58,25 @@ class ProfileSettings:
     threads: int | None = None
 
     @property
+    def precision(self) -> str:
+        """The runtime's precision: fp32, fp16, bf16 or int8."""
+        return PRECISION_OF_LATENCY_DTYPE[self.setup.dtype]
+
+    @property
     def torch_dtype(self) -> torch.dtype:
+        """The dtype of the module and its input: the ONNX runtimes take an fp32 graph at every precision (they
+        convert it themselves, or read its quantized form); PyTorch computes in the dtype itself."""
+        if self.precision == "int8" or (self.precision == "bf16" and self.setup.runtime != "torch"):
+            return torch.float32
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.setup.dtype]
+
+
+PRECISION_OF_LATENCY_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8"}
+
+
+def runtime_call(module: nn.Module, x: torch.Tensor, settings: ProfileSettings) -> Call:
+    """A no-argument callable running `module` on `x` at the settings' runtime and precision."""
+    return precision_call(module, x, settings.setup.runtime, settings.precision, settings.threads)
 
 
 def resolve_settings(
@@ -78,8 +97,14 @@ def resolve_settings(
     resolved = resolve_runtime(runtime, device)
     if dtype == "auto":
         dtype = "float16" if device.type == "cuda" else "float32"
+    if device.type == "cpu" and dtype == "float16":
+        raise HybridPruneError("--latency-dtype float16 is for GPUs; on a CPU: float32, bfloat16 or int8")
+    if device.type == "cuda" and dtype == "int8":
+        raise HybridPruneError("--latency-dtype int8 is measured in the CPU runtimes (onnxruntime, openvino) today")
     if device.type == "cpu" and dtype != "float32":
-        raise HybridPruneError(f"--latency-dtype {dtype} is for GPUs; on a CPU the tables are float32")
+        reason = get_runtime(resolved).unsupported(PRECISION_OF_LATENCY_DTYPE[dtype], device)
+        if reason:
+            raise HybridPruneError(f"--latency-dtype {dtype}: {reason}")
     return ProfileSettings(Setup(resolved, batch, dtype), step=step, max_points=points, rounds=rounds)
 
 
@@ -254,7 +279,7 @@ def measure_model(
     `eager`: no CUDA graph (a model with cuSPARSELt layers)."""
     x = torch.rand(settings.setup.batch, *model.input_shape, device=device, dtype=settings.torch_dtype)
     net = model.to(device=device, dtype=settings.torch_dtype).eval()
-    call = eager_call(net, x) if eager else module_call(net, x, settings.setup.runtime, settings.threads)
+    call = eager_call(net, x) if eager else runtime_call(net, x, settings)
     times = _timed([call], settings, device, rounds or max(settings.rounds, 30))[0]
     model.float()
     return Entry(*quantiles(times), len(times))
@@ -286,7 +311,7 @@ def _layer_call(shape: LayerShape, kernel: str, settings: ProfileSettings, devic
             x = x.contiguous(memory_format=torch.channels_last)
         if device.type == "cuda":  # cuSPARSELt calls are not captured in CUDA graphs (seen to fault on an H200)
             return eager_call(module, x)
-    return module_call(module, x, settings.setup.runtime, settings.threads)
+    return runtime_call(module, x, settings)
 
 
 def _timed(

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hybridprune.deploy.runtimes import interleaved_times, module_call
+from hybridprune.deploy.quantize import precision_call
+from hybridprune.deploy.runtimes import interleaved_times
 from hybridprune.deploy.sparse import to_inference_model
 from hybridprune.deploy.timing import time_calls
 from hybridprune.errors import HybridPruneError
@@ -146,7 +147,7 @@ def _deployed_call(model: nn.Module, x: torch.Tensor, settings, device: torch.de
     if settings.setup.runtime == "torch":
         net = to_inference_model(net, {}, device, settings.torch_dtype).model
     net = net.to(device=device, dtype=settings.torch_dtype).eval()
-    return module_call(net, x, settings.setup.runtime, settings.threads)
+    return precision_call(net, x, settings.setup.runtime, settings.precision, settings.threads)
 
 
 def _timed(calls: list, rounds: int, device: torch.device) -> list[list[float]]:

@@ -45,10 +45,11 @@ from hybridprune.deploy.runtimes import (
     get_runtime,
     interleaved_times,
     load_onnx,
+    module_call,
     quantiles,
     runtime_versions,
 )
-from hybridprune.deploy.runtimes.base import Session
+from hybridprune.deploy.runtimes.base import Call, Session
 from hybridprune.errors import HybridPruneError, first_line
 from hybridprune.hardware import cpu_isa
 from hybridprune.outputs import atomic_target
@@ -400,3 +401,21 @@ def timing_session(
         prepared = preprocess(fp32, Path(folder) / "prepared.onnx")
         int8 = quantize_file(prepared, Path(folder) / "int8.onnx", images, fmt, "minmax", progress=False)
         return load_onnx(int8, runtime, "int8", threads, x.device.type)[0]
+
+
+def precision_call(
+    module: nn.Module, x: torch.Tensor, runtime: str, precision: str, threads: int | None = None
+) -> Call:
+    """A no-argument callable running `module` on `x` in `runtime` at `precision`, as a latency table times it:
+    int8 as a QDQ graph (`timing_session`: its quantize and dequantize nodes are timed with it), bf16 in an ONNX
+    runtime by the runtime's own conversion of the fp32 graph, anything else at the dtype of `x`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU())
+        >>> call = precision_call(net, torch.rand(2, 8, 8, 8), "onnxruntime", "int8")
+        >>> call() is not None
+        True
+    """
+    if precision == "int8" or (precision == "bf16" and get_runtime(runtime).reads_onnx):
+        return timing_session(module, x, runtime, precision, threads).bound(x)
+    return module_call(module, x, runtime, threads)

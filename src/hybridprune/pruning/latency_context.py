@@ -225,7 +225,9 @@ def fit_units(record: ContextRecord, couplings: list[LayerCoupling]) -> dict[str
     x = a @ share
     scale = float((x @ y) / (x @ x).clamp_min(1e-12)) if len(variants) else 0.0
     prior = share * max(scale, 0.0)
-    lam = RIDGE * float((a * a).sum()) / max(1, len(couplings))
+    # no variant changes any unit's padded work (every candidate inside one block): the prior alone, not a
+    # singular system
+    lam = max(RIDGE * float((a * a).sum()) / max(1, len(couplings)), 1e-12)
     w = torch.linalg.solve(a.T @ a + lam * torch.eye(len(couplings), dtype=torch.float64), a.T @ y + lam * prior)
     return {c.name: max(0.0, float(v)) for c, v in zip(couplings, w, strict=True)}
 
