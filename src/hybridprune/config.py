@@ -489,8 +489,11 @@ class DeployConfig(_CheckedConfig):
     rounds: int = 10  # round-robin rounds of timing, every form in each
     calibration_images: int = 256
     calibration_method: str = "minmax"
+    max_drop: float | None = None  # INT8 forms: precision per layer within this drop (QuantizeConfig.max_drop)
+    validation_images: int = 512
 
-    RANGES: ClassVar = {"rounds": (1, 10_000), "calibration_images": (1, 1_000_000)}
+    RANGES: ClassVar = {"rounds": (1, 10_000), "calibration_images": (1, 1_000_000), "max_drop": (0, 100),
+                        "validation_images": (1, 1_000_000)}  # fmt: skip
     MAX_BATCH: ClassVar = 4096
 
     def __post_init__(self) -> None:
@@ -713,12 +716,18 @@ class QuantizeConfig(_CheckedConfig):
     batch_size: int = 64  # calibration and evaluation batches; also the batch the formats are timed at
     rounds: int = 10  # timed rounds per format (auto)
     opset: int = ONNX_OPSET
+    # precision per layer: keep the fewest layers in float that bring top-1 on validation images (training images,
+    # never the test split) within this many points of fp32 (None: every quantizable layer INT8)
+    max_drop: float | None = None
+    validation_images: int = 512
 
     RANGES: ClassVar = {
         "calibration_images": (1, 1_000_000),
         "batch_size": (1, 4096),
         "rounds": (1, 10_000),
         "opset": (13, 20),
+        "max_drop": (0, 100),
+        "validation_images": (1, 1_000_000),
     }
 
     def __post_init__(self) -> None:

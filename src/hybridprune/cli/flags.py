@@ -319,6 +319,11 @@ def add_deploy(p: argparse.ArgumentParser) -> None:
             "training images INT8 forms are calibrated on (seeded subset)")  # fmt: skip
     p.add_argument("--calibration-method", default=DeployConfig.calibration_method, choices=CALIBRATION_METHODS,
                    help="how INT8 ranges come from the calibration activations (default: minmax)")  # fmt: skip
+    numeric(p, "--max-drop", DeployConfig, "max_drop", "INT8 forms: precision per layer, the fewest layers kept in "
+            "float (by measured sensitivity per measured ms) that bring top-1 on validation images within this many "
+            "points of fp32 (default: every layer INT8)")  # fmt: skip
+    numeric(p, "--validation-images", DeployConfig, "validation_images",
+            "training images (never test images) that --max-drop's choice is measured on")  # fmt: skip
 
 
 def _add_filter_flags(p: argparse.ArgumentParser) -> None:

@@ -51,10 +51,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     numeric(p, "--rounds", QuantizeConfig, "rounds", "timed rounds of each graph (format choice and latencies)")
     numeric(p, "--seed", RunConfig, "seed", "seed of the calibration subset and of --train-size/--test-size")
     numeric(p, "--opset", QuantizeConfig, "opset", "ONNX opset of the exported graph")
+    add_precision_per_layer(p)
     numeric(p, "--threads", BenchConfig, "threads", "runtime threads (default: as many as torch uses)")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(handler=cmd_quantize)
+
+
+def add_precision_per_layer(p: argparse.ArgumentParser) -> None:
+    """`--max-drop` and `--validation-images`: precision per layer (`deploy.mixed_precision`)."""
+    numeric(p, "--max-drop", QuantizeConfig, "max_drop", "precision per layer: keep the fewest layers in float (chosen "
+            "by measured sensitivity per measured ms) that bring INT8 top-1 on validation images within this many "
+            "points of fp32 (default: every layer INT8)")  # fmt: skip
+    numeric(p, "--validation-images", QuantizeConfig, "validation_images",
+            "training images (never test images) that --max-drop's choice is measured on")  # fmt: skip
 
 
 def add_deploy_flags(p: argparse.ArgumentParser) -> None:
@@ -131,6 +141,7 @@ def quantize_summary(r: dict[str, Any], data: str) -> str:
         f"{w['zeros_fp32']} zero weights lost; N:M layers found {w['nm_layers_found']} of {w['nm_layers']}, "
         f"groups breaking {w['pattern']}: {w['nm_broken_groups']}",
         f"BatchNorm folded: {r['batchnorm_nodes_left']} BatchNormalization nodes left in the graph",
+        *([mixed_summary(r["mixed_precision"])] if r.get("mixed_precision") else []),
         f"top-1 on {r['test_images']} {data} test images in {rt}: fp32 {r['fp32_top1']:.2f}%, int8 "
         f"{r['int8_top1']:.2f}% ({r['int8_top1'] - r['fp32_top1']:+.2f}); predictions agree on "
         f"{r['top1_agreement']:.2f}%; largest logit difference {r['max_logit_diff']:.4f} (largest logit "
@@ -140,6 +151,23 @@ def quantize_summary(r: dict[str, Any], data: str) -> str:
         f"wrote {r['out']}",
     ]
     return "\n".join(lines)
+
+
+def mixed_summary(m: dict[str, Any]) -> str:
+    """The precision-per-layer line of `quantize`.
+
+    Example:
+        >>> print(mixed_summary({"float_nodes": ["/conv1/Conv"], "max_drop": 1.0, "validation_images": 64,
+        ...       "fp32_top1": 90.0, "int8_top1": 89.5, "all_int8_top1": 70.0, "probes": [{}, {}]}))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        kept in float: /conv1/Conv (1 layer), within 1 points of fp32 on 64 validation images (training images):
+        fp32 90.00%, all INT8 70.00%, this file 89.50% (2 measured probes)
+    """
+    nodes = m["float_nodes"]
+    kept = f"{', '.join(nodes)} ({len(nodes)} layer{'s' * (len(nodes) > 1)})" if nodes else "none (every layer INT8)"
+    return (f"kept in float: {kept}, within {m['max_drop']:g} points of fp32 on {m['validation_images']} validation "
+            f"images (training images): fp32 {m['fp32_top1']:.2f}%, all INT8 {m['all_int8_top1']:.2f}%, this file "
+            f"{m['int8_top1']:.2f}% ({len(m['probes'])} measured probes)")  # fmt: skip
 
 
 def evaluate_onnx_file(args: argparse.Namespace) -> None:

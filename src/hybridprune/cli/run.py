@@ -165,6 +165,8 @@ def deploy_config(args: argparse.Namespace) -> DeployConfig:
         rounds=getattr(args, "deploy_rounds", DeployConfig.rounds),
         calibration_images=getattr(args, "calibration_images", DeployConfig.calibration_images),
         calibration_method=getattr(args, "calibration_method", DeployConfig.calibration_method),
+        max_drop=getattr(args, "max_drop", None),
+        validation_images=getattr(args, "validation_images", DeployConfig.validation_images),
     )
 
 

@@ -232,13 +232,15 @@ class _FormBuilder:
         out = self.folder / f"{variant.slug}-{runtime}-int8.onnx"
         d = self.cfg
         qcfg = QuantizeConfig(calibration_images=d.calibration_images, calibration_method=d.calibration_method,
-                              runtime=runtime, rounds=d.rounds)  # fmt: skip
+                              runtime=runtime, rounds=d.rounds, max_drop=d.max_drop,
+                              validation_images=d.validation_images)  # fmt: skip
         report = quantize(variant.model, self.data.train, self.data.test, out, qcfg, masks=variant.masks,
                           pattern=self.pattern, seed=self.seed, threads=self.threads, progress=self.progress,
                           data_name=self.data.name, record=True)  # fmt: skip
         return {"top1": report.int8_top1, "test_images": report.test_images, "file": str(out), "format": report.format,
                 "fp32_top1_in_runtime": report.fp32_top1, "max_logit_diff": report.max_logit_diff,
-                "zeros_lost": report.weights["zeros_lost"]}  # fmt: skip
+                "zeros_lost": report.weights["zeros_lost"],
+                "float_layers": (report.mixed_precision or {}).get("float_nodes", [])}  # fmt: skip
 
     def _float_file(self, variant: Variant) -> Path:
         """The variant's exported graph (BatchNorm folded, dynamic batch), shared by its float forms."""

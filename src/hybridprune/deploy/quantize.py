@@ -40,6 +40,7 @@ from hybridprune.config import NMPattern, QuantizeConfig
 from hybridprune.data.batching import batches
 from hybridprune.deploy.accuracy import Split, evaluate_session
 from hybridprune.deploy.export import count_broken_groups, export_onnx
+from hybridprune.deploy.mixed_precision import MixedPrecision, choose_float_layers, quantizable_nodes
 from hybridprune.deploy.runtimes import (
     device_name,
     get_runtime,
@@ -78,6 +79,7 @@ class QuantizeReport:
     batchnorm_nodes_left: int
     versions: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
+    mixed_precision: dict[str, Any] | None = None  # with max_drop: the layers kept float and how they were chosen
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +114,11 @@ def check_quantize_setup(cfg: QuantizeConfig, calibration: Split) -> None:
         raise HybridPruneError(
             f"too few images to calibrate: the training split has {len(calibration)}, --calibration-images asks "
             f"for {cfg.calibration_images}; give at most {len(calibration)}"
+        )
+    if cfg.max_drop is not None and len(calibration) < cfg.validation_images:
+        raise HybridPruneError(
+            f"too few images to validate a precision per layer: the training split has {len(calibration)}, "
+            f"--validation-images asks for {cfg.validation_images}; give at most {len(calibration)}"
         )
 
 
@@ -164,6 +171,10 @@ def quantize(
             check_scales(files[fmt])
         times = time_graphs({"fp32": fp32, **files}, cfg.runtime, cfg.batch_size, cfg.rounds, threads, images[0])
         chosen = choose_format(times) if cfg.format == "auto" else cfg.format
+        mixed = None
+        if cfg.max_drop is not None:
+            files[chosen], mixed = per_layer_precision(prepared, fp32, work, images, chosen, calibration, cfg, seed,
+                                                       threads)  # fmt: skip
         weights = weight_report(prepared, files[chosen], masks or {}, pattern)
         accuracy = compare_accuracy(fp32, files[chosen], test, cfg, threads, progress)
         with atomic_target(out, record=record) as tmp:
@@ -191,7 +202,36 @@ def quantize(
         batchnorm_nodes_left=folded,
         versions=runtime_versions("onnxruntime", cfg.runtime) | {"onnx": _onnx_version()},
         cpu={"name": device_name(torch.device("cpu")), **cpu_isa()},
+        mixed_precision=None if mixed is None else mixed.to_dict(),
     )
+
+
+def per_layer_precision(
+    prepared: Path, fp32: Path, work: Path, images: list[np.ndarray], fmt: str, train: Split, cfg: QuantizeConfig,
+    seed: int, threads: int | None,
+) -> tuple[Path, MixedPrecision]:  # fmt: skip
+    """The INT8 file of `fmt` with the fewest layers in float within `cfg.max_drop` on validation images
+    (`deploy.mixed_precision`); calibrated once, every variant reusing the ranges. All float is refused."""
+    validation = [(x.numpy().astype(np.float32), y.numpy()) for x, y in
+                  batches(train.subset(cfg.validation_images, seed + 1), cfg.batch_size)]  # fmt: skip
+    cache = work / f"{fmt}-ranges.json"
+
+    def make(name: str, **nodes: list[str]) -> Path:
+        return quantize_file(prepared, work / f"{fmt}-{name}.onnx", images, fmt, cfg.calibration_method, False,
+                             cache=cache, **nodes)  # fmt: skip
+
+    reps = -(-cfg.batch_size // len(images[0]))
+    x = torch.from_numpy(np.concatenate([images[0]] * reps)[: cfg.batch_size])
+    nodes = quantizable_nodes(prepared)
+    path, mixed = choose_float_layers(make, fp32, nodes, cfg.runtime, ([v[0] for v in validation],
+                                      [v[1] for v in validation]), x, cfg.max_drop, cfg.rounds, threads)  # fmt: skip
+    if len(mixed.float_nodes) == len(nodes):
+        raise HybridPruneError(
+            f"no layer can run INT8 within --max-drop {cfg.max_drop:g}: on {mixed.validation_images} validation "
+            f"images fp32 scores {mixed.fp32_top1:.2f}%, all-INT8 {mixed.all_int8_top1:.2f}%; allow a larger drop "
+            "or deploy the fp32 graph (export)"
+        )
+    return path, mixed
 
 
 def calibration_batches(split: Split, count: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -217,9 +257,20 @@ def preprocess(source: Path, target: Path) -> Path:
 
 
 def quantize_file(
-    source: Path, target: Path, images: list[np.ndarray], fmt: str, method: str, progress: bool = True
+    source: Path,
+    target: Path,
+    images: list[np.ndarray],
+    fmt: str,
+    method: str,
+    progress: bool = True,
+    *,
+    cache: Path | None = None,
+    nodes_to_quantize: list[str] | None = None,
+    nodes_to_exclude: list[str] | None = None,
 ) -> Path:
-    """`source` quantized statically to `target` (QDQ, per-channel symmetric int8 weights, `fmt` activations)."""
+    """`source` quantized statically to `target` (QDQ, per-channel symmetric int8 weights, `fmt` activations);
+    `cache`: the calibration ranges, computed on the first call and reused by later ones; `nodes_to_quantize` /
+    `nodes_to_exclude`: only those nodes INT8 / those kept float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -238,6 +289,9 @@ def quantize_file(
                 activation_type=activation,
                 calibrate_method=methods[method],
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                nodes_to_quantize=nodes_to_quantize,
+                nodes_to_exclude=nodes_to_exclude,
+                **({"calibration_cache_path": str(cache)} if cache is not None else {}),
             )
         except Exception as e:  # noqa: BLE001 - the quantizer's errors, non-finite ranges among them
             raise HybridPruneError(f"quantization failed ({first_line(e)}); nothing was written") from None

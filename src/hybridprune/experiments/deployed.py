@@ -65,7 +65,9 @@ def deployed_table(deployed: dict[str, Any]) -> str:
     for f in deployed["forms"]:
         trained = f.get("trained_top1")
         change = "-" if trained is None else f"{f['top1'] - trained:+.2f}"
-        row = [f["variant"], f["runtime"], f["precision"], format_accuracy(trained), format_accuracy(f["top1"]), change]
+        floats = len(f.get("float_layers", []))
+        precision = f"{f['precision']} ({floats} float)" if floats else f["precision"]  # precision per layer
+        row = [f["variant"], f["runtime"], precision, format_accuracy(trained), format_accuracy(f["top1"]), change]
         for b in batches:
             t = f["latency"][b]
             row += [f"{t['median_ms']:.3f} ({t['p10_ms']:.3f}-{t['p90_ms']:.3f})", f"{t['speedup']:.2f}x"]
