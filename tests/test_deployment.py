@@ -181,3 +181,31 @@ def test_a_grid_deploys_each_run_and_the_report_shows_it_over_seeds(tmp_path, on
         assert f"{mean:.2f} ±" in line and line.rstrip(" |").endswith("2")  # the mean over both seeds
     with pytest.raises(HybridPruneError, match="unknown deploy target"):
         grid_from_dict({**raw, "deploy": {"targets": ["int3"]}}, "bad")
+
+
+def test_auto_takes_the_fastest_runtime_and_precision_that_keeps_the_accuracy(tmp_path, monkeypatch):
+    pairs = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "bf16")]
+    top1 = {pairs[0]: 90.0, pairs[1]: 85.0, pairs[2]: 89.5}  # int8 loses 5 points here, bf16 half a point
+    speed = {pairs[0]: 3.0, pairs[1]: 1.0, pairs[2]: 2.0}  # int8 fastest, then bf16
+
+    def fake_record(self, variant, pair):
+        return {"variant": variant.name, "runtime": pair[0], "precision": pair[1], "top1": top1[pair],
+                "trained_top1": variant.trained_top1}  # fmt: skip
+
+    monkeypatch.setattr(deployment._FormBuilder, "record", fake_record)
+    monkeypatch.setattr(deployment, "_time_forms", lambda forms, *a: [[speed[p], speed[p]] for _, p in forms])
+    monkeypatch.setattr(deployment, "available_pairs", lambda device="cpu", onnx_only=False: pairs)
+    from hybridprune.data.datasets import load_dataset
+    from hybridprune.data.images import Dataset
+
+    data = load_dataset("digits")
+    data = Dataset(data.name, data.train, data.test.subset(16, 0), data.hflip)
+    dense = deployment.Variant("dense", torch.nn.Identity(), trained_top1=90.0)
+    lines: list[str] = []
+    for max_drop, chosen in ((None, "openvino:bf16"), (6.0, "onnxruntime:int8")):
+        cfg = DeployConfig(targets=("auto",), batch_sizes=(4,), rounds=2, max_drop=max_drop)
+        record = deployment.deploy_variants([dense], data, cfg, tmp_path, progress=False, log=lines.append)
+        choice = record["choices"][0]
+        assert f"{choice['runtime']}:{choice['precision']}" == chosen
+        assert choice.get("accuracy_excluded", []) == ([] if max_drop else ["onnxruntime:int8"])
+    assert "losing over 1 points of top-1: onnxruntime:int8" in lines[0]

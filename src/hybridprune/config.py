@@ -504,12 +504,12 @@ class DeployConfig(_CheckedConfig):
                 f"deploy batch sizes must be integers in [1, {self.MAX_BATCH}], got {list(self.batch_sizes)}"
             )
         object.__setattr__(self, "targets", tuple(dict.fromkeys(t.strip() for t in self.targets if t.strip())))
-        for target in self.targets:
+        for target in (t for t in self.targets if t != "auto"):  # auto: the fastest runtime and precision
             runtime, _, precision = target.rpartition(":")
             if precision not in DEPLOY_PRECISIONS or (runtime and runtime not in RUNTIME_NAMES):
                 raise HybridPruneError(
-                    f"unknown deploy target {target!r}; valid: a precision ({', '.join(DEPLOY_PRECISIONS)}) or "
-                    f"RUNTIME:PRECISION with a runtime of {', '.join(RUNTIME_NAMES)}"
+                    f"unknown deploy target {target!r}; valid: a precision ({', '.join(DEPLOY_PRECISIONS)}), "
+                    f"RUNTIME:PRECISION with a runtime of {', '.join(RUNTIME_NAMES)}, or auto"
                 )
         check_name("calibration method", self.calibration_method, CALIBRATION_METHODS)
 

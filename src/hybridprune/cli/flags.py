@@ -308,8 +308,9 @@ def add_deploy(p: argparse.ArgumentParser) -> None:
         default="",
         help="also deploy every model the job builds (dense, 2:4-only, filter, filter+2:4) at these comma-separated "
         "targets, each a precision (fp32, bf16, int8: the runtime measured fastest on the dense model among those "
-        "installed) or RUNTIME:PRECISION (e.g. openvino:int8); top-1 is measured in the runtime on the test set and "
-        "latency against the dense model in ONNX Runtime fp32 (default: none)",
+        "installed), RUNTIME:PRECISION (e.g. openvino:int8), or auto (the fastest runtime and precision that keeps "
+        "the dense model within --max-drop, default 1, points of top-1); top-1 is measured in the runtime on the "
+        "test set and latency against the dense model in ONNX Runtime fp32 (default: none)",
     )
     p.add_argument("--deploy-batch", default="64", help="batch size, or comma-separated batch sizes, the deployed "
                    "forms are timed at (the first decides a bare precision's runtime; default 64)")  # fmt: skip

@@ -4,9 +4,11 @@ that runs it**, and every form timed in one round-robin together with the dense 
 (the baseline every speedup is a ratio to, measured in the same rounds, so a machine that slows down for a while
 slows every form alike).
 
-A target is `RUNTIME:PRECISION` or a bare precision. A bare precision is a measured choice: the dense model is
-deployed in every installed runtime that runs the precision here, those forms are timed round-robin, and the
-fastest runtime deploys every variant (the choice and the times that made it are recorded). INT8 forms are made
+A target is `RUNTIME:PRECISION`, a bare precision or `auto`. A bare precision is a measured choice: the dense model
+is deployed in every installed runtime that runs the precision here, those forms are timed round-robin, and the
+fastest runtime deploys every variant (the choice and the times that made it are recorded). `auto` chooses the
+precision too: the dense model in every runtime and precision installed here, those that lose more than
+`max_drop` (default 1) top-1 points against PyTorch left out, the fastest of the rest. INT8 forms are made
 by `quantize` (calibrated on training images, activation format measured in the runtime, 2:4 zeros checked).
 
 Each finished form is written to the deploy folder with its record before the next starts, so an interrupted
@@ -48,6 +50,7 @@ from hybridprune.parse import read_json
 
 Pair = tuple[str, str]  # (runtime, precision)
 BASELINE: Pair = ("onnxruntime", "fp32")  # what every speedup is a ratio to (dense, when installed)
+AUTO_TOLERANCE = 1.0  # `auto`: a runtime and precision may cost the dense model at most this many top-1 points
 
 
 @dataclass
@@ -74,6 +77,8 @@ def target_pairs(target: str, device: torch.device | str = "cpu") -> list[Pair]:
         >>> ("onnxruntime", "fp32") in target_pairs("fp32")
         True
     """
+    if target == "auto":
+        return available_pairs(device)
     runtime, _, precision = target.rpartition(":")
     if runtime:
         get_runtime(runtime).check(precision, device)
@@ -177,15 +182,21 @@ def _choose(
     fastest (each candidate built, accuracy measured, all timed round-robin), said in one line."""
     if len(pairs) == 1:
         return {"target": target, "pair": pairs[0], "runtime": pairs[0][0], "precision": pairs[0][1], "by": "given"}
-    for pair in pairs:
-        builder.record(dense, pair)
+    top1 = {pair: builder.record(dense, pair)["top1"] for pair in pairs}
+    excluded = []
+    if target == "auto" and dense.trained_top1 is not None:  # the fastest of the forms that keep the accuracy
+        excluded = [p for p in pairs if top1[p] < dense.trained_top1 - builder.tolerance]
+        pairs = [p for p in pairs if p not in excluded] or pairs
     medians = [quantiles(t)[0] for t in _time_forms([(dense, p) for p in pairs], builder, x, rounds)]
     best = min(range(len(pairs)), key=medians.__getitem__)
-    measured = {p[0]: round(m, 4) for p, m in zip(pairs, medians, strict=True)}
-    others = ", ".join(f"{rt} {m:.3f} ms" for rt, m in measured.items() if rt != pairs[best][0])
-    log(f"deploy {target}: {pairs[best][0]} (dense model {medians[best]:.3f} ms at batch {len(x)}; {others})")
+    name = (lambda p: f"{p[0]}:{p[1]}") if target == "auto" else (lambda p: p[0])
+    measured = {name(p): round(m, 4) for p, m in zip(pairs, medians, strict=True)}
+    others = ", ".join(f"{n} {m:.3f} ms" for n, m in measured.items() if n != name(pairs[best]))
+    lost = f"; losing over {builder.tolerance:g} points of top-1: {', '.join(map(name, excluded))}" if excluded else ""
+    log(f"deploy {target}: {name(pairs[best])} (dense model {medians[best]:.3f} ms at batch {len(x)}; {others}{lost})")
     return {"target": target, "pair": pairs[best], "runtime": pairs[best][0], "precision": pairs[best][1],
-            "by": "measured", "median_ms": measured}  # fmt: skip
+            "by": "measured", "median_ms": measured, **({"accuracy_excluded": list(map(name, excluded))} if
+            excluded else {})}  # fmt: skip
 
 
 def _time_forms(forms: list[tuple[Variant, Pair]], builder: _FormBuilder, x: torch.Tensor, rounds: int) -> list:
@@ -205,6 +216,11 @@ class _FormBuilder:
     seed: int
     threads: int
     progress: bool
+
+    @property
+    def tolerance(self) -> float:
+        """The top-1 points `auto` lets a dense form lose against PyTorch: --max-drop, else AUTO_TOLERANCE."""
+        return AUTO_TOLERANCE if self.cfg.max_drop is None else self.cfg.max_drop
 
     def record(self, variant: Variant, pair: Pair) -> dict[str, Any]:
         """The form's record (file, top-1 in its runtime, what quantization measured), made once and kept."""
