@@ -8,7 +8,8 @@ interleaved with the dense model. Beside it, the per-layer prediction of table v
 entries plus a rest-of-network constant) on the same models, from the same run.
 Writes docs/results/latency-prediction-cpu.{json,md}.
 
-    python benchmarks/latency_prediction.py [--cases resnet20-32,alexnet-32] [--batches 1,64]
+    python benchmarks/latency_prediction.py [--cases resnet20-32,alexnet-32] [--batches 1,64] \
+        [--runtimes onnxruntime,openvino:int8,openvino:bfloat16]
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="resnet20-32,alexnet-32", help=f"comma-separated of {', '.join(CASES)}")
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes (224x224 cases: batch 1 only)")
-    parser.add_argument("--runtimes", default="onnxruntime", help="comma-separated latency runtimes (e.g. openvino)")
+    parser.add_argument("--runtimes", default="onnxruntime", help="comma-separated RUNTIME[:DTYPE] (DTYPE float32, "
+                        "bfloat16 or int8; e.g. onnxruntime,openvino:int8,openvino:bfloat16)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per measurement")
     parser.add_argument("--out", default="docs/results/latency-prediction-cpu", help="output path without suffix")
     args = parser.parse_args()
@@ -60,7 +62,8 @@ def main() -> None:
     rows, started = [], time.time()
     for case in args.cases.split(","):
         name, width, size = CASES[case]
-        for runtime in args.runtimes.split(","):
+        for setting in args.runtimes.split(","):
+            runtime, _, dtype = setting.partition(":")
             for batch in (int(b) for b in args.batches.split(",")):
                 if size >= 224 and batch > 1:
                     continue
@@ -68,7 +71,8 @@ def main() -> None:
                 model = build_model(name, in_channels=3, num_classes=10, image_size=size, width=width).eval()
                 groups = channel_groups(model, dependency_graph(model))
                 variants = tuple((f"random {s}", random_fractions(groups, s)) for s in range(RANDOM_MODELS))
-                settings = resolve_settings(runtime, batch, "float32", cpu, rounds=args.rounds)
+                settings = resolve_settings(runtime, batch, dtype or "float32", cpu, rounds=args.rounds)
+                runtime = f"{runtime} {settings.setup.dtype}"  # as the rows name the setup
                 t0 = time.time()
                 report = profile_report(model, new_table(cpu), settings, cpu, RATIOS, False, variants, layers=True)
                 setup = {"network": name, "image_size": size, "batch": batch, "runtime": runtime,
