@@ -202,10 +202,58 @@ def test_auto_takes_the_fastest_runtime_and_precision_that_keeps_the_accuracy(tm
     data = Dataset(data.name, data.train, data.test.subset(16, 0), data.hflip)
     dense = deployment.Variant("dense", torch.nn.Identity(), trained_top1=90.0)
     lines: list[str] = []
-    for max_drop, chosen in ((None, "openvino:bf16"), (6.0, "onnxruntime:int8")):
-        cfg = DeployConfig(targets=("auto",), batch_sizes=(4,), rounds=2, max_drop=max_drop)
+    for tolerance, chosen in ((1.0, "openvino:bf16"), (6.0, "onnxruntime:int8")):
+        cfg = DeployConfig(targets=("auto",), batch_sizes=(4,), rounds=2, auto_tolerance=tolerance)
         record = deployment.deploy_variants([dense], data, cfg, tmp_path, progress=False, log=lines.append)
         choice = record["choices"][0]
         assert f"{choice['runtime']}:{choice['precision']}" == chosen
-        assert choice.get("accuracy_excluded", []) == ([] if max_drop else ["onnxruntime:int8"])
+        assert choice.get("accuracy_excluded", []) == ([] if tolerance > 5 else ["onnxruntime:int8"])
     assert "losing over 1 points of top-1: onnxruntime:int8" in lines[0]
+
+
+def test_a_form_that_cannot_be_made_is_said_and_the_others_still_count(tmp_path, monkeypatch, one_torch_thread):
+    from hybridprune.data.datasets import load_dataset
+    from hybridprune.data.images import Dataset
+    from hybridprune.models.sources import build_model
+
+    real = deployment._FormBuilder._make
+
+    def failing(self, variant, pair):
+        if variant.name == "broken":
+            raise HybridPruneError("ONNX export of Broken failed (an operator ONNX lacks)")
+        return real(self, variant, pair)
+
+    monkeypatch.setattr(deployment._FormBuilder, "_make", failing)
+    data = load_dataset("digits")
+    data = Dataset(data.name, data.train, data.test.subset(16, 0), data.hflip)
+    net = build_model("alexnet", in_channels=1, width=0.125).eval()
+    nets = [deployment.Variant(n, net) for n in ("dense", "broken")]
+    lines: list[str] = []
+    cfg = DeployConfig(targets=("onnxruntime:fp32",), batch_sizes=(4,), rounds=1)
+    record = deployment.deploy_variants(nets, data, cfg, tmp_path, progress=False, log=lines.append)
+    assert [f["variant"] for f in record["forms"]] == ["dense"] and "latency" in record["forms"][0]
+    assert record["failed"][0]["error"] == "ONNX export of Broken failed (an operator ONNX lacks)"
+    assert lines == ["deploy: broken in onnxruntime fp32 failed: ONNX export of Broken failed (an operator ONNX lacks)"]
+
+
+def test_resume_may_change_the_deploy_settings_without_retraining(tmp_path, one_torch_thread):
+    cfg = tiny_job("alexnet", ("onnxruntime:fp32",))
+    out = tmp_path / "run"
+    run(cfg, out, CPU, progress=False, log=lambda _: None)
+    checkpoints = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    lines: list[str] = []
+    again = run(cfg.__class__(**{**cfg.__dict__, "deploy": DeployConfig(targets=("onnxruntime:int8",),
+                batch_sizes=(4,), rounds=1, calibration_images=32)}), out, CPU, resume=True, progress=False,
+                log=lines.append)  # fmt: skip
+    assert {f["precision"] for f in again["deployed"]["forms"]} == {"int8"}  # the new settings, measured
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == checkpoints  # no model redone
+    assert not any("deploy: reusing" in line for line in lines)
+
+
+def test_too_few_training_images_for_int8_are_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--train-size", "64", "--test-size", "16", "--epochs", "0", "--deploy", "int8",
+            "--calibration-images", "100", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    assert "calibrates on 100 training images (--calibration-images) but the training split has 64" in (
+        capsys.readouterr().err) and not out.exists()  # fmt: skip

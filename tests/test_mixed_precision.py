@@ -111,3 +111,12 @@ def test_quantize_max_drop_from_the_command_line(tmp_path, capsys, one_torch_thr
     printed = capsys.readouterr().out
     assert "kept in float: none (every layer INT8), within 100 points of fp32 on 64 validation" in printed
     assert out.is_file()
+
+
+def test_a_model_with_one_quantizable_layer_takes_a_precision_per_layer(tmp_path, one_torch_thread):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10))
+    train, test = labelled_by(model, 256, 0), labelled_by(model, 64, 1)
+    cfg = QuantizeConfig(**{**FAST.to_dict(), "max_drop": 100.0})
+    report = q.quantize(model, train, test, tmp_path / "m.onnx", cfg, progress=False, threads=1)
+    mixed = report.mixed_precision
+    assert mixed["float_nodes"] == [] and list(mixed["float_cost_ms"].values()) == [0.0]  # nothing left to time

@@ -491,9 +491,10 @@ class DeployConfig(_CheckedConfig):
     calibration_method: str = "minmax"
     max_drop: float | None = None  # INT8 forms: precision per layer within this drop (QuantizeConfig.max_drop)
     validation_images: int = 512
+    auto_tolerance: float = 1.0  # `auto`: top-1 points a runtime and precision may cost the dense model
 
     RANGES: ClassVar = {"rounds": (1, 10_000), "calibration_images": (1, 1_000_000), "max_drop": (0, 100),
-                        "validation_images": (1, 1_000_000)}  # fmt: skip
+                        "validation_images": (1, 1_000_000), "auto_tolerance": (0, 100)}  # fmt: skip
     MAX_BATCH: ClassVar = 4096
 
     def __post_init__(self) -> None:

@@ -309,7 +309,7 @@ def add_deploy(p: argparse.ArgumentParser) -> None:
         help="also deploy every model the job builds (dense, 2:4-only, filter, filter+2:4) at these comma-separated "
         "targets, each a precision (fp32, bf16, int8: the runtime measured fastest on the dense model among those "
         "installed), RUNTIME:PRECISION (e.g. openvino:int8), or auto (the fastest runtime and precision that keeps "
-        "the dense model within --max-drop, default 1, points of top-1); top-1 is measured in the runtime on the "
+        "the dense model within --auto-tolerance points of top-1); top-1 is measured in the runtime on the "
         "test set and latency against the dense model in ONNX Runtime fp32 (default: none)",
     )
     p.add_argument("--deploy-batch", default="64", help="batch size, or comma-separated batch sizes, the deployed "
@@ -325,6 +325,8 @@ def add_deploy(p: argparse.ArgumentParser) -> None:
             "points of fp32 (default: every layer INT8)")  # fmt: skip
     numeric(p, "--validation-images", DeployConfig, "validation_images",
             "training images (never test images) that --max-drop's choice is measured on")  # fmt: skip
+    numeric(p, "--auto-tolerance", DeployConfig, "auto_tolerance",
+            "--deploy auto: top-1 points a runtime and precision may cost the dense model")  # fmt: skip
 
 
 def _add_filter_flags(p: argparse.ArgumentParser) -> None:

@@ -167,6 +167,7 @@ def deploy_config(args: argparse.Namespace) -> DeployConfig:
         calibration_method=getattr(args, "calibration_method", DeployConfig.calibration_method),
         max_drop=getattr(args, "max_drop", None),
         validation_images=getattr(args, "validation_images", DeployConfig.validation_images),
+        auto_tolerance=getattr(args, "auto_tolerance", DeployConfig.auto_tolerance),
     )
 
 
@@ -363,6 +364,8 @@ def _print_deployed(deployed: dict[str, Any], dense_top1: float) -> None:
     print(f"\ndeployed (top-1 measured in each runtime; speed against the dense model in {baseline}, timed in the "
           f"same rounds; {deployed['threads']} threads):")  # fmt: skip
     print(deployed_table(deployed))
+    for failed in deployed.get("failed", []):
+        print(f"not deployed: {failed['variant']} in {failed['runtime']} {failed['precision']}: {failed['error']}")
     best = fastest_within(deployed, dense_top1)
     if best is None:
         print("no deployed form is within 1 point of the dense model's top-1")

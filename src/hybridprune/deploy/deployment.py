@@ -50,7 +50,6 @@ from hybridprune.parse import read_json
 
 Pair = tuple[str, str]  # (runtime, precision)
 BASELINE: Pair = ("onnxruntime", "fp32")  # what every speedup is a ratio to (dense, when installed)
-AUTO_TOLERANCE = 1.0  # `auto`: a runtime and precision may cost the dense model at most this many top-1 points
 
 
 @dataclass
@@ -106,6 +105,27 @@ def check_targets(cfg: DeployConfig) -> dict[str, list[Pair]]:
     return {target: target_pairs(target, "cpu") for target in cfg.targets}
 
 
+def check_deploy_data(cfg: DeployConfig, train_images: int) -> None:
+    """Before any training: the training split holds the images INT8 forms calibrate (and validate) on.
+
+    Example:
+        >>> check_deploy_data(DeployConfig(targets=("int8",), calibration_images=300), 200)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hybridprune.errors.HybridPruneError: --deploy int8 calibrates on 300 training images ... give at most 200
+    """
+    if not any(t == "auto" or t.endswith("int8") for t in cfg.targets):
+        return
+    needs = {"--calibration-images": cfg.calibration_images}
+    if cfg.max_drop is not None:
+        needs["--validation-images"] = cfg.validation_images
+    for flag, count in needs.items():
+        if count > train_images:
+            what = "calibrates" if flag == "--calibration-images" else "validates precision per layer"
+            raise HybridPruneError(f"--deploy int8 {what} on {count} training images ({flag}) but the training split "
+                                   f"has {train_images}; give at most {train_images}")  # fmt: skip
+
+
 def deploy_variants(
     variants: Sequence[Variant],
     data: Dataset,
@@ -139,16 +159,21 @@ def deploy_variants(
     candidates = check_targets(cfg)
     threads = threads or torch.get_num_threads()
     builder = _FormBuilder(data, cfg, folder, pattern, seed, threads, progress)
-    first = timing_batch(data.test, cfg.batch_sizes[0])
-    choices = [_choose(t, pairs, variants[0], builder, first, cfg.rounds, log) for t, pairs in candidates.items()]
-    pairs = list(dict.fromkeys(c["pair"] for c in choices))
-    forms = [(v, pair) for v in variants for pair in pairs]
-    bar = tqdm(forms, desc="deploy", unit="form", disable=None if progress else True, leave=False)
-    records = [builder.record(v, pair) for v, pair in bar]
+    choices = _choices(candidates, variants[0], builder, log)
+    pairs = list(dict.fromkeys(tuple(c["pair"]) for c in choices))
+    bar = tqdm([(v, pair) for v in variants for pair in pairs], desc="deploy", unit="form",
+               disable=None if progress else True, leave=False)  # fmt: skip
+    built = [(v, pair, builder.record(v, pair)) for v, pair in bar]
+    for _, _, record in built:
+        if "error" in record:  # said, kept in the record, left out of the timing: the other forms still count
+            log(f"deploy: {record['variant']} in {record['runtime']} {record['precision']} failed: {record['error']}")
+    timed = [(v, pair, record) for v, pair, record in built if "error" not in record]
+    records = [record for _, _, record in timed]
     baseline = BASELINE if get_runtime(BASELINE[0]).available("cpu") else ("torch", "fp32")
     base_ms = {}
     for batch in cfg.batch_sizes:
-        times = _time_forms([*forms, (variants[0], baseline)], builder, timing_batch(data.test, batch), cfg.rounds)
+        forms = [(v, pair) for v, pair, _ in timed] + [(variants[0], baseline)]
+        times = _time_forms(forms, builder, timing_batch(data.test, batch), cfg.rounds)
         base_ms[str(batch)] = quantiles(times[-1])[0]
         for record, t in zip(records, times, strict=False):
             median, p10, p90 = quantiles(t)
@@ -163,6 +188,7 @@ def deploy_variants(
                      "latency_ms": base_ms},  # fmt: skip
         "choices": [{k: v for k, v in c.items() if k != "pair"} for c in choices],
         "forms": records,
+        "failed": [record for _, _, record in built if "error" in record],
         "calibration": {"images": cfg.calibration_images, "method": cfg.calibration_method, "seed": seed},
         "versions": runtime_versions(*{p[0] for p in [*pairs, baseline]}),
         "cpu": {"name": device_name(torch.device("cpu")), **cpu_isa()},
@@ -175,28 +201,55 @@ def timing_batch(split: Split, batch_size: int) -> torch.Tensor:
     return x.repeat(-(-batch_size // len(x)), 1, 1, 1)[:batch_size].contiguous()
 
 
+def _choices(candidates: dict[str, list[Pair]], dense: Variant, builder: _FormBuilder, log: Callable) -> list[dict]:
+    """Each target's pair, measured once and kept in the deploy folder (a resumed job deploys what it chose)."""
+    cfg = builder.cfg
+    key = {"targets": list(candidates), "batch": cfg.batch_sizes[0], "auto_tolerance": cfg.auto_tolerance}
+    path = builder.folder / "choices.json"
+    if path.is_file() and (kept := read_json(path)).get("key") == key:
+        return kept["choices"]
+    x = timing_batch(builder.data.test, cfg.batch_sizes[0])
+    choices = [_choose(t, pairs, dense, builder, x, cfg.rounds, log) for t, pairs in candidates.items()]
+    write_json(path, {"key": key, "choices": choices}, record=True)
+    return choices
+
+
 def _choose(
     target: str, pairs: list[Pair], dense: Variant, builder: _FormBuilder, x: torch.Tensor, rounds: int, log: Callable
 ) -> dict[str, Any]:
     """The pair a target deploys with: the one given, or the runtime whose form of the dense model measured
-    fastest (each candidate built, accuracy measured, all timed round-robin), said in one line."""
+    fastest (each candidate built, accuracy measured, all timed round-robin), said in one line. A candidate that
+    could not be made is left out, and so (`auto`) is one that loses more than the tolerance; when every candidate
+    loses more, the most accurate is taken, and said."""
     if len(pairs) == 1:
         return {"target": target, "pair": pairs[0], "runtime": pairs[0][0], "precision": pairs[0][1], "by": "given"}
-    top1 = {pair: builder.record(dense, pair)["top1"] for pair in pairs}
-    excluded = []
+    name = (lambda p: f"{p[0]}:{p[1]}") if target == "auto" else (lambda p: p[0])
+    records = {pair: builder.record(dense, pair) for pair in pairs}
+    failed = {name(p): r["error"] for p, r in records.items() if "error" in r}
+    pairs = [p for p in pairs if "error" not in records[p]]
+    if not pairs:
+        raise HybridPruneError(f"--deploy {target}: no candidate could be made: " + "; ".join(
+            f"{n}: {e}" for n, e in failed.items()))  # fmt: skip
+    excluded, tolerance = [], builder.cfg.auto_tolerance
     if target == "auto" and dense.trained_top1 is not None:  # the fastest of the forms that keep the accuracy
-        excluded = [p for p in pairs if top1[p] < dense.trained_top1 - builder.tolerance]
-        pairs = [p for p in pairs if p not in excluded] or pairs
+        excluded = [p for p in pairs if records[p]["top1"] < dense.trained_top1 - tolerance]
+        if len(excluded) == len(pairs):
+            best = max(pairs, key=lambda p: records[p]["top1"])
+            log(f"deploy auto: every runtime and precision loses more than {tolerance:g} points; the most accurate, "
+                f"{name(best)} ({records[best]['top1']:.2f}%), is taken")  # fmt: skip
+            return {"target": target, "pair": best, "runtime": best[0], "precision": best[1],
+                    "by": "most accurate (all lose more than the tolerance)", "failed": failed}  # fmt: skip
+        pairs = [p for p in pairs if p not in excluded]
     medians = [quantiles(t)[0] for t in _time_forms([(dense, p) for p in pairs], builder, x, rounds)]
     best = min(range(len(pairs)), key=medians.__getitem__)
-    name = (lambda p: f"{p[0]}:{p[1]}") if target == "auto" else (lambda p: p[0])
     measured = {name(p): round(m, 4) for p, m in zip(pairs, medians, strict=True)}
     others = ", ".join(f"{n} {m:.3f} ms" for n, m in measured.items() if n != name(pairs[best]))
-    lost = f"; losing over {builder.tolerance:g} points of top-1: {', '.join(map(name, excluded))}" if excluded else ""
+    lost = f"; losing over {tolerance:g} points of top-1: {', '.join(map(name, excluded))}" if excluded else ""
+    lost += f"; could not be made: {', '.join(failed)}" if failed else ""
     log(f"deploy {target}: {name(pairs[best])} (dense model {medians[best]:.3f} ms at batch {len(x)}; {others}{lost})")
+    extra = {"accuracy_excluded": list(map(name, excluded))} if excluded else {}
     return {"target": target, "pair": pairs[best], "runtime": pairs[best][0], "precision": pairs[best][1],
-            "by": "measured", "median_ms": measured, **({"accuracy_excluded": list(map(name, excluded))} if
-            excluded else {})}  # fmt: skip
+            "by": "measured", "median_ms": measured, **extra, **({"failed": failed} if failed else {})}  # fmt: skip
 
 
 def _time_forms(forms: list[tuple[Variant, Pair]], builder: _FormBuilder, x: torch.Tensor, rounds: int) -> list:
@@ -217,21 +270,31 @@ class _FormBuilder:
     threads: int
     progress: bool
 
-    @property
-    def tolerance(self) -> float:
-        """The top-1 points `auto` lets a dense form lose against PyTorch: --max-drop, else AUTO_TOLERANCE."""
-        return AUTO_TOLERANCE if self.cfg.max_drop is None else self.cfg.max_drop
+    def settings(self, precision: str) -> dict[str, Any]:
+        """What a form of `precision` depends on beyond its model: a kept record is reused only with the same."""
+        d = self.cfg
+        if precision != "int8":
+            return {}
+        return {"calibration_images": d.calibration_images, "calibration_method": d.calibration_method,
+                "max_drop": d.max_drop, "validation_images": d.validation_images, "seed": self.seed}  # fmt: skip
 
     def record(self, variant: Variant, pair: Pair) -> dict[str, Any]:
-        """The form's record (file, top-1 in its runtime, what quantization measured), made once and kept."""
+        """The form's record (file, top-1 in its runtime, what quantization measured, or the one line saying why
+        it could not be made), made once and kept."""
         runtime, precision = pair
         path = self.folder / f"{variant.slug}-{runtime}-{precision}.json"
+        settings = self.settings(precision)
         if path.is_file():
             record = read_json(path)
-            if not record.get("file") or Path(record["file"]).is_file():
-                return record
+            same = record.get("settings", {}) == settings
+            if same and (not record.get("file") or (self.folder / Path(record["file"]).name).is_file()):
+                return {**record, "file": record.get("file") and str(self.folder / Path(record["file"]).name)}
+        try:
+            made = self._make(variant, pair)
+        except HybridPruneError as e:
+            made = {"error": str(e)}
         record = {"variant": variant.name, "runtime": runtime, "precision": precision,
-                  "trained_top1": variant.trained_top1, **self._make(variant, pair)}  # fmt: skip
+                  "trained_top1": variant.trained_top1, **made, "settings": settings}  # fmt: skip
         write_json(path, record, record=True)
         return record
 

@@ -1,5 +1,6 @@
 """Precision per layer: which layers of an INT8 file stay in float, chosen from what each costs in accuracy and
-buys in time, both measured.
+buys in time, both measured. Only convs and linears are quantized here (their inputs and weights; adds and pooling
+run in float), so every layer in float is exactly the fp32 graph.
 
 A layer whose INT8 costs accuracy may stay in float where the budget allows (as Neural Compressor's fallback does,
 but ordered by measurements of both sides):
@@ -140,9 +141,13 @@ def choose_float_layers(
     for i, node in enumerate(nodes):
         only = load_onnx(make(f"only-{i}", nodes_to_quantize=[node]), runtime, "int8", threads)[0]
         sensitivity[node] = relative_error(logits(only, images), ref)
-    files = [make("all")] + [make(f"but-{i}", nodes_to_exclude=[node]) for i, node in enumerate(nodes)]
-    times = time_files(files, runtime, timing_input, rounds, threads)
-    cost = {node: t - times[0] for node, t in zip(nodes, times[1:], strict=True)}
+    files = [make("all")]
+    if len(nodes) > 1:  # one layer alone in float leaves nothing INT8 to time: its order needs no cost
+        files += [make(f"but-{i}", nodes_to_exclude=[node]) for i, node in enumerate(nodes)]
+        times = time_files(files, runtime, timing_input, rounds, threads)
+        cost = {node: t - times[0] for node, t in zip(nodes, times[1:], strict=True)}
+    else:
+        cost = {node: 0.0 for node in nodes}
     order = fallback_order(sensitivity, cost)
     probes: list[dict[str, Any]] = []
 

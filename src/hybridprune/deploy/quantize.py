@@ -40,7 +40,12 @@ from hybridprune.config import NMPattern, QuantizeConfig
 from hybridprune.data.batching import batches
 from hybridprune.deploy.accuracy import Split, evaluate_session
 from hybridprune.deploy.export import count_broken_groups, export_onnx
-from hybridprune.deploy.mixed_precision import MixedPrecision, choose_float_layers, quantizable_nodes
+from hybridprune.deploy.mixed_precision import (
+    QUANTIZABLE_OPS,
+    MixedPrecision,
+    choose_float_layers,
+    quantizable_nodes,
+)
 from hybridprune.deploy.runtimes import (
     device_name,
     get_runtime,
@@ -166,7 +171,8 @@ def quantize(
         files, seconds = {}, {}
         for fmt in formats:
             start = time.perf_counter()
-            files[fmt] = quantize_file(prepared, work / f"{fmt}.onnx", images, fmt, cfg.calibration_method, progress)
+            files[fmt] = quantize_file(prepared, work / f"{fmt}.onnx", images, fmt, cfg.calibration_method, progress,
+                                       cache=work / f"{fmt}-ranges.json")  # per-layer precision reuses the ranges
             seconds[fmt] = time.perf_counter() - start
             check_scales(files[fmt])
         times = time_graphs({"fp32": fp32, **files}, cfg.runtime, cfg.batch_size, cfg.rounds, threads, images[0])
@@ -218,7 +224,7 @@ def per_layer_precision(
 
     def make(name: str, **nodes: list[str]) -> Path:
         return quantize_file(prepared, work / f"{fmt}-{name}.onnx", images, fmt, cfg.calibration_method, False,
-                             cache=cache, **nodes)  # fmt: skip
+                             cache=cache, op_types=QUANTIZABLE_OPS, **nodes)  # fmt: skip
 
     reps = -(-cfg.batch_size // len(images[0]))
     x = torch.from_numpy(np.concatenate([images[0]] * reps)[: cfg.batch_size])
@@ -267,10 +273,11 @@ def quantize_file(
     cache: Path | None = None,
     nodes_to_quantize: list[str] | None = None,
     nodes_to_exclude: list[str] | None = None,
+    op_types: tuple[str, ...] | None = None,
 ) -> Path:
     """`source` quantized statically to `target` (QDQ, per-channel symmetric int8 weights, `fmt` activations);
     `cache`: the calibration ranges, computed on the first call and reused by later ones; `nodes_to_quantize` /
-    `nodes_to_exclude`: only those nodes INT8 / those kept float."""
+    `nodes_to_exclude`: only those nodes INT8 / those kept float; `op_types`: only nodes of these types INT8."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -291,6 +298,7 @@ def quantize_file(
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
                 nodes_to_quantize=nodes_to_quantize,
                 nodes_to_exclude=nodes_to_exclude,
+                op_types_to_quantize=list(op_types) if op_types else None,
                 **({"calibration_cache_path": str(cache)} if cache is not None else {}),
             )
         except Exception as e:  # noqa: BLE001 - the quantizer's errors, non-finite ranges among them

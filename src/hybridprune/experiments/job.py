@@ -21,7 +21,7 @@ from torch import nn
 
 from hybridprune.config import PruneConfig, RunConfig, TrainConfig
 from hybridprune.data.images import Dataset
-from hybridprune.deploy.deployment import check_targets, deploy_variants
+from hybridprune.deploy.deployment import check_deploy_data, check_targets, deploy_variants
 from hybridprune.deploy.latency_target import LatencyReport, allocate_for_latency, layers_where_2to4_pays
 from hybridprune.deploy.profile import resolve_settings
 from hybridprune.deploy.runtimes import device_name
@@ -155,18 +155,22 @@ class Job:
         return result
 
     def deployed(self, result: dict[str, Any]) -> dict[str, Any]:
-        """Every model of `result` in its deployed forms (`--deploy`), measured by rank 0 for all ranks."""
-
-        def compute() -> dict[str, Any]:
-            answer = None
-            if self.world.main:
-                variants = load_variants(result, self.cfg.model.name)
-                answer = deploy_variants(variants, self.data, self.cfg.deploy, self.out / DEPLOY_FOLDER,
-                                         pattern=self.cfg.prune.pattern, seed=self.cfg.seed, progress=self.progress,
-                                         log=self.log)  # fmt: skip
-            return broadcast(answer, self.world)
-
-        return self._resumable("deploy", compute)
+        """Every model of `result` in its deployed forms (`--deploy`), measured by rank 0 for all ranks; a finished
+        record is reused only for the same deploy settings (a resumed run may change them: the models stay)."""
+        record, settings = self.out / "deploy.json", self.cfg.deploy.to_dict()
+        if record.is_file() and (kept := _read_json(record)).get("settings") == json.loads(json.dumps(settings)):
+            self.log("deploy: reusing the finished result in the output folder")
+            return kept
+        answer = None
+        if self.world.main:
+            variants = load_variants(result, self.cfg.model.name)
+            answer = deploy_variants(variants, self.data, self.cfg.deploy, self.out / DEPLOY_FOLDER,
+                                     pattern=self.cfg.prune.pattern, seed=self.cfg.seed, progress=self.progress,
+                                     log=self.log)  # fmt: skip
+            answer["settings"] = settings
+        answer = broadcast(answer, self.world)
+        self.write_record(record, answer)
+        return answer
 
     def stage(
         self,
@@ -415,9 +419,15 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) ->
                 remove_written_files(out / DEPLOY_FOLDER)
         elif not config_file.is_file():
             raise HybridPruneError(f"{out} holds no hybridprune run to resume (no config.json); choose another --out")
-        elif _read_json(config_file) != json.loads(json.dumps(cfg.to_dict())):  # tuples as lists
+        elif _without_deploy(_read_json(config_file)) != _without_deploy(json.loads(json.dumps(cfg.to_dict()))):
+            # the deploy settings may change on --resume: they decide no model, and deploy.json names its own
             raise HybridPruneError(f"{out} holds a run with another configuration; use another --out or --overwrite")
     write_json(out / "config.json", cfg.to_dict(), record=True)
+
+
+def _without_deploy(config: Any) -> Any:
+    """A run's configuration less its deploy settings (tuples as lists): what its models depend on."""
+    return {k: v for k, v in config.items() if k != "deploy"} if isinstance(config, dict) else config
 
 
 def run(
@@ -454,6 +464,7 @@ def run(
     check_prunable(dense_model if dense_model is not None else new_model(cfg, data, log=lambda _: None), cfg.prune)
     check_latency_settings(cfg.prune, device)
     check_targets(cfg.deploy)  # a runtime or precision this machine lacks is said before any work
+    check_deploy_data(cfg.deploy, len(data.train))
     with FolderLock(out) if world.main else contextlib.nullcontext() as lock:  # one run per folder
         if lock is not None and lock.replaced_stale:
             log(f"output folder: replaced the lock of a process that is gone ({lock.replaced_stale})")

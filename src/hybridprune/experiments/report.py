@@ -247,10 +247,11 @@ def _deployed_section(rows: list[Row]) -> list[str]:
     table = grid_deployed_table(rows)
     if not table:
         return []
-    return _section("Deployed: top-1 (%) measured in the runtime, and speed over dense ONNX Runtime fp32",
+    return _section("Deployed: top-1 (%) measured in the runtime, and speed over the dense baseline",
                     table, "Each run deploys its dense baseline, its filter-pruned and its filter+2:4 models; every "
-                    "form and the baseline are timed in the same rounds; the runtime of a bare precision is the one "
-                    "measured fastest on the dense model in that run.")  # fmt: skip
+                    "form is timed in the same rounds as the dense model in ONNX Runtime fp32 (PyTorch fp32 where "
+                    "ONNX Runtime is not installed), the ratio is that model's time over the form's; the runtime of "
+                    "a bare precision is the one measured fastest on the dense model in that run.")  # fmt: skip
 
 
 def _latency_section(bench_results: list[dict]) -> list[str]:
