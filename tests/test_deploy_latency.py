@@ -43,7 +43,7 @@ def test_a_precision_the_runtime_cannot_run_is_refused_in_one_line(runtime, dtyp
 
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(monkeypatch):
     pytest.importorskip("openvino")
-    monkeypatch.setattr(base, "cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(base, "cpu_flags", lambda **_: frozenset())
     with pytest.raises(HybridPruneError, match="openvino bf16 needs a CPU with native bf16"):
         resolve_settings("openvino", 8, "bfloat16", CPU)
 

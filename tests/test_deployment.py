@@ -112,7 +112,7 @@ def test_a_bare_precision_takes_the_runtime_measured_fastest(winner, tmp_path, m
 
 
 def test_a_bare_precision_names_what_each_runtime_lacks(monkeypatch):
-    monkeypatch.setattr(base, "cpu_flags", lambda: frozenset())  # a CPU without native bf16
+    monkeypatch.setattr(base, "cpu_flags", lambda **_: frozenset())  # a CPU without native bf16
     with pytest.raises(HybridPruneError, match="no runtime here runs it") as e:
         deployment.target_pairs("bf16")
     assert "needs a CPU with native bf16" in str(e.value) and "\n" not in str(e.value)

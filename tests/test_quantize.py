@@ -239,7 +239,7 @@ def test_evaluate_refuses_what_the_runtime_cannot_run_in_one_line(digits_checkpo
                       "holds no quantized operators")  # fmt: skip
     _one_line_refusal([*evaluate_argv, str(path), "--dataset", "digits", "--runtime", "tensorrt"], capsys,
                       "tensorrt runs on cuda")  # fmt: skip
-    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(base, "cpu_flags", lambda **_: {"avx512f"})
     _one_line_refusal([*evaluate_argv, str(path), "--dataset", "digits", "--runtime", "openvino",
                        "--deploy-precision", "bf16"], capsys, "amx_bf16 or avx512_bf16")  # fmt: skip
     assert main([*evaluate_argv, str(path), "--dataset", "digits", "--runtime", "onnxruntime"]) == 0

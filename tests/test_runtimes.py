@@ -65,10 +65,23 @@ def test_openvino_bf16_runs_where_the_cpu_has_it_and_is_refused_naming_the_flags
     x = torch.rand(2, 3, 16, 16)
     if not ov_rt.unsupported("bf16", "cpu"):
         assert ov_rt.session_of(net, x, "bf16", threads=1).run(x).shape == (2, 10)
-    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(base, "cpu_flags", lambda **_: {"avx512f"})
     with pytest.raises(HybridPruneError, match="amx_bf16 or avx512_bf16"):
         ov_rt.session_of(net, x, "bf16")
     assert "bf16" not in ov_rt.available("cpu")
+
+
+def test_bf16_is_not_offered_where_onednn_is_capped_below_it(monkeypatch):
+    # CI's second pass sets ONEDNN_MAX_CPU_ISA=AVX2: OpenVINO then failed to compile bf16, or crashed, on an AMX CPU
+    from hybridprune.hardware import capped, cpu_flags, native_bf16
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert native_bf16(cpu_flags()) is None and not capped({"amx_int8", "avx512_vnni"}, "AVX2")
+    assert ("torch", "bf16") not in rt.available_pairs("cpu")
+    if native_bf16(cpu_flags(cap="")) is not None:  # this CPU has bf16: the reason names the cap
+        assert "ONEDNN_MAX_CPU_ISA=AVX2 keeps the kernels below it" in rt.get_runtime("torch").unsupported("bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert native_bf16(capped({"amx_bf16"}, None)) == "amx_bf16"
 
 
 @pytest.mark.parametrize(

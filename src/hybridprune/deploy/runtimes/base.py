@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +72,10 @@ class Runtime:
     def cpu_lacks(self, precision: str) -> str | None:
         """What this CPU lacks for `precision` (None: nothing)."""
         if precision == "bf16" and native_bf16(cpu_flags()) is None:
-            return f"{self.name} bf16 needs a CPU with native bf16 ({' or '.join(BF16_FLAGS)}); this one has neither"
+            need = f"{self.name} bf16 needs a CPU with native bf16 ({' or '.join(BF16_FLAGS)})"
+            if native_bf16(cpu_flags(cap="")) is not None:  # the CPU has it; the environment caps the kernels
+                return f"{need}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')} keeps the kernels below it"
+            return f"{need}; this one has neither"
         return None
 
     def check(self, precision: str, device: torch.device | str = "cpu") -> None:
