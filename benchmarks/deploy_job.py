@@ -124,11 +124,15 @@ def main() -> None:
     p.add_argument("--work", default="runs/deploy-bench", help="run folders (kept: a rerun resumes)")
     p.add_argument("--out", default="docs/results/deploy-cifar10", help="where the results go")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--finished-only", action="store_true", help="summarize the runs already finished, run none")
     args = p.parse_args()
     start = time.time()
     results: dict[str, list[dict]] = {}
     for spec in args.models.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
+            name, _, width = spec.partition(":")
+            if args.finished_only and not (Path(args.work) / f"{name}-w{width}-s{seed}" / "results.json").is_file():
+                continue
             result = run_one(args, spec, seed)
             results.setdefault(spec, []).append(result)
             write_json(Path(args.out) / f"{spec.replace(':', '-w')}-s{seed}.json", result)
