@@ -431,7 +431,8 @@ def test_a_latency_grid_runs_and_its_report_shows_measured_latency(tmp_path, det
     measured, _, equal = report.partition("Allocations at equal measured latency")
     assert "| l1 " in equal  # the equal-latency section follows (one uniform point per seed: nothing to read)
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in measured.splitlines() if "| l1 " in line]
-    versus = {(c[4], c[5]): c[-2] for c in cells}  # (allocation, target) -> accuracy minus uniform's, paired
+    versus = {(c[4], c[5]): c[10] for c in cells}  # (allocation, target) -> accuracy minus uniform's, paired
+    assert all(c[11] in ("0 of 1", "1 of 1") and float(c[12]) >= 1 for c in cells)  # first-solve landing, solves
     assert versus[("global", "0.6")].endswith("(p n/a, n 1)") and versus[("uniform", "0.6")] == "-"
     assert versus[("global", "0.9")] == "-"  # no uniform run at that target: nothing to pair
     assert any(p.name.startswith("latency-") and p.suffix == ".png" for p in written)

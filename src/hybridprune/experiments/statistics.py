@@ -334,8 +334,23 @@ def measured_latencies(rows: list[Row]) -> dict[tuple, list[dict[str, Any]]]:
             "target_ms": lat["target_ms"],
             "dense_ms": lat["dense_ms"]["median"], "measured_ms": lat["pruned_ms"]["median"],
             "predicted_ms": lat["pruned_ms"]["predicted"], "accuracy": r["hybrid_accuracy"],
+            "solves": len(lat.get("solves", [])) or 1, "first_landed": first_landed(lat),
         })  # fmt: skip
     return found
+
+
+def first_landed(latency: dict[str, Any], within: float = 0.05) -> bool | None:
+    """Whether a latency-target run's first solve measured within `within` of its target (above or below); None
+    where the record has no solves.
+
+    Example:
+        >>> first_landed({"target_ms": 10.0, "solves": [{"measured_ms": 10.4}, {"measured_ms": 9.9}]})
+        True
+    """
+    solves = latency.get("solves") or []
+    if not solves or solves[0].get("measured_ms") is None:
+        return None
+    return abs(solves[0]["measured_ms"] / latency["target_ms"] - 1) <= within
 
 
 def _allocation(row: Row) -> str:
