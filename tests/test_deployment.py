@@ -107,6 +107,7 @@ def test_a_bare_precision_takes_the_runtime_measured_fastest(winner, tmp_path, m
     assert record["choices"] == [{"target": "fp32", "runtime": chosen, "precision": "fp32", "by": "measured",
                                   "median_ms": {"onnxruntime": 1.0 if winner == 0 else 3.0, "torch": 2.0}}]  # fmt: skip
     assert [f["runtime"] for f in record["forms"]] == [chosen]
+    lines = [line for line in lines if not line.startswith("note: load average")]  # a busy machine is said too
     assert lines == [f"deploy fp32: {chosen} (dense model {1.0 if winner == 0 else 2.0:.3f} ms at batch 4; "
                      f"{('torch 2.000 ms', 'onnxruntime 3.000 ms')[winner]})"]  # fmt: skip
 
@@ -208,7 +209,7 @@ def test_auto_takes_the_fastest_runtime_and_precision_that_keeps_the_accuracy(tm
         choice = record["choices"][0]
         assert f"{choice['runtime']}:{choice['precision']}" == chosen
         assert choice.get("accuracy_excluded", []) == ([] if tolerance > 5 else ["onnxruntime:int8"])
-    assert "losing over 1 points of top-1: onnxruntime:int8" in lines[0]
+    assert "losing over 1 points of top-1: onnxruntime:int8" in [x for x in lines if not x.startswith("note:")][0]
 
 
 def test_a_form_that_cannot_be_made_is_said_and_the_others_still_count(tmp_path, monkeypatch, one_torch_thread):
@@ -233,6 +234,7 @@ def test_a_form_that_cannot_be_made_is_said_and_the_others_still_count(tmp_path,
     record = deployment.deploy_variants(nets, data, cfg, tmp_path, progress=False, log=lines.append)
     assert [f["variant"] for f in record["forms"]] == ["dense"] and "latency" in record["forms"][0]
     assert record["failed"][0]["error"] == "ONNX export of Broken failed (an operator ONNX lacks)"
+    lines = [line for line in lines if not line.startswith("note: load average")]  # a busy machine is said too
     assert lines == ["deploy: broken in onnxruntime fp32 failed: ONNX export of Broken failed (an operator ONNX lacks)"]
 
 

@@ -43,6 +43,7 @@ from hybridprune.deploy.runtimes import (
     runtime_versions,
 )
 from hybridprune.deploy.runtimes.base import Session
+from hybridprune.deploy.timing import busy_note
 from hybridprune.errors import HybridPruneError
 from hybridprune.hardware import cpu_isa
 from hybridprune.outputs import write_json
@@ -159,6 +160,9 @@ def deploy_variants(
     candidates = check_targets(cfg)
     threads = threads or torch.get_num_threads()
     builder = _FormBuilder(data, cfg, folder, pattern, seed, threads, progress)
+    busy = busy_note(threads)
+    if busy:  # a runtime's thread pool suffers most from it: one seed here measured OpenVINO 10x slower than alone
+        log(f"note: {busy}")
     choices = _choices(candidates, variants[0], builder, log)
     pairs = list(dict.fromkeys(tuple(c["pair"]) for c in choices))
     bar = tqdm([(v, pair) for v in variants for pair in pairs], desc="deploy", unit="form",
@@ -183,6 +187,7 @@ def deploy_variants(
         "batch_sizes": list(cfg.batch_sizes),
         "rounds": cfg.rounds,
         "threads": threads,
+        "busy": busy,
         "timing_input": "the first test images, as many as the batch",
         "baseline": {"variant": variants[0].name, "runtime": baseline[0], "precision": baseline[1],
                      "latency_ms": base_ms},  # fmt: skip
