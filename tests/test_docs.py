@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from hybridprune.cli import build_parser
+from hybridprune.hardware import cpu_flags, native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -51,6 +52,8 @@ PARSE_ONLY = {
     "hybridprune experiment": "a grid takes minutes (tests/test_cli.py runs the shipped tiny grid and its report)",
     "hybridprune report": "reads a grid's store (tests/test_cli.py runs the shipped tiny grid and its report)",
 }
+if native_bf16(cpu_flags()) is None:  # this CPU, or its oneDNN cap (ONEDNN_MAX_CPU_ISA), has no native bf16
+    PARSE_ONLY["bf16"] = "needs a CPU with native bf16 (AMX or AVX512-BF16) that oneDNN may use"
 
 
 def bash_commands(page: Path) -> list[str]:
